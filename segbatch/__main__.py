@@ -1,0 +1,5 @@
+import sys
+
+from segbatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""Starting or attaching to Ray: embedded by default, a cluster with --address or RAY_ADDRESS."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"  # an embedded Ray listens on loopback only
+
+
+@contextlib.contextmanager
+def session(address: str | None = None) -> Iterator[None]:
+    """Use the Ray already initialised in this process, attach to ``address`` / ``RAY_ADDRESS`` (this is
+    what a Ray Job's entrypoint sees), or start an embedded single-node Ray for the run and stop it after."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("attaching to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" never attaches to a cluster found on this machine: the run gets its own Ray.
+        ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))

@@ -1,0 +1,115 @@
+"""The command line: parse, build the config, call one library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+from segbatch import __version__
+from segbatch.config import ConfigError, RunConfig, load_config_file
+
+EXIT_CONFIG = 2  # bad flags or settings: nothing ran
+EXIT_ERROR_BUDGET = 3  # --max-error-rate was passed: the run stopped, its rows stay valid
+EXIT_INPUT = 4  # INPUT, OUTPUT or weights unusable: nothing ran
+
+
+def _storage_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    # Values read as YAML scalars, so `anon=true` and `default_block_size=5242880` get their types.
+    return key, yaml.safe_load(value) if value else value
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", nargs="?", help="folder or URL prefix of images (listed recursively)")
+    p.add_argument("output", nargs="?", help="folder or URL prefix for masks/ and summary/")
+    p.add_argument("--config", help="YAML or TOML file of the same settings as these flags (flags win)")
+    p.add_argument("--manifest", help="text, CSV or Parquet file of image URLs, instead of INPUT")
+    p.add_argument("--model", help="deeplabv3_resnet101 (default), deeplabv3_resnet50, deeplabv3_mobilenet_v3_large")
+    p.add_argument("--weights", help="default | random | PATH_OR_URL of a state_dict")
+    p.add_argument("--weights-sha256", help="refuse a weights file whose sha256 differs")
+    p.add_argument("--classes", help="file of class names (one per line, or a JSON list)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 4)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
+    p.add_argument("--upsample", choices=["exact", "bilinear", "nearest"],
+                   help="logit upsampling: exact (default, reference labels), bilinear (literal), nearest (approx.)")
+    p.add_argument("--extensions", help="comma-separated extensions to pick from INPUT")
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
+                   metavar="KEY=VALUE", help="fsspec storage option, repeatable")
+    p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
+    p.add_argument("--actors", help="inference actors: N, or MIN:MAX to autoscale (default: one per GPU)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor; fractions pack models")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs per inference actor (default 1)")
+    p.add_argument("--decode-cpus", type=float, help="CPUs per decode and write task (default 1)")
+    p.add_argument("--max-image-pixels", type=int, help="refuse larger images before decoding")
+    p.add_argument("--max-file-bytes", type=int, help="refuse larger input files")
+    p.add_argument("--max-model-pixels", type=int, help="refuse images whose resized model input is larger")
+    p.add_argument("--max-error-rate", type=float, help="exit non-zero once the share of error rows passes this")
+    p.add_argument("--redo-changed", action="store_const", const=True, help="redo inputs whose size/ETag/mtime changed")
+    p.add_argument("--redo-all", action="store_const", const=True, help="redo every input")
+    p.add_argument("--overlays", action="store_const", const=True, help="also write a JPEG overlay per image")
+    p.add_argument("--png-compress-level", type=int, help="zlib level of mask PNGs, 0-9 (default 1)")
+    p.add_argument("--run-id", help="name this run (default: UTC time plus a random suffix)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide progress bars")
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """Config file settings, overridden by the flags that were given."""
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config", "func")}
+    if "storage_options" in flags:
+        flags["storage_options"] = dict(flags["storage_options"])
+    values: dict[str, Any] = {}
+    if args.config:
+        values = load_config_file(args.config, flags.get("storage_options"))
+        if "storage_options" in flags:
+            flags["storage_options"] = {**(values.get("storage_options") or {}), **flags["storage_options"]}
+    values.update(flags)
+    return RunConfig.from_dict(values)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from segbatch.listing import InputNotFoundError
+    from segbatch.model import WeightsError
+    from segbatch.pipeline import ErrorBudgetExceeded, run
+
+    config = build_config(args)
+    try:
+        report = run(config)
+    except ErrorBudgetExceeded as exc:
+        print(f"segbatch: {exc}", file=sys.stderr)
+        return EXIT_ERROR_BUDGET
+    except (InputNotFoundError, WeightsError) as exc:
+        print(f"segbatch: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(report)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segbatch", description="Batch semantic segmentation on Ray Data.")
+    parser.add_argument("--version", action="version", version=f"segbatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="label INPUT into OUTPUT (resumes: inputs with an ok row are skipped)")
+    _add_run_options(run_p)
+    run_p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"segbatch: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Run settings: one frozen dataclass, validated once at the edge.
+
+Everything a run needs lives in :class:`RunConfig`. The CLI, config files (YAML or TOML) and the Python
+API all build one through :func:`RunConfig.from_dict` / :meth:`RunConfig.replace`, so validation and its
+error messages live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+#: File extensions picked from a listed INPUT, matched case-insensitively (DESIGN.md).
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+UPSAMPLE_MODES = ("exact", "bilinear", "nearest")
+
+
+class ConfigError(ValueError):
+    """A setting is wrong. The message names the field and says how to fix it."""
+
+    def __init__(self, field_name: str, problem: str, fix: str = ""):
+        self.field = field_name
+        msg = f"{field_name}: {problem}"
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+
+def _parse_actors(value: str | int | None) -> tuple[int, int] | None:
+    """``N`` -> (N, N); ``MIN:MAX`` -> autoscaling pool bounds."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    lo, sep, hi = text.partition(":")
+    try:
+        bounds = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise ConfigError("actors", f"{text!r} is not N or MIN:MAX", "e.g. --actors 4 or --actors 1:8") from None
+    if bounds[0] < 1 or bounds[1] < bounds[0]:
+        raise ConfigError("actors", f"{text!r} needs 1 <= MIN <= MAX", "e.g. --actors 2:8")
+    return bounds
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All settings of one ``segbatch run``; see README.md for each field."""
+
+    input: str = ""
+    output: str = ""
+    manifest: str | None = None
+    model: str = "deeplabv3_resnet101"
+    weights: str = "default"
+    weights_sha256: str | None = None
+    classes: str | None = None
+    batch_size: int = 4
+    precision: str = "fp32"
+    upsample: str = "exact"
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    address: str | None = None
+    actors: str | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    decode_cpus: float = 1.0
+    max_image_pixels: int = 100_000_000  # pixels; refuses decompression bombs before decoding
+    max_file_bytes: int = 512 * 1024 * 1024  # bytes read per input file
+    max_model_pixels: int = 16_000_000  # pixels after the weights' resize; long thin strips exceed it
+    max_error_rate: float | None = None
+    redo_changed: bool = False
+    redo_all: bool = False
+    overlays: bool = False
+    png_compress_level: int = 1  # zlib level 0-9; masks compress well even at 1, and 1 is ~5x faster than 6
+    run_id: str | None = None
+    progress: bool = True
+
+    # Storage options may hold secrets: never let them reach a log through repr().
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "storage_options":
+                value = {k: "***" for k in value}
+            parts.append(f"{f.name}={value!r}")
+        return f"RunConfig({', '.join(parts)})"
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build from a mapping whose keys may use dashes or underscores (``batch-size``)."""
+        known = set(cls.field_names())
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(key, "unknown setting", f"valid settings: {', '.join(sorted(known))}")
+            clean[name] = value
+        if "extensions" in clean and clean["extensions"] is not None:
+            ext = clean["extensions"]
+            ext = ext.split(",") if isinstance(ext, str) else ext
+            clean["extensions"] = tuple(e.strip().lower().lstrip(".") for e in ext if e.strip())
+        if "storage_options" in clean:
+            clean["storage_options"] = dict(clean["storage_options"] or {})
+        if "actors" in clean and clean["actors"] is not None:
+            clean["actors"] = str(clean["actors"])
+        return cls(**clean)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- derived views --------------------------------------------------------------------------------
+    @property
+    def actor_bounds(self) -> tuple[int, int] | None:
+        return _parse_actors(self.actors)
+
+    # -- validation -----------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        if self.input and self.manifest:
+            raise ConfigError("manifest", "give INPUT or --manifest, not both")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be a positive integer, got {self.batch_size!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"unknown {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ConfigError("upsample", f"unknown {self.upsample!r}", f"choose one of {', '.join(UPSAMPLE_MODES)}")
+        if not self.extensions:
+            raise ConfigError("extensions", "is empty", "list at least one, e.g. jpg,png")
+        for name in ("max_image_pixels", "max_file_bytes", "max_model_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.max_error_rate is not None and not 0.0 <= float(self.max_error_rate) <= 1.0:
+            raise ConfigError("max_error_rate", f"must be within 0..1, got {self.max_error_rate!r}", "e.g. 0.01 for 1%")
+        if not 0 <= int(self.png_compress_level) <= 9:
+            raise ConfigError("png_compress_level", f"must be 0..9, got {self.png_compress_level!r}")
+        if self.gpus_per_actor is not None and not 0 < float(self.gpus_per_actor):
+            raise ConfigError("gpus_per_actor", "must be > 0", "fractions such as 0.5 pack two models on one GPU")
+        if self.cpus_per_actor is not None and not 0 < float(self.cpus_per_actor):
+            raise ConfigError("cpus_per_actor", "must be > 0")
+        if not 0 < float(self.decode_cpus):
+            raise ConfigError("decode_cpus", "must be > 0")
+        if self.weights_sha256 is not None:
+            digest = self.weights_sha256.lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError("weights_sha256", "is not a 64-digit hex sha256", "compute it with `sha256sum FILE`")
+        if self.redo_all and self.redo_changed:
+            raise ConfigError("redo_all", "already redoes everything; drop --redo-changed")
+        _parse_actors(self.actors)
+
+    def check_runnable(self) -> None:
+        """Checks that only apply when a run is about to start (not to partial configs)."""
+        if not self.input and not self.manifest:
+            raise ConfigError("input", "missing", "pass INPUT (a folder or URL prefix) or --manifest FILE")
+        if not self.output:
+            raise ConfigError("output", "missing", "pass OUTPUT, a folder or URL prefix")
+
+
+def load_config_file(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON config file from any fsspec URL into a plain dict."""
+    import fsspec
+    import yaml
+
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        raw = f.read()
+    lower = url.lower()
+    try:
+        if lower.endswith(".toml"):
+            data = tomllib.loads(raw.decode())
+        elif lower.endswith(".json"):
+            data = json.loads(raw)
+        else:
+            data = yaml.safe_load(raw) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError("config", f"cannot parse {url}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{url} must hold a mapping of settings, got {type(data).__name__}")
+    # A `[run]` table / `run:` block is accepted so one file can hold other tools' sections too.
+    if set(data) == {"run"} and isinstance(data["run"], dict):
+        data = data["run"]
+    return data

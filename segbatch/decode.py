@@ -1,0 +1,196 @@
+"""Stage 2, read and decode (Ray CPU tasks): bytes -> oriented RGB -> the weights' resize.
+
+Each input row becomes either an image resized exactly as ``weights.transforms()`` resizes it (kept as
+uint8 to move 4x fewer bytes than float; normalisation happens next to the model), or an error row.
+Nothing here raises for one bad file.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageFile, ImageOps
+
+from segbatch import _storage
+
+# Multi-frame formats (GIF, TIFF, WebP) open on their first frame; that is the frame we label.
+# Truncated files must fail, not decode as grey: never let PIL pad them.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """The resize half of a torchvision ``SemanticSegmentation`` transform, read off the weights."""
+
+    size: tuple[int, ...]  # [shorter side] as torchvision's resize takes it
+    interpolation: Any  # torchvision InterpolationMode
+    antialias: bool | None
+
+    @classmethod
+    def from_transforms(cls, transforms: Any) -> "ResizeSpec":
+        size = transforms.resize_size
+        return cls(tuple(size) if size is not None else (), transforms.interpolation, transforms.antialias)
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) the resize produces, computed as torchvision does it."""
+        if not self.size:
+            return height, width
+        from torchvision.transforms.functional import _compute_resized_output_size
+
+        h, w = _compute_resized_output_size((height, width), list(self.size), None)
+        return h, w
+
+    def apply(self, image: Image.Image) -> np.ndarray:
+        import torchvision.transforms.functional as F
+
+        if self.size:
+            image = F.resize(image, list(self.size), interpolation=self.interpolation, antialias=self.antialias)
+        return np.asarray(image, dtype=np.uint8)
+
+
+class ImageError(ValueError):
+    """One input cannot be labelled; the message is for a person and ends up in the ``error`` column."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Displayed orientation, 8-bit RGB (DESIGN.md step 1)."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(image)
+        # 16-bit samples scale to 8 bits by their top byte; 32-bit "I" images are clipped to 16 bits first.
+        arr = np.clip(arr.astype(np.int64), 0, 65535) >> 8
+        image = Image.fromarray(arr.astype(np.uint8), mode="L")
+    elif mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def decode_image(data: bytes, limits: "Limits") -> Image.Image:
+    """Bytes to an oriented RGB image, refusing oversized ones before any pixel is decoded."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    if len(data) > limits.max_file_bytes:
+        raise ImageError(f"file is {len(data)} bytes, over max_file_bytes={limits.max_file_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > limits.max_image_pixels:
+                raise ImageError(
+                    f"image is {width}x{height} = {width * height} pixels, over max_image_pixels="
+                    f"{limits.max_image_pixels}; refused before decoding"
+                )
+            image.load()
+            return to_rgb(image)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image PIL can identify (unknown format or corrupt header)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
+        raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_pixels: int
+    max_file_bytes: int
+    max_model_pixels: int
+
+
+def _describe_read_error(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "object vanished before it could be read (not found)"
+    if isinstance(exc, PermissionError):
+        return "access denied reading the object"
+    return f"cannot read: {type(exc).__name__}: {exc}"
+
+
+class DecodeImages:
+    """Ray Data map step (CPU tasks): read a batch of inputs and decode them.
+
+    The instance is built in the driver and shipped to tasks, so ``__init__`` stays cheap: it holds
+    settings only, and the filesystem is opened on first use in each worker.
+    """
+
+    def __init__(self, input_url: str, storage_options: Mapping[str, Any], resize: ResizeSpec, limits: Limits):
+        self._input_url = input_url
+        self._storage_options = dict(storage_options)
+        self._resize = resize
+        self._limits = limits
+        self._fs = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = None
+        return state
+
+    def _filesystem(self):
+        if self._fs is None:
+            self._fs, _ = _storage.open_url(self._input_url, self._storage_options)
+            Image.MAX_IMAGE_PIXELS = self._limits.max_image_pixels
+        return self._fs
+
+    def decode_one(self, data: bytes | BaseException) -> tuple[np.ndarray | None, int, int, str | None]:
+        """(resized image, width, height, error) for one input's bytes."""
+        if isinstance(data, BaseException):
+            return None, 0, 0, _describe_read_error(data)
+        try:
+            image = decode_image(data, self._limits)
+            width, height = image.size
+            out_h, out_w = self._resize.output_size(width, height)
+            if out_h * out_w > self._limits.max_model_pixels:
+                raise ImageError(
+                    f"image is {width}x{height}; the model input would be {out_w}x{out_h} = {out_w * out_h}"
+                    f" pixels, over max_model_pixels={self._limits.max_model_pixels}"
+                )
+            return self._resize.apply(image), width, height, None
+        except ImageError as exc:
+            return None, 0, 0, str(exc)
+        except Exception as exc:  # a decoder bug must cost one row, not the job
+            return None, 0, 0, f"cannot decode image: {type(exc).__name__}: {exc}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from segbatch.sinks import UnsafePathError, mask_relpath
+
+        fs = self._filesystem()
+        errors: list[str | None] = []
+        for rel in batch["rel"].to_pylist():
+            try:
+                mask_relpath(rel)
+                errors.append(None)
+            except UnsafePathError as exc:
+                errors.append(str(exc))
+        paths = batch["path"].to_pylist()
+        contents = iter(_storage.read_many(fs, [p for p, e in zip(paths, errors) if e is None]))
+        pixels, in_h, in_w, widths, heights = [], [], [], [], []
+        for i, err in enumerate(errors):
+            image, w, h = None, None, None
+            if err is None:
+                image, w, h, errors[i] = self.decode_one(next(contents))
+            pixels.append(image.tobytes() if image is not None else b"")
+            in_h.append(image.shape[0] if image is not None else 0)
+            in_w.append(image.shape[1] if image is not None else 0)
+            widths.append(w if image is not None else None)
+            heights.append(h if image is not None else None)
+        out = batch.drop_columns([c for c in ("error",) if c in batch.column_names])
+        for name, values, typ in (
+            ("pixels", pixels, pa.binary()),  # the resized image, HxWx3 uint8, row-major
+            ("in_h", in_h, pa.int32()),
+            ("in_w", in_w, pa.int32()),
+            ("width", widths, pa.int32()),  # displayed size, after EXIF orientation
+            ("height", heights, pa.int32()),
+            ("error", errors, pa.string()),
+        ):
+            out = out.append_column(name, pa.array(values, typ))
+        return out

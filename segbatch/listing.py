@@ -1,0 +1,101 @@
+"""Stage 1, listing: which inputs a run should process.
+
+The listing is an Arrow table with one row per input (:data:`LISTING_SCHEMA`). It is built in the driver
+from a recursive listing of INPUT, one directory page at a time, and then filtered against the summary
+of earlier runs by reading only its key columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from segbatch import _storage
+
+log = logging.getLogger(__name__)
+
+LISTING_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),  # the input as users name it: absolute path or URL
+        ("path", pa.string()),  # the same input in its filesystem's own terms
+        ("rel", pa.string()),  # path relative to INPUT; masks are named after it
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("mtime", pa.float64()),  # seconds since the epoch
+    ]
+)
+
+
+class InputNotFoundError(FileNotFoundError):
+    """INPUT does not exist or holds no images; the run stops before doing anything."""
+
+
+def _wanted(name: str, extensions: frozenset[str]) -> bool:
+    base = posixpath.basename(name)
+    if base.startswith("."):  # hidden files, and our own temporaries
+        return False
+    _, dot, ext = base.rpartition(".")
+    return bool(dot) and ext.lower() in extensions
+
+
+def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions: Iterable[str]) -> pa.Table:
+    """List INPUT recursively and keep files with one of ``extensions`` (case-insensitive)."""
+    fs, root = _storage.open_url(url, storage_options)
+    root_url = _storage.absolute_url(url)
+    wanted = frozenset(e.lower() for e in extensions)
+    try:
+        exists = _storage.retry(fs.exists, root, what=f"check {url}")
+    except PermissionError as exc:
+        raise InputNotFoundError(f"INPUT {url}: access denied ({exc})") from None
+    if not exists:
+        raise InputNotFoundError(f"INPUT {url} does not exist (check the path, bucket name and credentials)")
+
+    columns: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
+    # walk() hands back one directory page at a time, so the driver never holds the backend's whole
+    # detailed listing, only the few columns kept below.
+    for dirpath, _dirs, files in _storage.retry(lambda: fs.walk(root, detail=True), what=f"list {url}"):
+        for name, info in sorted(files.items()):
+            if not _wanted(name, wanted) or info.get("type", "file") != "file":
+                continue
+            path = info.get("name") or _storage.join_path(dirpath, name)
+            rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+            size, etag, mtime = _storage.file_identity(info)
+            columns["uri"].append(_storage.join_url(root_url, rel))
+            columns["path"].append(path)
+            columns["rel"].append(rel)
+            columns["size"].append(size)
+            columns["etag"].append(etag)
+            columns["mtime"].append(mtime)
+    table = pa.table(columns, schema=LISTING_SCHEMA)
+    if table.num_rows == 0:
+        log.warning("INPUT %s holds no files with extensions %s", url, ",".join(sorted(wanted)))
+    return table.sort_by("uri")
+
+
+def drop_done(listing: pa.Table, done: pa.Table, redo_changed: bool) -> pa.Table:
+    """Remove inputs that already have an ``ok`` row.
+
+    ``done`` holds the key columns of earlier ok rows (``uri`` and, when present, ``size``/``etag``/
+    ``mtime``). With ``redo_changed`` an input whose size, ETag or mtime differs from its ok row is kept.
+    """
+    if done.num_rows == 0 or listing.num_rows == 0:
+        return listing
+    seen = pc.is_in(listing["uri"], value_set=done["uri"])
+    if redo_changed:
+        # A join keeps this vectorised: one hash join on uri, then a column-wise comparison.
+        keys = [c for c in ("size", "etag", "mtime") if c in done.column_names]
+        prev = done.select(["uri", *keys]).rename_columns(["uri", *[f"prev_{k}" for k in keys]])
+        joined = listing.join(prev, "uri", join_type="left outer").sort_by("uri")
+        changed = pa.array([False] * joined.num_rows)
+        for key in keys:
+            now, before = joined[key], joined[f"prev_{key}"]
+            both = pc.and_(pc.is_valid(now), pc.is_valid(before))
+            changed = pc.or_(changed, pc.and_(both, pc.not_equal(now, before)))
+        changed = pc.fill_null(changed, False)
+        keep = pc.or_(pc.invert(pc.is_in(joined["uri"], value_set=done["uri"])), changed)
+        return joined.filter(keep).select(LISTING_SCHEMA.names)
+    return listing.filter(pc.invert(seen))

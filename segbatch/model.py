@@ -1,0 +1,353 @@
+"""Stage 3, the model: the registry of architectures, weights resolution, and the inference actor.
+
+Weights are resolved once in the driver (:func:`resolve`), which also pins their identity (name or
+sha256) and class names, so a bad checkpoint fails the run before any image is touched. Each actor of
+the pool then builds its model once in ``__init__`` (:class:`Segmenter`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchvision.models import get_model_builder, get_model_weights
+
+from segbatch import _storage, postprocess
+
+log = logging.getLogger(__name__)
+
+#: Architectures segbatch runs, by torchvision's builder name.
+MODELS = ("deeplabv3_resnet101", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large")
+RANDOM_SEED = 0  # `--weights random` is seeded so every actor, and every run, builds the same model
+MAX_CLASSES = 256  # masks are 8-bit PNGs: one byte per class id
+
+_HEAD_KEY = "classifier.4.weight"  # DeepLabHead's last 1x1 conv: (num_classes, 256, 1, 1)
+
+
+class WeightsError(ValueError):
+    """The weights cannot be used: missing, wrong architecture, or not the pinned sha256."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything an actor needs to rebuild the model the driver resolved."""
+
+    arch: str
+    weights: str  # "default", "random", or a path/URL to a state_dict
+    identity: str  # what the summary's `weights` column records: a weights name or a sha256
+    classes: tuple[str, ...]
+    storage_options: Mapping[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:  # storage options may hold secrets
+        return f"ModelSpec(arch={self.arch!r}, weights={self.weights!r}, identity={self.identity!r})"
+
+
+def weights_enum(arch: str):
+    """torchvision's weights enum for ``arch``, or a WeightsError listing the valid names."""
+    if arch not in MODELS:
+        raise WeightsError(f"model: unknown {arch!r}; valid models: {', '.join(MODELS)}")
+    return get_model_weights(arch)
+
+
+def default_transforms(arch: str):
+    """The weights' own preprocessing (resize, normalise). Checkpoints of an architecture share it."""
+    return weights_enum(arch).DEFAULT.transforms()
+
+
+def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
+    fs, path = _storage.open_url(url, storage_options)
+    text = _storage.retry(fs.cat_file, path, what=f"read {url}").decode("utf-8")
+    stripped = text.strip()
+    names = json.loads(stripped) if stripped.startswith("[") else [line.strip() for line in text.splitlines()]
+    names = [str(n) for n in names if str(n)]
+    if not names:
+        raise WeightsError(f"classes: {url} holds no class names (one per line, or a JSON list)")
+    return tuple(names)
+
+
+def _load_checkpoint(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"weights: {source} is not a loadable state_dict ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # torchvision's reference training scripts save {"model": ...}
+    if not isinstance(state, dict) or _HEAD_KEY not in state:
+        raise WeightsError(
+            f"weights: {source} is not a DeepLabV3 state_dict (no {_HEAD_KEY!r}); save one with "
+            "torch.save(model.state_dict(), path)"
+        )
+    return {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+
+
+def _fetch(url: str, storage_options: Mapping[str, Any]) -> bytes:
+    fs, path = _storage.open_url(url, storage_options)
+    try:
+        return _storage.retry(fs.cat_file, path, what=f"read {url}")
+    except FileNotFoundError:
+        raise WeightsError(f"weights: {url} does not exist") from None
+
+
+def resolve(
+    arch: str,
+    weights: str,
+    *,
+    classes_url: str | None = None,
+    sha256: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ModelSpec:
+    """Check the weights in the driver and pin what the actors will load."""
+    enum = weights_enum(arch)
+    storage_options = dict(storage_options or {})
+    categories = tuple(enum.DEFAULT.meta["categories"])
+    if weights == "default":
+        if sha256:
+            raise WeightsError("weights_sha256: pins a checkpoint file; it does not apply to --weights default")
+        ensure_default_weights(arch)
+        identity, names = f"{enum.DEFAULT}", categories
+    elif weights == "random":
+        log.warning(
+            "\n%s\n!! --weights random: an UNTRAINED model (seed %d). Its masks mean nothing; use it for\n"
+            "!! smoke tests and benchmarks only.\n%s",
+            "!" * 78, RANDOM_SEED, "!" * 78,
+        )
+        identity, names = f"random:seed={RANDOM_SEED}", categories
+    else:
+        data = _fetch(weights, storage_options)
+        digest = hashlib.sha256(data).hexdigest()
+        if sha256 and digest != sha256.lower():
+            raise WeightsError(
+                f"weights_sha256: {weights} has sha256 {digest}, not the pinned {sha256.lower()}; refusing it"
+            )
+        state = _load_checkpoint(data, weights)
+        num = int(state[_HEAD_KEY].shape[0])
+        identity, names = digest, tuple(f"class_{i}" for i in range(num))
+        if classes_url is None and num == len(categories):
+            names = categories
+    if classes_url:
+        names = _read_classes(classes_url, storage_options)
+        if weights != "default" and weights != "random" and len(names) != num:
+            raise WeightsError(f"classes: {classes_url} names {len(names)} classes; the checkpoint has {num}")
+    if len(names) > MAX_CLASSES:
+        raise WeightsError(f"weights: {len(names)} classes; PNG masks hold at most {MAX_CLASSES} class ids")
+    return ModelSpec(arch, weights, identity, tuple(names), storage_options)
+
+
+def ensure_default_weights(arch: str) -> str:
+    """Download torchvision's DEFAULT weights into the torch hub cache once; return the cached file."""
+    enum = weights_enum(arch).DEFAULT
+    filename = os.path.basename(enum.url)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if os.path.exists(cached):
+        return cached
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(enum.url, cached, progress=False)
+    except Exception as exc:
+        raise WeightsError(
+            f"weights: cannot download {enum} from {enum.url} into the torch hub cache "
+            f"({type(exc).__name__}: {exc}). Place the file at {cached}, pass a state_dict with "
+            "--weights PATH, or use --weights random for a smoke test."
+        ) from None
+    return cached
+
+
+def build(spec: ModelSpec) -> torch.nn.Module:
+    """The model of ``spec`` on the CPU, in eval mode, without the auxiliary head (unused at inference)."""
+    builder = get_model_builder(spec.arch)
+    if spec.weights == "default":
+        model = builder(weights=weights_enum(spec.arch).DEFAULT, progress=False)
+    elif spec.weights == "random":
+        torch.manual_seed(RANDOM_SEED)
+        model = builder(weights=None, weights_backbone=None, num_classes=spec.num_classes, aux_loss=False)
+    else:
+        data = _fetch(spec.weights, spec.storage_options)
+        if hashlib.sha256(data).hexdigest() != spec.identity:
+            raise WeightsError(f"weights: {spec.weights} changed since the run started; refusing it")
+        state = _load_checkpoint(data, spec.weights)
+        model = builder(weights=None, weights_backbone=None, num_classes=spec.num_classes, aux_loss=False)
+        model.load_state_dict(state, strict=True)
+    model.aux_classifier = None
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The inference actor
+# ----------------------------------------------------------------------------------------------------
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+INFER_SCHEMA_EXTRA = [
+    ("mask", pa.binary()),  # H*W uint8 class ids, row-major; empty on error
+    ("pixel_counts", pa.list_(pa.int64())),
+    ("node_id", pa.string()),
+    ("device", pa.string()),
+]
+
+
+def pick_device(log_to: logging.Logger = log) -> torch.device:
+    """CUDA when this process may use a GPU and torch sees one; otherwise the CPU, said out loud."""
+    gpu_ids: list = []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpu_ids = ray.get_gpu_ids()
+    except Exception:
+        gpu_ids = []
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if gpu_ids:
+        log_to.warning("Ray assigned GPU %s to this actor, but torch sees no CUDA device: running on the CPU",
+                       gpu_ids)
+    else:
+        log_to.warning("no GPU for this actor: running inference on the CPU")
+    return torch.device("cpu")
+
+
+def _assigned_cpus() -> int | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            return max(1, int(round(cpus))) if cpus else None
+    except Exception:
+        return None
+    return None
+
+
+class Predictor:
+    """A model on a device that turns uint8 images into class-id masks. Used by the actor and by bench."""
+
+    def __init__(self, spec: ModelSpec, *, precision: str = "fp32", upsample: str = "exact",
+                 device: torch.device | None = None, threads: int | None = None):
+        self.spec = spec
+        self.precision = precision
+        self.upsample = upsample
+        self.device = device or pick_device()
+        if threads:
+            torch.set_num_threads(threads)
+        transforms = default_transforms(spec.arch)
+        model = build(spec).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one shape per group: autotuned kernels pay off
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._mean = torch.tensor(transforms.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(transforms.std, device=self.device).view(1, 3, 1, 1)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> the weights' normalised float NCHW (convert_image_dtype, then normalize)."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        x = (x - self._mean) / self._std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """Forward a batch of equal-shaped uint8 NHWC images.
+
+        Returns the classifier's stride-8 logits and the input size they are to be upsampled to, or, in
+        ``bilinear`` mode, the model's own ``out`` and ``None``.
+        """
+        x = self._normalise(images)
+        dtype = _AUTOCAST.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            if self.upsample == "bilinear":
+                return self.model(x)["out"].float(), None
+            features = self.model.backbone(x)["out"]
+            return self.model.classifier(features).float(), (x.shape[-2], x.shape[-1])
+
+    @torch.inference_mode()
+    def masks(self, images: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 mask (H, W), int64 counts) per image; ``sizes`` are the displayed (H, W)."""
+        logits, model_size = self.logits(images)
+        out = []
+        for i, size in enumerate(sizes):
+            lab = postprocess.labels(logits[i], size, self.upsample, model_size)
+            counts = postprocess.pixel_counts(lab, self.spec.num_classes)
+            out.append((lab.to(torch.uint8).cpu().numpy(), counts.cpu().numpy()))
+        return out
+
+
+class Segmenter:
+    """Ray Data map step on an actor pool: one model per actor, loaded once in ``__init__``."""
+
+    def __init__(self, spec: ModelSpec, precision: str = "fp32", upsample: str = "exact"):
+        import ray
+
+        logging.basicConfig(level=logging.INFO)
+        self.predictor = Predictor(spec, precision=precision, upsample=upsample, threads=_assigned_cpus())
+        self.node_id = ray.get_runtime_context().get_node_id()
+        device = self.predictor.device
+        self.device_name = f"{device.type}:{device.index or 0}" if device.type == "cuda" else device.type
+        log.info("segbatch actor ready: %s on %s, node %s, %d torch threads", spec.arch, self.device_name,
+                 self.node_id[:12], torch.get_num_threads())
+
+    def _run_group(self, rows: list[int], batch: pa.Table, results: dict[int, Any]) -> None:
+        """Infer rows of one shape together; if that fails, try each alone so one bad image costs one row."""
+        pixels = batch["pixels"]
+        heights, widths = batch["in_h"], batch["in_w"]
+        shape = (heights[rows[0]].as_py(), widths[rows[0]].as_py(), 3)
+        try:
+            stack = np.stack([np.frombuffer(pixels[r].as_py(), dtype=np.uint8).reshape(shape) for r in rows])
+            tensor = torch.from_numpy(stack)
+            if self.predictor.device.type == "cuda":
+                tensor = tensor.pin_memory()
+            sizes = [(batch["height"][r].as_py(), batch["width"][r].as_py()) for r in rows]
+            for r, res in zip(rows, self.predictor.masks(tensor, sizes)):
+                results[r] = res
+        except Exception as exc:
+            if self.predictor.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) > 1:
+                for r in rows:
+                    self._run_group([r], batch, results)
+            else:
+                log.warning("inference failed for %s: %s", batch["uri"][rows[0]].as_py(), exc)
+                results[rows[0]] = f"inference failed: {type(exc).__name__}: {exc}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = batch["error"].to_pylist()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r, err in enumerate(errors):
+            if err is None:
+                key = (batch["in_h"][r].as_py(), batch["in_w"][r].as_py())
+                groups.setdefault(key, []).append(r)
+        results: dict[int, Any] = {}
+        for rows in groups.values():  # never pad: only equal shapes share a forward pass
+            self._run_group(rows, batch, results)
+        masks, counts = [], []
+        for r in range(batch.num_rows):
+            res = results.get(r)
+            if isinstance(res, tuple):
+                masks.append(res[0].tobytes())
+                counts.append(res[1].tolist())
+            else:
+                if isinstance(res, str):
+                    errors[r] = res
+                masks.append(b"")
+                counts.append(None)
+        out = batch.drop_columns(["pixels", "error"])
+        out = out.append_column("error", pa.array(errors, pa.string()))
+        out = out.append_column("mask", pa.array(masks, pa.binary()))
+        out = out.append_column("pixel_counts", pa.array(counts, pa.list_(pa.int64())))
+        out = out.append_column("node_id", pa.array([self.node_id] * batch.num_rows, pa.string()))
+        return out.append_column("device", pa.array([self.device_name] * batch.num_rows, pa.string()))
+
+
+__all__ = ["MODELS", "ModelSpec", "Predictor", "Segmenter", "WeightsError", "build", "resolve"]

@@ -1,0 +1,185 @@
+"""The run: list -> read and decode (CPU tasks) -> infer (actor pool) -> encode and write (CPU tasks).
+
+This is the one place where the stages are put together; read :func:`build_dataset` top to bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from segbatch import _ray, _storage, listing, model, summary
+from segbatch.config import RunConfig
+from segbatch.decode import DecodeImages, Limits, ResizeSpec
+from segbatch.sinks import MASKS_DIR, SUMMARY_DIR, WriteOutputs
+
+log = logging.getLogger(__name__)
+
+MAX_INPUT_BLOCKS = 10_000  # blocks the listing is cut into; more only adds scheduling overhead
+SUMMARY_ROWS_PER_FILE = 64  # rows per summary Parquet file; also how many masks one write task holds
+MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run, so one early error can't
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """More images failed than --max-error-rate allows; the rows written so far stay valid."""
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    output: str
+    listed: int = 0
+    skipped: int = 0
+    ok: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    error_examples: list[tuple[str, str]] = field(default_factory=list)
+    stopped_early: str | None = None
+
+    @property
+    def processed(self) -> int:
+        return self.ok + self.errors
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"segbatch run {self.run_id}: {self.ok} ok, {self.errors} error, {self.skipped} skipped "
+            f"(already labelled) of {self.listed} listed, in {self.seconds:.1f}s "
+            f"({self.images_per_second:.2f} images/s)",
+            f"  masks:   {_storage.join_url(self.output, MASKS_DIR)}/",
+            f"  summary: {_storage.join_url(self.output, SUMMARY_DIR)}/",
+        ]
+        for uri, err in self.error_examples:
+            lines.append(f"  error: {uri}: {err}")
+        if self.errors > len(self.error_examples):
+            lines.append(f"  ... {self.errors - len(self.error_examples)} more error rows in the summary")
+        if self.stopped_early:
+            lines.append(f"  STOPPED: {self.stopped_early}")
+        return "\n".join(lines)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def plan_inputs(config: RunConfig) -> tuple[pa.Table, int]:
+    """The inputs this run must process, and how many were listed in all."""
+    listed = listing.list_inputs(config.input, config.storage_options, config.extensions)
+    if config.redo_all:
+        return listed, listed.num_rows
+    done = summary.done_keys(config.output, config.storage_options)
+    return listing.drop_done(listed, done, config.redo_changed), listed.num_rows
+
+
+def _pool_size(config: RunConfig, gpus_per_actor: float) -> tuple[int, int]:
+    if config.actor_bounds:
+        return config.actor_bounds
+    gpus = _ray.cluster_gpus()
+    n = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1
+    return n, n
+
+
+def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_id: str):
+    """The lazy Ray Dataset of a run; iterating it does the work and yields (uri, status, error) rows."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpus_per_actor = config.gpus_per_actor
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if _ray.cluster_gpus() > 0 else 0.0
+    min_actors, max_actors = _pool_size(config, gpus_per_actor)
+    cpus_per_actor = config.cpus_per_actor if config.cpus_per_actor is not None else 1.0
+    transforms = model.default_transforms(spec.arch)
+    limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
+
+    rows_per_block = max(config.batch_size, math.ceil(todo.num_rows / MAX_INPUT_BLOCKS))
+    blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
+    ds = ray.data.from_arrow(blocks)
+
+    ds = ds.map_batches(
+        DecodeImages(config.input, config.storage_options, ResizeSpec.from_transforms(transforms), limits),
+        batch_size=None,  # one listing block per task
+        batch_format="pyarrow",
+        num_cpus=config.decode_cpus,
+    )
+    ds = ds.map_batches(
+        model.Segmenter,
+        fn_constructor_kwargs={"spec": spec, "precision": config.precision, "upsample": config.upsample},
+        compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        num_gpus=gpus_per_actor or None,
+        num_cpus=cpus_per_actor,
+        # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
+        # and its batches retried, so a lost worker costs time, not images (tests/test_faults.py).
+    )
+    ds = ds.map_batches(
+        WriteOutputs(config.output, config.storage_options, run_id=run_id, model=spec.arch,
+                     weights=spec.identity, classes=spec.classes, compress_level=config.png_compress_level),
+        batch_size=SUMMARY_ROWS_PER_FILE,
+        batch_format="pyarrow",
+        num_cpus=config.decode_cpus,
+    )
+    return ds
+
+
+def run(config: RunConfig) -> RunReport:
+    """Label every input of ``config`` that has no ok row in its OUTPUT yet."""
+    config.check_runnable()
+    started = time.monotonic()
+    spec = model.resolve(config.model, config.weights, classes_url=config.classes, sha256=config.weights_sha256,
+                         storage_options=config.storage_options)
+    run_id = config.run_id or new_run_id()
+    todo, listed = plan_inputs(config)
+    report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output), listed=listed,
+                       skipped=listed - todo.num_rows)
+    if todo.num_rows == 0:
+        log.info("nothing to do: every listed input already has an ok row")
+        report.seconds = time.monotonic() - started
+        return report
+
+    with _ray.session(config.address):
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = config.progress
+        ds = build_dataset(config, spec, todo, run_id)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                _tally(report, batch)
+                _check_error_budget(config, report)
+        finally:
+            report.seconds = time.monotonic() - started
+    return report
+
+
+def _tally(report: RunReport, batch: pa.Table) -> None:
+    for uri, status, error in zip(*(batch[c].to_pylist() for c in ("uri", "status", "error"))):
+        if status == "ok":
+            report.ok += 1
+        else:
+            report.errors += 1
+            if len(report.error_examples) < 5:
+                report.error_examples.append((uri, error))
+
+
+def _check_error_budget(config: RunConfig, report: RunReport) -> None:
+    if config.max_error_rate is None or report.processed < MIN_ROWS_FOR_ERROR_RATE:
+        return
+    rate = report.errors / report.processed
+    if rate > config.max_error_rate:
+        report.stopped_early = (
+            f"error rate {rate:.1%} ({report.errors} of {report.processed}) passed --max-error-rate "
+            f"{config.max_error_rate:.1%}; rows written so far stay valid, rerun to resume"
+        )
+        print(report, file=sys.stderr)
+        raise ErrorBudgetExceeded(report.stopped_early)

@@ -1,0 +1,192 @@
+"""Stage 5, sinks: encode masks, write them, then write the batch's summary rows (Ray CPU tasks).
+
+A batch's masks are written before its summary file, and a summary file appears whole or not at all,
+so a row never points at a missing mask. The summary file's name is derived from the batch's inputs:
+a retried task rewrites the same file instead of adding a second copy of its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from segbatch import _storage
+
+MASKS_DIR = "masks"
+SUMMARY_DIR = "summary"
+CLASSES_METADATA_KEY = b"segbatch.classes"
+WRITE_THREADS = 16  # concurrent object writes per task; object stores reward parallel PUTs
+
+#: The summary's columns: DESIGN.md's contract first, then segbatch's documented extensions.
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mask_uri", pa.string()),
+        ("pixel_counts", pa.list_(pa.int64())),
+        ("run_id", pa.string()),
+        ("model", pa.string()),
+        ("weights", pa.string()),
+        ("node_id", pa.string()),
+        ("device", pa.string()),
+        # Extensions (README "Summary extensions"): the input's identity when it was read, for
+        # --redo-changed, and when the row was written.
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("mtime", pa.float64()),
+        ("written_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+# Characters that break URLs or common filesystems get %XX escapes; escaping "%" too keeps names unique.
+_ESCAPE = set('%?#\\:*"<>|') | {chr(c) for c in range(32)} | {"\x7f"}
+
+
+class UnsafePathError(ValueError):
+    """An input's relative name would place its mask outside OUTPUT."""
+
+
+def mask_relpath(rel: str) -> str:
+    """``masks/<rel>.png`` for an input at ``rel`` below INPUT; the input's extension stays in the name,
+    so ``a.jpg`` and ``a.png`` never collide."""
+    if not rel or rel.startswith("/") or "\\" in rel:
+        raise UnsafePathError(f"input name {rel!r} is absolute or empty; its mask would leave OUTPUT")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"input name {rel!r} has '', '.' or '..' segments; its mask would leave OUTPUT")
+    escaped = "/".join("".join(f"%{ord(ch):02X}" if ch in _ESCAPE else ch for ch in p) for p in parts)
+    return posixpath.join(MASKS_DIR, escaped + ".png")
+
+
+def voc_palette(num_colors: int = 256) -> list[int]:
+    """The PASCAL VOC colour map (bit-interleaved class id), flattened RGB for ``Image.putpalette``."""
+    palette = []
+    for i in range(num_colors):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+_PALETTE = voc_palette()
+
+
+def encode_png(mask: np.ndarray, compress_level: int) -> bytes:
+    """A single-channel palette PNG whose pixel values are the class ids."""
+    height, width = mask.shape
+    image = Image.frombytes("P", (width, height), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    image.putpalette(_PALETTE)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def summary_metadata(classes: tuple[str, ...]) -> dict[bytes, bytes]:
+    return {CLASSES_METADATA_KEY: json.dumps(list(classes)).encode()}
+
+
+class WriteOutputs:
+    """Ray Data map step (CPU tasks): PNG-encode masks, write them, then write the summary rows."""
+
+    def __init__(self, output_url: str, storage_options: Mapping[str, Any], *, run_id: str, model: str,
+                 weights: str, classes: tuple[str, ...], compress_level: int,
+                 extra_writers: tuple[Callable[..., None], ...] = ()):
+        self._output_url = _storage.absolute_url(output_url)
+        self._storage_options = dict(storage_options)
+        self._run_id = run_id
+        self._model = model
+        self._weights = weights
+        self._classes = classes
+        self._compress_level = compress_level
+        self._extra_writers = extra_writers
+        self._fs = None
+        self._root = ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = None
+        return state
+
+    def _filesystem(self):
+        if self._fs is None:
+            self._fs, self._root = _storage.open_url(self._output_url, self._storage_options)
+        return self._fs
+
+    def _write_mask(self, rel: str, mask: np.ndarray) -> str:
+        relpath = mask_relpath(rel)
+        _storage.write_atomic(self._fs, _storage.join_path(self._root, relpath),
+                              encode_png(mask, self._compress_level))
+        return _storage.join_url(self._output_url, relpath)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self._filesystem()
+        rows = batch.to_pylist()
+
+        def write_one(row: dict[str, Any]) -> dict[str, Any]:
+            if row["error"] is not None:
+                return row
+            try:
+                mask = np.frombuffer(row["mask"], dtype=np.uint8).reshape(row["height"], row["width"])
+                row["mask_uri"] = self._write_mask(row["rel"], mask)
+                for writer in self._extra_writers:
+                    writer(self, row, mask)
+            except Exception as exc:  # a failed write costs this image's row, not the batch
+                row["error"] = f"cannot write mask: {type(exc).__name__}: {exc}"
+            return row
+
+        with ThreadPoolExecutor(min(WRITE_THREADS, max(1, len(rows)))) as pool:
+            rows = list(pool.map(write_one, rows))
+        table = self._summary_table(rows)
+        if table.num_rows:
+            self._write_summary(table)
+        return table.select(["uri", "status", "error"])
+
+    def _summary_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        now = int(time.time() * 1000)
+        cols: dict[str, list] = {name: [] for name in SUMMARY_SCHEMA.names}
+        for row in rows:
+            ok = row["error"] is None
+            cols["uri"].append(row["uri"])
+            cols["status"].append("ok" if ok else "error")
+            cols["error"].append(None if ok else row["error"])
+            cols["width"].append(row["width"] if ok else None)
+            cols["height"].append(row["height"] if ok else None)
+            cols["mask_uri"].append(row.get("mask_uri") if ok else None)
+            cols["pixel_counts"].append(row["pixel_counts"] if ok else None)
+            cols["run_id"].append(self._run_id)
+            cols["model"].append(self._model)
+            cols["weights"].append(self._weights)
+            cols["node_id"].append(row.get("node_id"))
+            cols["device"].append(row.get("device"))
+            cols["size"].append(row.get("size"))
+            cols["etag"].append(row.get("etag"))
+            cols["mtime"].append(row.get("mtime"))
+            cols["written_at"].append(now)
+        schema = SUMMARY_SCHEMA.with_metadata(summary_metadata(self._classes))
+        return pa.table(cols, schema=schema)
+
+    def _write_summary(self, table: pa.Table) -> None:
+        digest = hashlib.sha1("\n".join(sorted(table["uri"].to_pylist())).encode()).hexdigest()[:16]
+        name = f"part-{self._run_id}-{digest}.parquet"
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="zstd")
+        path = _storage.join_path(self._root, posixpath.join(SUMMARY_DIR, name))
+        _storage.write_atomic(self._fs, path, buf.getvalue().to_pybytes())
