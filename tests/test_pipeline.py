@@ -1,0 +1,137 @@
+"""End to end on a real local Ray: fidelity to DESIGN.md's reference, the summary contract, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from _helpers import TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask
+from segbatch import RunConfig, run
+from segbatch.sinks import SUMMARY_SCHEMA
+
+CONTRACT = {
+    "uri": pa.string(), "status": pa.string(), "error": pa.string(), "width": pa.int32(),
+    "height": pa.int32(), "mask_uri": pa.string(), "pixel_counts": pa.list_(pa.int64()),
+    "run_id": pa.string(), "model": pa.string(), "weights": pa.string(), "node_id": pa.string(),
+    "device": pa.string(),
+}
+
+
+def write_mixed_images(root: Path) -> dict[str, tuple[int, int]]:
+    """Images of several sizes, orientations and modes; returns rel path -> displayed (width, height)."""
+    (root / "sub" / "deep").mkdir(parents=True)
+    sizes = {}
+
+    def save(rel: str, image: Image.Image, **kw) -> None:
+        image.save(root / rel, **kw)
+        sizes[rel] = image.size
+
+    save("a.jpg", Image.fromarray(photo_like(64, 48, 1)), quality=92)
+    save("b.jpg", Image.fromarray(photo_like(64, 48, 2)), quality=92)  # same shape as a.jpg: batched together
+    save("a.png", Image.fromarray(photo_like(64, 48, 3)))  # same stem as a.jpg: its own mask
+    save("c.png", Image.fromarray(photo_like(97, 131, 4)))
+    save("gray.png", Image.fromarray(photo_like(70, 50, 5)).convert("L"))
+    save("rgba.png", Image.fromarray(photo_like(50, 70, 6)).convert("RGBA"))
+    save("sub/deep/d.JPEG", Image.fromarray(photo_like(120, 90, 7)), quality=90)
+    (root / "rot.jpg").write_bytes(exif_jpeg(photo_like(80, 60, 8), orientation=6))
+    sizes["rot.jpg"] = (60, 80)  # orientation 6 rotates 90 degrees: displayed portrait
+    (root / "notes.txt").write_text("not an image, and not listed")
+    return sizes
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, ray_local, checkpoint):
+    root = tmp_path_factory.mktemp("run")
+    sizes = write_mixed_images(root / "in")
+    config = RunConfig(input=str(root / "in"), output=str(root / "out"), model=TEST_ARCH,
+                       weights=str(checkpoint), batch_size=4, progress=False)
+    report = run(config)
+    return root, sizes, config, report
+
+
+def summary_table(out: Path) -> pa.Table:
+    return pads.dataset(out / "summary", format="parquet").to_table()
+
+
+def test_every_image_gets_one_ok_row_and_a_report(labelled):
+    root, sizes, _config, report = labelled
+    assert (report.ok, report.errors, report.listed) == (len(sizes), 0, len(sizes))
+    table = summary_table(root / "out")
+    uris = sorted(table["uri"].to_pylist())
+    assert uris == sorted(str(root / "in" / rel) for rel in sizes)
+    assert set(table["status"].to_pylist()) == {"ok"}
+    assert "images/s" in str(report) and str(root / "out") in str(report)
+
+
+def test_summary_satisfies_the_contract(labelled, checkpoint):
+    root, sizes, _config, report = labelled
+    table = summary_table(root / "out")
+    for name, typ in CONTRACT.items():
+        assert table.schema.field(name).type == typ, name
+    assert table.schema.names == SUMMARY_SCHEMA.names
+    classes = json.loads(table.schema.metadata[b"segbatch.classes"])
+    assert len(classes) == 21 and classes[0] == "__background__"  # the weights' meta categories
+    import hashlib
+
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    for row in table.to_pylist():
+        rel = row["uri"][len(str(root / "in")) + 1:]
+        assert (row["width"], row["height"]) == sizes[rel]
+        assert row["error"] is None and row["run_id"] == report.run_id
+        assert row["model"] == TEST_ARCH and row["weights"] == digest
+        assert row["device"] == "cpu" and len(row["node_id"]) == 56
+        assert row["mask_uri"] == str(root / "out" / "masks" / (rel + ".png"))
+        mask = Image.open(row["mask_uri"])
+        assert mask.mode in ("P", "L") and mask.size == sizes[rel]
+        hist = np.bincount(np.asarray(mask).ravel(), minlength=21)
+        assert row["pixel_counts"] == hist.tolist()
+        assert sum(row["pixel_counts"]) == row["width"] * row["height"]
+
+
+def test_masks_match_the_reference(labelled, checkpoint):
+    """Every mask against DESIGN.md's per-image computation, over mixed sizes in one job."""
+    root, sizes, _config, _report = labelled
+    model = load_model(checkpoint)
+    scores = {}
+    for rel in sizes:
+        expected = reference_mask((root / "in" / rel).read_bytes(), model)
+        got = np.asarray(Image.open(root / "out" / "masks" / (rel + ".png")))
+        scores[rel] = agreement(got, expected)
+    assert min(scores.values()) >= 0.995, scores
+    assert sum(scores.values()) / len(scores) >= 0.9999, scores
+
+
+def test_the_seeded_model_is_content_sensitive(checkpoint):
+    """Guards the fidelity test: padding an image into a bigger batch must change its mask."""
+    model = load_model(checkpoint)
+    image = Image.fromarray(photo_like(64, 48, 1))
+    from torchvision.models import get_model_weights
+
+    x = get_model_weights(TEST_ARCH).DEFAULT.transforms()(image)[None]
+    with torch.inference_mode():
+        plain = model(x)["out"].argmax(1)[0]
+        padded = F.pad(x, (0, 200, 0, 120))
+        cropped = model(padded)["out"][..., : x.shape[-2], : x.shape[-1]].argmax(1)[0]
+    assert len(torch.unique(plain)) >= 2
+    assert (plain == cropped).float().mean().item() < 0.99
+
+
+def test_rerun_skips_done_and_picks_up_new_images(labelled, tmp_path):
+    root, sizes, config, _report = labelled
+    again = run(config)
+    assert (again.ok, again.errors, again.skipped) == (0, 0, len(sizes))
+    Image.fromarray(photo_like(64, 48, 99)).save(root / "in" / "new.jpg")
+    third = run(config)
+    assert (third.ok, third.skipped) == (1, len(sizes))
+    table = summary_table(root / "out")
+    assert table.num_rows == len(sizes) + 1  # no second ok row for anything
+    new_rows = table.filter(pa.compute.equal(table["run_id"], third.run_id))
+    assert new_rows["uri"].to_pylist() == [str(root / "in" / "new.jpg")]
