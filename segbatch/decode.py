@@ -79,6 +79,8 @@ def decode_image(data: bytes, limits: "Limits") -> Image.Image:
         raise ImageError("empty file (0 bytes)")
     if len(data) > limits.max_file_bytes:
         raise ImageError(f"file is {len(data)} bytes, over max_file_bytes={limits.max_file_bytes}")
+    # PIL's own guard (which raises past twice its limit, at open) follows ours.
+    Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -94,7 +96,9 @@ def decode_image(data: bytes, limits: "Limits") -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+        raise ImageError(
+            f"image is over max_image_pixels={limits.max_image_pixels}; refused before decoding ({exc})"
+        ) from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image PIL can identify (unknown format or corrupt header)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
@@ -138,7 +142,6 @@ class DecodeImages:
     def _filesystem(self):
         if self._fs is None:
             self._fs, _ = _storage.open_url(self._input_url, self._storage_options)
-            Image.MAX_IMAGE_PIXELS = self._limits.max_image_pixels
         return self._fs
 
     def decode_one(self, data: bytes | BaseException) -> tuple[np.ndarray | None, int, int, str | None]:

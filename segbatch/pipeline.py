@@ -5,6 +5,7 @@ This is the one place where the stages are put together; read :func:`build_datas
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from segbatch import _ray, _storage, listing, model, summary
+from segbatch import _ray, _storage, listing, model, overlay, runs, summary
 from segbatch.config import RunConfig
 from segbatch.decode import DecodeImages, Limits, ResizeSpec
 from segbatch.sinks import MASKS_DIR, SUMMARY_DIR, WriteOutputs
@@ -106,11 +107,14 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
     blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
     ds = ray.data.from_arrow(blocks)
 
+    # A ray_remote_args_fn keeps Ray Data from fusing these CPU tasks into the inference actor, where
+    # decoding and encoding would run serially with the model instead of beside it.
+    cpu_task_args = functools.partial(dict, num_cpus=config.decode_cpus)
     ds = ds.map_batches(
         DecodeImages(config.input, config.storage_options, ResizeSpec.from_transforms(transforms), limits),
         batch_size=None,  # one listing block per task
         batch_format="pyarrow",
-        num_cpus=config.decode_cpus,
+        ray_remote_args_fn=cpu_task_args,
     )
     ds = ds.map_batches(
         model.Segmenter,
@@ -125,10 +129,11 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
     )
     ds = ds.map_batches(
         WriteOutputs(config.output, config.storage_options, run_id=run_id, model=spec.arch,
-                     weights=spec.identity, classes=spec.classes, compress_level=config.png_compress_level),
+                     weights=spec.identity, classes=spec.classes, compress_level=config.png_compress_level,
+                     extra_writers=overlay.writers(config, spec.classes, limits)),
         batch_size=SUMMARY_ROWS_PER_FILE,
         batch_format="pyarrow",
-        num_cpus=config.decode_cpus,
+        ray_remote_args_fn=cpu_task_args,
     )
     return ds
 
@@ -146,6 +151,7 @@ def run(config: RunConfig) -> RunReport:
     if todo.num_rows == 0:
         log.info("nothing to do: every listed input already has an ok row")
         report.seconds = time.monotonic() - started
+        runs.finish(config, report, completed=True)
         return report
 
     with _ray.session(config.address):
@@ -159,6 +165,8 @@ def run(config: RunConfig) -> RunReport:
                 _check_error_budget(config, report)
         finally:
             report.seconds = time.monotonic() - started
+            # The record and the redo cleanup run even when the run stops early (sys.exc_info() is set then).
+            runs.finish(config, report, completed=sys.exc_info()[0] is None)
     return report
 
 
