@@ -76,6 +76,22 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
     return table.sort_by("uri")
 
 
+def check_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Fail before any work when OUTPUT cannot exist: its nearest existing ancestor must be more than the
+    filesystem's bare root, so a missing bucket is caught while a missing folder or prefix is fine
+    (writes create it)."""
+    fs, path = _storage.open_url(url, storage_options)
+    try:
+        while path and not _storage.retry(fs.exists, path, what=f"check {url}"):
+            parent = fs._parent(path)
+            if not parent or parent == path:
+                raise InputNotFoundError(f"OUTPUT {url}: {path or url} does not exist (check the bucket name "
+                                         "and credentials)")
+            path = parent
+    except PermissionError as exc:
+        raise InputNotFoundError(f"OUTPUT {url}: access denied ({exc})") from None
+
+
 def drop_done(listing: pa.Table, done: pa.Table, redo_changed: bool) -> pa.Table:
     """Remove inputs that already have an ``ok`` row.
 

@@ -76,6 +76,7 @@ def new_run_id() -> str:
 def plan_inputs(config: RunConfig) -> tuple[pa.Table, int]:
     """The inputs this run must process, and how many were listed in all."""
     listed = listing.list_inputs(config.input, config.storage_options, config.extensions)
+    listing.check_output(config.output, config.storage_options)
     if config.redo_all:
         return listed, listed.num_rows
     done = summary.done_keys(config.output, config.storage_options)

@@ -8,6 +8,7 @@ later change. The server itself starts on first use, on the port chosen then.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -66,6 +67,8 @@ class S3Endpoint:
             if self._server is None:
                 from moto.server import ThreadedMotoServer
 
+                # werkzeug logs every request at INFO; that drowns a failing test's own log.
+                logging.getLogger("werkzeug").setLevel(logging.WARNING)
                 server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
                 server.start()
                 self._server = server

@@ -1,0 +1,75 @@
+"""S3 failure modes on a real endpoint: what stops a run at the start, and what costs one image's row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from _helpers import TEST_ARCH, photo_like
+from segbatch import RunConfig, cli, model, pipeline, summary
+from segbatch.listing import InputNotFoundError, list_inputs
+
+
+def _fast(*args: str) -> list[str]:
+    return ["run", *args, "--model", TEST_ARCH, "--weights", "random", "--no-progress"]
+
+
+def test_missing_bucket_stops_the_run_at_the_start(s3_bucket, tmp_path, capsys):
+    assert cli.main(_fast("s3://segbatch-no-such-bucket/in/", str(tmp_path / "out"))) == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "INPUT s3://segbatch-no-such-bucket/in/ does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_prefix_stops_the_run_at_the_start(s3_bucket, tmp_path, capsys):
+    with pytest.raises(InputNotFoundError, match="does not exist"):
+        list_inputs(f"s3://{s3_bucket}/nothing-here/", {}, ["jpg"])
+    assert cli.main(_fast(f"s3://{s3_bucket}/nothing-here/", str(tmp_path / "out"))) == cli.EXIT_INPUT
+    assert f"INPUT s3://{s3_bucket}/nothing-here/ does not exist" in capsys.readouterr().err
+
+
+def test_missing_output_bucket_stops_the_run_at_the_start(s3_bucket, s3_server, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo_like(32, 24, 1)).save(tmp_path / "in" / "a.png")
+    code = cli.main(_fast(str(tmp_path / "in"), "s3://segbatch-no-such-out-bucket/labels/"))
+    assert code == cli.EXIT_INPUT
+    assert "OUTPUT s3://segbatch-no-such-out-bucket/labels/" in capsys.readouterr().err
+    # A missing prefix in an existing bucket is fine: writing creates it.
+    pipeline.listing.check_output(f"s3://{s3_bucket}/not/yet/there/", {})
+
+
+def test_vanished_and_denied_objects_become_error_rows(s3_bucket, s3_server, tmp_path, ray_local):
+    """A key deleted between listing and reading, and a key a bucket policy denies: one error row each,
+    and the run goes on to label the rest."""
+    for name, seed in (("ok.png", 1), ("gone.png", 2), ("denied.png", 3), ("ok2.png", 4)):
+        Image.fromarray(photo_like(40, 30, seed)).save(tmp_path / name)
+    s3_server.upload_dir(tmp_path, f"s3://{s3_bucket}/in")
+    config = RunConfig(input=f"s3://{s3_bucket}/in", output=f"s3://{s3_bucket}/out", model=TEST_ARCH,
+                       weights="random", batch_size=2, progress=False)
+    todo, listed = pipeline.plan_inputs(config)
+    assert listed == 4
+
+    client = s3_server.client()
+    client.delete_object(Bucket=s3_bucket, Key="in/gone.png")
+    # moto enforces an explicit Deny in a bucket policy on object reads, as S3 does.
+    client.put_bucket_policy(Bucket=s3_bucket, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
+                       "Resource": f"arn:aws:s3:::{s3_bucket}/in/denied.png"}],
+    }))
+    spec = model.resolve(TEST_ARCH, "random")
+    rows = {}
+    for batch in pipeline.build_dataset(config, spec, todo, "r1").iter_batches(batch_size=None,
+                                                                                 batch_format="pyarrow"):
+        rows.update((r["uri"], r) for r in batch.to_pylist())
+    base = f"s3://{s3_bucket}/in/"
+    assert rows[base + "ok.png"]["status"] == "ok" and rows[base + "ok2.png"]["status"] == "ok"
+    assert rows[base + "gone.png"]["status"] == "error"
+    assert "vanished" in rows[base + "gone.png"]["error"]
+    assert rows[base + "denied.png"]["status"] == "error"
+    assert "access denied" in rows[base + "denied.png"]["error"]
+    written = summary.read(config.output, columns=["uri", "status", "error"]).to_pylist()
+    assert sorted((r["uri"], r["status"]) for r in written) == sorted((u, r["status"]) for u, r in rows.items())
+    client.delete_bucket_policy(Bucket=s3_bucket)
