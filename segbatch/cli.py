@@ -90,6 +90,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from segbatch import status
+
+    result = status.collect(args.output, dict(args.storage_options or []))
+    print(result)
+    return 0 if result.runs else EXIT_INPUT
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segbatch", description="Batch semantic segmentation on Ray Data.")
     parser.add_argument("--version", action="version", version=f"segbatch {__version__}")
@@ -97,6 +105,11 @@ def make_parser() -> argparse.ArgumentParser:
     run_p = sub.add_parser("run", help="label INPUT into OUTPUT (resumes: inputs with an ok row are skipped)")
     _add_run_options(run_p)
     run_p.set_defaults(func=_cmd_run)
+    status_p = sub.add_parser("status", help="per-run counts (ok, error, skipped), the last run and totals")
+    status_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
+    status_p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
+                          metavar="KEY=VALUE", help="fsspec storage option, repeatable")
+    status_p.set_defaults(func=_cmd_status)
     return parser
 
 

@@ -108,10 +108,9 @@ def drop_done(listing: pa.Table, done: pa.Table, redo_changed: bool) -> pa.Table
         joined = listing.join(prev, "uri", join_type="left outer").sort_by("uri")
         changed = pa.array([False] * joined.num_rows)
         for key in keys:
-            now, before = joined[key], joined[f"prev_{key}"]
-            both = pc.and_(pc.is_valid(now), pc.is_valid(before))
-            changed = pc.or_(changed, pc.and_(both, pc.not_equal(now, before)))
-        changed = pc.fill_null(changed, False)
+            # A comparison with a null (no ETag on a local file, no earlier row) is null: not a change.
+            differs = pc.fill_null(pc.not_equal(joined[key], joined[f"prev_{key}"]), False)
+            changed = pc.or_(changed, differs)
         keep = pc.or_(pc.invert(pc.is_in(joined["uri"], value_set=done["uri"])), changed)
         return joined.filter(keep).select(LISTING_SCHEMA.names)
     return listing.filter(pc.invert(seen))

@@ -1,0 +1,112 @@
+"""`segbatch status OUTPUT`: what the runs into OUTPUT did, from the summary's key columns and run records.
+
+It reads four small columns of the summary (uri, status, run_id, written_at), never masks or pixel counts,
+and the ``OUTPUT/runs/*.json`` records for what the summary cannot say: skipped counts and run times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from segbatch import _storage, runs, summary
+
+KEY_COLUMNS = ["uri", "status", "run_id", "written_at"]
+
+
+@dataclass
+class RunCounts:
+    run_id: str
+    ok: int = 0
+    error: int = 0
+    skipped: int | None = None  # None: the run left no record (it crashed, or predates run records)
+    started_at: str | None = None
+    finished_at: str | None = None
+    completed: bool | None = None
+
+
+@dataclass
+class Status:
+    output: str
+    runs: list[RunCounts] = field(default_factory=list)
+    inputs_ok: int = 0  # inputs with an ok row
+    inputs_failing: int = 0  # inputs whose latest row is an error
+    extra_ok_rows: int = 0  # ok rows beyond one per input: a redo cleanup that did not finish
+
+    @property
+    def last_run(self) -> RunCounts | None:
+        return self.runs[-1] if self.runs else None
+
+    def __str__(self) -> str:
+        lines = [f"segbatch status {self.output}"]
+        if not self.runs:
+            return lines[0] + "\n  no runs yet"
+        width = max(len("run"), *(len(r.run_id) for r in self.runs))
+        lines.append(f"  {'run':<{width}}  {'started (UTC)':<20}  {'ok':>8}  {'error':>8}  {'skipped':>8}")
+        for r in self.runs:
+            skipped = "-" if r.skipped is None else str(r.skipped)
+            note = "" if r.completed in (True, None) else "  (stopped early)"
+            lines.append(f"  {r.run_id:<{width}}  {r.started_at or '-':<20}  {r.ok:>8}  {r.error:>8}  "
+                         f"{skipped:>8}{note}")
+        last = self.last_run
+        lines.append(f"last run: {last.run_id}, finished {last.finished_at or 'at an unknown time'}")
+        lines.append(f"inputs with an ok row: {self.inputs_ok}")
+        lines.append(f"inputs whose latest row is an error: {self.inputs_failing}")
+        if self.extra_ok_rows:
+            lines.append(f"WARNING: {self.extra_ok_rows} extra ok rows from an unfinished redo cleanup; "
+                         "the next `segbatch run --redo-changed` removes them")
+        return "\n".join(lines)
+
+
+def _latest_status_per_input(table: pa.Table) -> pa.Array:
+    """The status of each input's newest row (by written_at, then run_id)."""
+    if table.num_rows == 0:
+        return pa.array([], pa.string())
+    ordered = table.sort_by([("uri", "ascending"), ("written_at", "ascending"), ("run_id", "ascending")])
+    uri = ordered["uri"].combine_chunks()
+    n = len(uri)
+    # A row is its input's latest when the next row belongs to another input.
+    is_last = pa.concat_arrays([pc.not_equal(uri.slice(0, n - 1), uri.slice(1)), pa.array([True])])
+    return ordered["status"].filter(is_last)
+
+
+def collect(output_url: str, storage_options: Mapping[str, Any] | None = None) -> Status:
+    table = summary.read(output_url, storage_options, columns=KEY_COLUMNS)
+    records = {r["run_id"]: r for r in runs.read_records(output_url, storage_options) if r.get("run_id")}
+    status = Status(output=_storage.absolute_url(output_url))
+
+    per_run: dict[str, RunCounts] = {}
+    first_written: dict[str, Any] = {}
+    grouped = table.group_by(["run_id", "status"]).aggregate([("uri", "count"), ("written_at", "min")])
+    for run_id, st, count, written in zip(*(grouped[c].to_pylist() for c in
+                                            ("run_id", "status", "uri_count", "written_at_min"))):
+        counts = per_run.setdefault(run_id, RunCounts(run_id))
+        if st == "ok":
+            counts.ok += count
+        else:
+            counts.error += count
+        if written is not None and (run_id not in first_written or written < first_written[run_id]):
+            first_written[run_id] = written
+    for run_id, record in records.items():
+        counts = per_run.setdefault(run_id, RunCounts(run_id))
+        counts.skipped = record.get("skipped")
+        counts.started_at = record.get("started_at")
+        counts.finished_at = record.get("finished_at")
+        counts.completed = record.get("completed")
+    for run_id, written in first_written.items():
+        if per_run[run_id].started_at is None:
+            per_run[run_id].started_at = written.strftime("%Y-%m-%dT%H:%M:%SZ")
+    status.runs = sorted(per_run.values(), key=lambda r: (r.started_at or "", r.run_id))
+
+    ok_uris = table.filter(pc.equal(table["status"], "ok"))["uri"]
+    status.inputs_ok = pc.count_distinct(ok_uris).as_py() if len(ok_uris) else 0
+    status.extra_ok_rows = len(ok_uris) - status.inputs_ok
+    latest = _latest_status_per_input(table)
+    status.inputs_failing = pc.sum(pc.equal(latest, "error")).as_py() or 0 if len(latest) else 0
+    return status
+
+
+__all__ = ["Status", "RunCounts", "collect"]
