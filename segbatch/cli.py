@@ -98,6 +98,51 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if result.runs else EXIT_INPUT
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from segbatch.report import write_report
+
+    try:
+        where = write_report(args.output, dict(args.storage_options or []), samples=args.samples, out=args.out)
+    except FileNotFoundError as exc:
+        print(f"segbatch: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"segbatch report: wrote {where}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from segbatch.evaluate import EvalError, evaluate, write_json
+
+    storage_options = dict(args.storage_options or [])
+    try:
+        result = evaluate(args.output, args.ground_truth, storage_options, address=args.address)
+    except EvalError as exc:
+        print(f"segbatch: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(result)
+    if args.json:
+        write_json(result, args.json, storage_options)
+    return 0
+
+
+def _add_results_parsers(sub: Any) -> None:
+    report_p = sub.add_parser("report", help="write OUTPUT/report.html: runs, class chart, sample overlays, errors")
+    report_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
+    report_p.add_argument("--samples", type=int, default=12, help="overlays in the gallery (default 12)")
+    report_p.add_argument("--out", help="write the report to this file instead of OUTPUT/report.html")
+    report_p.set_defaults(func=_cmd_report)
+    eval_p = sub.add_parser("eval", help="mIoU and pixel accuracy of OUTPUT's masks against ground-truth PNGs")
+    eval_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
+    eval_p.add_argument("--ground-truth", required=True, metavar="GT",
+                        help="folder or URL prefix mirroring INPUT: <relative path with .png>, 255 = ignore")
+    eval_p.add_argument("--json", help="also write the metrics to this file (any fsspec URL)")
+    eval_p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
+    eval_p.set_defaults(func=_cmd_eval)
+    for p in (report_p, eval_p):
+        p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
+                       metavar="KEY=VALUE", help="fsspec storage option, repeatable")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segbatch", description="Batch semantic segmentation on Ray Data.")
     parser.add_argument("--version", action="version", version=f"segbatch {__version__}")
@@ -105,6 +150,7 @@ def make_parser() -> argparse.ArgumentParser:
     run_p = sub.add_parser("run", help="label INPUT into OUTPUT (resumes: inputs with an ok row are skipped)")
     _add_run_options(run_p)
     run_p.set_defaults(func=_cmd_run)
+    _add_results_parsers(sub)
     status_p = sub.add_parser("status", help="per-run counts (ok, error, skipped), the last run and totals")
     status_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     status_p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,

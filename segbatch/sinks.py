@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
@@ -69,6 +70,16 @@ def mask_relpath(rel: str) -> str:
         raise UnsafePathError(f"input name {rel!r} has '', '.' or '..' segments; its mask would leave OUTPUT")
     escaped = "/".join("".join(f"%{ord(ch):02X}" if ch in _ESCAPE else ch for ch in p) for p in parts)
     return posixpath.join(MASKS_DIR, escaped + ".png")
+
+
+def input_relpath(mask_rel: str) -> str:
+    """The inverse of :func:`mask_relpath`: ``masks/<escaped rel>.png`` -> rel."""
+    prefix = MASKS_DIR + "/"
+    if not (mask_rel.startswith(prefix) and mask_rel.endswith(".png")) or len(mask_rel) <= len(prefix) + 4:
+        raise ValueError(f"{mask_rel!r} is not a mask name (masks/<name>.png)")
+    name = mask_rel[len(prefix):]
+    # Only the characters in _ESCAPE are ever escaped, "%" among them, so every %XX is one escape.
+    return re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), name[:-len(".png")])
 
 
 def voc_palette(num_colors: int = 256) -> list[int]:

@@ -1,0 +1,278 @@
+"""`segbatch eval OUTPUT --ground-truth GT`: how good the masks are, against ground-truth label PNGs.
+
+GT mirrors the input tree: the ground truth of ``INPUT/<dir>/<name>.<ext>`` is ``GT/<dir>/<name>.png``,
+single-channel class ids (VOC ``SegmentationClass`` palette PNGs read as their indices), 255 = ignore.
+One confusion matrix (rows: ground truth, columns: prediction) is summed over all images by Ray tasks,
+with torchvision's definition (references/segmentation/utils.py, ``ConfusionMatrix``): pixels whose
+ground truth is outside ``[0, num_classes)`` are not counted, which is how 255 is ignored.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec.core import strip_protocol
+from PIL import Image
+
+from segbatch import _ray, _storage, summary
+from segbatch.sinks import MASKS_DIR, input_relpath
+
+IGNORE_INDEX = 255  # the VOC convention for "void" / unlabelled pixels in ground truth
+EVAL_BATCH_ROWS = 64  # images per Ray task: enough reads in flight to hide object-store latency
+MAX_LISTED = 1000  # missing or failed images named in the result; the counts stay exact beyond it
+MAX_BLOCKS = 10_000  # blocks the image table is cut into; more only adds scheduling overhead
+
+_BATCH_SCHEMA = pa.schema([
+    ("kind", pa.string()),  # "matrix" (one per task), "missing" or "error" (one per image)
+    ("uri", pa.string()),
+    ("error", pa.string()),
+    ("matrix", pa.binary()),  # int64 (n, n) confusion matrix of the task's images, row-major
+    ("images", pa.int64()),
+])
+
+
+class EvalError(ValueError):
+    """OUTPUT or GT cannot be evaluated at all (no summary, no class names)."""
+
+
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(n, n) int64 counts, rows = ground truth, columns = prediction; gt outside [0, n) is ignored."""
+    gt = gt.astype(np.int64, copy=False).ravel()
+    pred = pred.astype(np.int64, copy=False).ravel()
+    keep = (gt >= 0) & (gt < num_classes)
+    counts = np.bincount(num_classes * gt[keep] + pred[keep], minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def metrics(matrix: np.ndarray) -> tuple[float | None, list[float | None], float | None]:
+    """(pixel accuracy, per-class IoU, mIoU): IoU is None for a class absent from both GT and prediction."""
+    matrix = matrix.astype(np.float64)
+    total = matrix.sum()
+    diag = np.diag(matrix)
+    union = matrix.sum(0) + matrix.sum(1) - diag
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, diag / union, np.nan)
+    acc = float(diag.sum() / total) if total > 0 else None
+    miou = float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else None
+    return acc, [None if math.isnan(v) else float(v) for v in iou], miou
+
+
+def read_label_png(data: bytes, what: str) -> np.ndarray:
+    """Class ids of a single-channel PNG; palette images give their indices, not their colours."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
+        raise ValueError(f"{what} is mode {image.mode}: expected single-channel class ids (mode L or P, "
+                         f"like VOC SegmentationClass PNGs)")
+    return np.asarray(image).astype(np.int64)
+
+
+def _relative(mask_uri: str, uri: str, masks_prefix: str) -> str:
+    """The mask's name below OUTPUT (``masks/...png``), checked against the input's uri.
+
+    A mask of this OUTPUT starts with ``<OUTPUT>/masks/``. When OUTPUT was moved or copied since the run
+    (its rows still name the old place), every ``/masks/`` in the URI is tried, and the one whose input
+    name the input's uri ends with wins.
+    """
+    path = strip_protocol(mask_uri)
+    if path.startswith(masks_prefix):
+        return MASKS_DIR + "/" + path[len(masks_prefix):]
+    marker = "/" + MASKS_DIR + "/"
+    start = path.find(marker)
+    while start >= 0:
+        candidate = path[start + 1:]
+        try:
+            rel = input_relpath(candidate)
+        except ValueError:
+            rel = None
+        if rel is not None and (uri == rel or uri.endswith("/" + rel)):
+            return candidate
+        start = path.find(marker, start + 1)
+    raise ValueError(f"mask {mask_uri} is not below {masks_prefix} and does not match its input's name")
+
+
+def ground_truth_relpath(rel: str) -> str:
+    """``dir/name.jpg`` -> ``dir/name.png``: where the ground truth of an input sits below GT."""
+    return posixpath.splitext(rel)[0] + ".png"
+
+
+class ConfusionBatch:
+    """Ray Data map step (CPU tasks): one summed confusion matrix per batch, plus a row per missing GT or
+    failed image."""
+
+    def __init__(self, output_url: str, ground_truth_url: str, storage_options: Mapping[str, Any],
+                 num_classes: int):
+        self._output_url = output_url
+        self._gt_url = ground_truth_url
+        self._storage_options = dict(storage_options)
+        self._n = num_classes
+        self._fs = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = None
+        return state
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self._fs is None:
+            self._fs, self._root = _storage.open_url(self._output_url, self._storage_options)
+            self._gt_fs, self._gt_root = _storage.open_url(self._gt_url, self._storage_options)
+        masks_prefix = self._root + "/" + MASKS_DIR + "/"
+        rows: dict[str, list] = {name: [] for name in _BATCH_SCHEMA.names}
+
+        def problem(kind: str, uri: str, error: str | None) -> None:
+            for name, value in zip(_BATCH_SCHEMA.names, (kind, uri, error, None, None)):
+                rows[name].append(value)
+
+        jobs = []  # (uri, mask path, gt path)
+        for uri, mask_uri in zip(batch["uri"].to_pylist(), batch["mask_uri"].to_pylist()):
+            try:
+                mask_rel = _relative(mask_uri or "", uri, masks_prefix)
+                rel = input_relpath(mask_rel)
+            except ValueError as exc:
+                problem("error", uri, str(exc))
+                continue
+            jobs.append((uri, _storage.join_path(self._root, mask_rel),
+                         _storage.join_path(self._gt_root, ground_truth_relpath(rel))))
+        gts = _storage.read_many(self._gt_fs, [j[2] for j in jobs])
+        have = [(job, gt) for job, gt in zip(jobs, gts) if not isinstance(gt, FileNotFoundError)]
+        for job, gt in zip(jobs, gts):
+            if isinstance(gt, FileNotFoundError):
+                problem("missing", job[0], f"no ground truth at {job[2]}")
+        masks = _storage.read_many(self._fs, [job[1] for job, _ in have])
+        total = np.zeros((self._n, self._n), dtype=np.int64)
+        images = 0
+        for ((uri, mask_path, gt_path), gt_data), mask_data in zip(have, masks):
+            try:
+                if isinstance(gt_data, BaseException):
+                    raise ValueError(f"cannot read ground truth {gt_path}: {type(gt_data).__name__}: {gt_data}")
+                if isinstance(mask_data, BaseException):
+                    raise ValueError(f"cannot read mask {mask_path}: {type(mask_data).__name__}: {mask_data}")
+                gt = read_label_png(gt_data, f"ground truth {gt_path}")
+                pred = read_label_png(mask_data, f"mask {mask_path}")
+                if gt.shape != pred.shape:
+                    raise ValueError(f"ground truth {gt_path} is {gt.shape[1]}x{gt.shape[0]} but the mask is "
+                                     f"{pred.shape[1]}x{pred.shape[0]}")
+                if pred.size and int(pred.max()) >= self._n:
+                    raise ValueError(f"mask {mask_path} holds class id {int(pred.max())}, but there are "
+                                     f"{self._n} classes")
+            except Exception as exc:  # one bad file costs its image, never the evaluation
+                problem("error", uri, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+                continue
+            total += confusion_matrix(gt, pred, self._n)
+            images += 1
+        for name, value in zip(_BATCH_SCHEMA.names, ("matrix", None, None, total.tobytes(), images)):
+            rows[name].append(value)
+        return pa.table(rows, schema=_BATCH_SCHEMA)
+
+
+@dataclass
+class EvalResult:
+    classes: list[str]
+    matrix: np.ndarray
+    images: int = 0  # images whose ground truth was found and compared
+    missing: int = 0
+    failed: int = 0
+    missing_examples: list[str] = field(default_factory=list)
+    failed_examples: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        acc, iou, miou = metrics(self.matrix)
+        return {
+            "miou": miou,
+            "pixel_accuracy": acc,
+            "per_class_iou": dict(zip(self.classes, iou)),
+            "images": self.images,
+            # Extensions: what could not be compared, and the per-class pixel counts behind the IoUs.
+            "missing_ground_truth": self.missing,
+            "missing_ground_truth_examples": self.missing_examples,
+            "errors": self.failed,
+            "error_examples": [{"uri": u, "error": e} for u, e in self.failed_examples],
+            "pixels": int(self.matrix.sum()),
+            "ground_truth_pixels": dict(zip(self.classes, self.matrix.sum(1).tolist())),
+            "predicted_pixels": dict(zip(self.classes, self.matrix.sum(0).tolist())),
+        }
+
+    def __str__(self) -> str:
+        acc, iou, miou = metrics(self.matrix)
+        gt_px, pred_px = self.matrix.sum(1), self.matrix.sum(0)
+        width = max(len("class"), *(len(c) for c in self.classes)) if self.classes else 5
+        lines = [f"{'class':<{width}}  {'IoU':>7}  {'GT pixels':>12}  {'predicted':>12}"]
+        for name, value, g, p in zip(self.classes, iou, gt_px, pred_px):
+            shown = "-" if value is None else f"{value:.4f}"
+            lines.append(f"{name:<{width}}  {shown:>7}  {int(g):>12}  {int(p):>12}")
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        lines += [
+            f"mIoU: {fmt(miou)} (over the {sum(v is not None for v in iou)} classes in GT or prediction)",
+            f"pixel accuracy: {fmt(acc)} over {int(self.matrix.sum())} labelled pixels",
+            f"images: {self.images} compared, {self.missing} without ground truth, {self.failed} failed",
+        ]
+        for uri in self.missing_examples[:10]:
+            lines.append(f"  no ground truth: {uri}")
+        if self.missing > 10:
+            lines.append(f"  ... {self.missing - 10} more without ground truth (--json lists up to {MAX_LISTED})")
+        for uri, err in self.failed_examples[:10]:
+            lines.append(f"  error: {uri}: {err}")
+        return "\n".join(lines)
+
+
+def evaluate(output_url: str, ground_truth_url: str, storage_options: Mapping[str, Any] | None = None, *,
+             address: str | None = None) -> EvalResult:
+    """Compare every ok mask of OUTPUT with its ground truth under ``ground_truth_url``."""
+    storage_options = dict(storage_options or {})
+    classes = summary.classes(output_url, storage_options)
+    if classes is None:
+        raise EvalError(f"OUTPUT {output_url} has no summary with class names: run `segbatch run` into it first")
+    gt_fs, gt_root = _storage.open_url(ground_truth_url, storage_options)
+    if not _storage.retry(gt_fs.exists, gt_root, what=f"check {ground_truth_url}"):
+        raise EvalError(f"ground truth {ground_truth_url} does not exist")
+    table = summary.read(output_url, storage_options, columns=["uri", "mask_uri"],
+                         filter=pc.field("status") == "ok")
+    result = EvalResult(classes=list(classes), matrix=np.zeros((len(classes),) * 2, dtype=np.int64))
+    if table.num_rows == 0:
+        return result
+
+    with _ray.session(address):
+        import ray
+
+        rows_per_block = max(EVAL_BATCH_ROWS, math.ceil(table.num_rows / MAX_BLOCKS))
+        blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            ConfusionBatch(output_url, ground_truth_url, storage_options, len(classes)),
+            batch_size=EVAL_BATCH_ROWS, batch_format="pyarrow", num_cpus=1)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            _accumulate(result, batch)
+    result.missing_examples.sort()
+    result.failed_examples.sort()
+    return result
+
+
+def _accumulate(result: EvalResult, batch: pa.Table) -> None:
+    n = len(result.classes)
+    for kind, uri, error, matrix, images in zip(*(batch[c].to_pylist() for c in _BATCH_SCHEMA.names)):
+        if kind == "matrix":
+            result.matrix += np.frombuffer(matrix, dtype=np.int64).reshape(n, n)
+            result.images += images
+        elif kind == "missing":
+            result.missing += 1
+            if len(result.missing_examples) < MAX_LISTED:
+                result.missing_examples.append(uri)
+        else:
+            result.failed += 1
+            if len(result.failed_examples) < MAX_LISTED:
+                result.failed_examples.append((uri, error))
+
+
+def write_json(result: EvalResult, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    fs, path = _storage.open_url(url, storage_options)
+    _storage.write_atomic(fs, path, (json.dumps(result.as_dict(), indent=1) + "\n").encode())
+
+
+__all__ = ["EvalError", "EvalResult", "IGNORE_INDEX", "confusion_matrix", "evaluate", "metrics", "write_json"]

@@ -1,0 +1,293 @@
+"""Results people look at: mask colours, `run --overlays`, `segbatch eval` and `segbatch report`.
+
+One real run (local Ray, seeded checkpoint, six tiny images and one broken file) feeds every test here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image, ImageOps
+
+from _helpers import TEST_ARCH, exif_jpeg, photo_like
+from segbatch import RunConfig, cli, run
+from segbatch.evaluate import confusion_matrix, metrics
+from segbatch.overlay import background_ids, blend, class_colour, encode_jpeg, overlay_relpath
+from segbatch.sinks import input_relpath, mask_relpath
+
+# PASCAL VOC's colours as the devkit's VOClabelcolormap lists them (class id -> RGB), written out here
+# rather than computed, so the palette code is checked against the published values.
+VOC_COLOURS = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128),
+               5: (128, 0, 128), 6: (0, 128, 128), 7: (128, 128, 128), 8: (64, 0, 0), 9: (192, 0, 0),
+               12: (64, 0, 128), 14: (64, 128, 128), 15: (192, 128, 128), 20: (0, 64, 128), 255: (224, 224, 192)}
+
+BROKEN = "broken.jpg"
+
+
+def write_inputs(root: Path) -> list[str]:
+    (root / "sub").mkdir(parents=True)
+    (root / "odd name").mkdir()
+    Image.fromarray(photo_like(64, 48, 11)).save(root / "a.jpg", quality=92)
+    Image.fromarray(photo_like(64, 48, 12)).save(root / "c.png")
+    Image.fromarray(photo_like(56, 40, 13)).save(root / "sub" / "b.png")
+    Image.fromarray(photo_like(48, 64, 14)).convert("L").save(root / "sub" / "gray.png")
+    (root / "rot.jpg").write_bytes(exif_jpeg(photo_like(64, 48, 15), orientation=6))
+    Image.fromarray(photo_like(40, 40, 16)).save(root / "odd name" / "x#1%.png")
+    (root / BROKEN).write_bytes(b"\xff\xd8 not really a jpeg")
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, ray_local, checkpoint):
+    root = tmp_path_factory.mktemp("results")
+    rels = write_inputs(root / "in")
+    config = RunConfig(input=str(root / "in"), output=str(root / "out"), model=TEST_ARCH,
+                       weights=str(checkpoint), batch_size=4, progress=False, overlays=True)
+    report = run(config)
+    assert (report.ok, report.errors) == (len(rels) - 1, 1)
+    rows = pads.dataset(root / "out" / "summary", format="parquet").to_table().to_pylist()
+    return root, rels, {r["uri"]: r for r in rows}
+
+
+def mask_of(root: Path, rel: str) -> np.ndarray:
+    return np.asarray(Image.open(root / "out" / mask_relpath(rel)))
+
+
+# -- masks and overlays --------------------------------------------------------------------------------
+
+def test_mask_png_shows_voc_colours_while_its_values_stay_class_ids(labelled):
+    root, rels, rows = labelled
+    seen: set[int] = set()
+    for rel in rels:
+        if rel == BROKEN:
+            continue
+        image = Image.open(root / "out" / mask_relpath(rel))
+        assert image.mode == "P"
+        ids = np.asarray(image)
+        row = rows[str(root / "in" / rel)]
+        assert np.bincount(ids.ravel(), minlength=len(row["pixel_counts"])).tolist() == row["pixel_counts"]
+        shown = np.asarray(image.convert("RGB"))  # what an image viewer draws
+        for cid in np.unique(ids):
+            seen.add(int(cid))
+            expected = VOC_COLOURS.get(int(cid))
+            colours = np.unique(shown[ids == cid], axis=0)
+            assert len(colours) == 1, (rel, cid, colours)
+            if expected is not None:
+                assert tuple(colours[0]) == expected, (rel, cid)
+    assert len(seen) >= 2, "the seeded model should label more than one class"
+    palette = Image.open(root / "out" / mask_relpath(rels[0])).getpalette()
+    for cid, rgb in VOC_COLOURS.items():
+        assert tuple(palette[3 * cid:3 * cid + 3]) == rgb, cid
+
+
+def test_run_with_overlays_writes_one_blended_jpeg_per_ok_image(labelled):
+    root, rels, rows = labelled
+    classes = json.loads(pads.dataset(root / "out" / "summary", format="parquet").schema.metadata[
+        b"segbatch.classes"])
+    untinted = background_ids(classes)
+    assert untinted == {0}  # torchvision's VOC names call class 0 "__background__"
+    written = sorted(p.relative_to(root / "out").as_posix() for p in (root / "out" / "overlays").rglob("*")
+                     if p.is_file())
+    assert written == sorted(overlay_relpath(r) for r in rels if r != BROKEN)
+    for rel in rels:
+        if rel == BROKEN:
+            continue
+        mask = mask_of(root, rel)
+        got = Image.open(root / "out" / overlay_relpath(rel))
+        assert got.format == "JPEG" and got.mode == "RGB"
+        assert got.size == (mask.shape[1], mask.shape[0])  # displayed orientation, like the mask
+        original = ImageOps.exif_transpose(Image.open(root / "in" / rel)).convert("RGB")
+        blended = blend(original, mask, untinted=untinted)
+        want = np.asarray(blended, dtype=np.float32)
+        # As close as JPEG allows: no further than the expected blend from its own JPEG round trip.
+        jpeg_noise = np.abs(np.asarray(Image.open(io.BytesIO(encode_jpeg(blended))), dtype=np.float32) - want)
+        diff = np.abs(np.asarray(got, dtype=np.float32) - want)
+        assert diff.mean() <= jpeg_noise.mean() + 0.5, (rel, diff.mean(), jpeg_noise.mean())
+        unblended = np.abs(np.asarray(got, dtype=np.float32) - np.asarray(original, dtype=np.float32))
+        assert diff.mean() < unblended.mean() / 2
+        # Background pixels keep the photo's colours, other classes are pulled towards theirs.
+        plain = np.asarray(original, dtype=np.float32)
+        if (mask != 0).any():
+            assert np.abs(want[mask != 0] - plain[mask != 0]).mean() > 5
+        assert np.array_equal(want[mask == 0], plain[mask == 0])
+    assert overlay_relpath("odd name/x#1%.png") == "overlays/odd name/x%231%25.png.jpg"
+
+
+def test_mask_names_invert_to_input_names():
+    for rel in ["a.jpg", "sub/dir/b.PNG", "odd name/x#1%.png", "q?:*\"<>|.tif", "masks/m.jpg"]:
+        assert input_relpath(mask_relpath(rel)) == rel
+    with pytest.raises(ValueError):
+        input_relpath("summary/part.parquet")
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+
+def torchvision_reference_confusion(gt: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    """torchvision references/segmentation/utils.py, ConfusionMatrix.update(a=target, b=prediction):
+
+        k = (a >= 0) & (a < n)
+        inds = n * a[k].to(torch.int64) + b[k]
+        self.mat += torch.bincount(inds, minlength=n**2).reshape(n, n)
+
+    and compute(): acc_global = diag.sum() / h.sum(); iu = diag / (h.sum(1) + h.sum(0) - diag).
+    """
+    import torch
+
+    a, b = torch.from_numpy(gt.astype(np.int64)).flatten(), torch.from_numpy(pred.astype(np.int64)).flatten()
+    k = (a >= 0) & (a < n)
+    inds = n * a[k].to(torch.int64) + b[k]
+    return torch.bincount(inds, minlength=n ** 2).reshape(n, n).numpy()
+
+
+def test_metrics_match_a_hand_computation():
+    gt = np.array([[0, 0, 1, 1],
+                   [0, 2, 2, 255]])
+    pred = np.array([[0, 1, 1, 1],
+                     [0, 2, 0, 1]])
+    m = confusion_matrix(gt, pred, 4)
+    # Counted by hand: gt 0 -> pred 0,1,0 ; gt 1 -> 1,1 ; gt 2 -> 2,0 ; the 255 pixel is ignored.
+    expected = np.zeros((4, 4), dtype=np.int64)
+    expected[0, 0], expected[0, 1], expected[1, 1], expected[2, 2], expected[2, 0] = 2, 1, 2, 1, 1
+    assert np.array_equal(m, expected)
+    acc, iou, miou = metrics(m)
+    assert acc == pytest.approx(5 / 7)
+    # IoU = diag / (row + col - diag): class 0: 2/(3+3-2), class 1: 2/(2+3-2), class 2: 1/(2+1-1).
+    assert iou[:3] == pytest.approx([2 / 4, 2 / 3, 1 / 2])
+    assert iou[3] is None  # in neither GT nor prediction: left out of the mean
+    assert miou == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_confusion_matrix_matches_torchvision_reference():
+    rng = np.random.default_rng(7)
+    for n in (2, 5, 21):
+        gt = rng.integers(0, n, size=(37, 53))
+        gt[rng.random(gt.shape) < 0.1] = 255
+        pred = rng.integers(0, n, size=gt.shape)
+        ours = confusion_matrix(gt, pred, n)
+        ref = torchvision_reference_confusion(gt, pred, n)
+        assert np.array_equal(ours, ref)
+        h = ref.astype(np.float64)
+        acc, iou, _ = metrics(ours)
+        assert acc == pytest.approx(np.diag(h).sum() / h.sum())
+        assert iou == pytest.approx(list(np.diag(h) / (h.sum(1) + h.sum(0) - np.diag(h))))
+
+
+@pytest.fixture(scope="module")
+def ground_truth(labelled):
+    """GT for all but one ok image: the mask with some pixels relabelled and some set to 255 (ignore),
+    saved as VOC-style palette PNGs and as plain L PNGs; one GT has the wrong size."""
+    root, rels, _rows = labelled
+    gt_root = root / "gt"
+    rng = np.random.default_rng(3)
+    expected = {}
+    ok_rels = [r for r in rels if r != BROKEN]
+    missing, wrong_size = "sub/gray.png", "c.png"
+    for i, rel in enumerate(ok_rels):
+        if rel == missing:
+            continue
+        mask = mask_of(root, rel).astype(np.uint8)
+        gt = mask.copy()
+        flip = rng.random(gt.shape) < 0.2
+        gt[flip] = rng.integers(0, 21, size=int(flip.sum()))
+        gt[rng.random(gt.shape) < 0.1] = 255
+        if rel == wrong_size:
+            gt = gt[:-1]
+        path = gt_root / (rel.rsplit(".", 1)[0] + ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(gt, mode="L")
+        if i % 2 == 0:  # half as VOC SegmentationClass palette PNGs
+            image = image.convert("P")
+            image.putpalette(Image.open(root / "out" / mask_relpath(rel)).getpalette())
+        image.save(path)
+        if rel != wrong_size:
+            expected[rel] = torchvision_reference_confusion(gt, mask, 21)
+    return gt_root, expected, missing, wrong_size
+
+
+def test_eval_sums_the_reference_confusion_matrix_on_ray(labelled, ground_truth, tmp_path, capsys):
+    root, _rels, _rows = labelled
+    gt_root, expected, missing, wrong_size = ground_truth
+    out_json = tmp_path / "metrics" / "eval.json"
+    assert cli.main(["eval", str(root / "out"), "--ground-truth", str(gt_root), "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    total = sum(expected.values())
+    acc, iou, miou = metrics(total)
+    assert result["images"] == len(expected)
+    assert result["pixel_accuracy"] == pytest.approx(acc)
+    assert result["miou"] == pytest.approx(miou)
+    assert 0.3 < result["pixel_accuracy"] < 1.0  # a fifth of the GT pixels were relabelled at random
+    classes = list(result["per_class_iou"])
+    assert len(classes) == 21 and classes[0] == "__background__"
+    assert list(result["per_class_iou"].values()) == pytest.approx(iou)
+    assert result["pixels"] == int(total.sum())
+    assert result["missing_ground_truth"] == 1
+    assert result["missing_ground_truth_examples"] == [str(root / "in" / missing)]
+    assert result["errors"] == 1
+    [err] = result["error_examples"]
+    assert err["uri"] == str(root / "in" / wrong_size) and "but the mask is" in err["error"]
+    assert "mIoU" in printed and "no ground truth: " + str(root / "in" / missing) in printed
+    assert f"{miou:.4f}" in printed
+
+
+def test_eval_refuses_an_output_without_summary(tmp_path, capsys):
+    (tmp_path / "gt").mkdir()
+    assert cli.main(["eval", str(tmp_path / "nothing"), "--ground-truth", str(tmp_path / "gt")]) == cli.EXIT_INPUT
+    assert "no summary" in capsys.readouterr().err
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def report_html(labelled):
+    root, _rels, _rows = labelled
+    assert cli.main(["report", str(root / "out"), "--samples", "4"]) == 0
+    return root / "out" / "report.html"
+
+
+def test_report_is_self_contained_and_holds_every_part(labelled, report_html):
+    root, rels, rows = labelled
+    html = report_html.read_text()
+    # No fetches: no external src/href, no CSS imports or url() outside data: URIs, no scripts.
+    assert not re.search(r"""(src|href)\s*=\s*(?!["']?(data:|#))""", html)
+    assert "@import" not in html and "<script" not in html.lower()
+    assert not re.search(r"url\((?![\"']?(data:|#))", html)
+    # Runs: counts, model and throughput.
+    run_id = next(iter(rows.values()))["run_id"]
+    runs_section = html[html.index('id="runs"'):html.index('id="classes"')]
+    assert run_id in runs_section and TEST_ARCH in runs_section
+    assert re.search(r'<td class="n">5</td>\s*<td class="n bad">1</td>', runs_section)
+    assert re.search(r'title="from run record[^"]*">\d+\.\d\d<', runs_section)
+    # Chart: an inline SVG with one bar per class seen, in that class's VOC colour.
+    chart = html[html.index('id="class-chart"'):html.index("</figure>", html.index('id="class-chart"'))]
+    assert "<svg" in chart and "share of all pixels" in chart
+    counts = np.sum([r["pixel_counts"] for r in rows.values() if r["status"] == "ok"], axis=0)
+    for cid in np.flatnonzero(counts):
+        assert "fill: #%02x%02x%02x" % class_colour(int(cid)) in chart, cid
+    # Gallery: 4 JPEG overlays with a legend.
+    gallery = html[html.index('id="gallery"'):html.index('id="errors"')]
+    assert len(re.findall(r'<img src="data:image/jpeg;base64,', gallery)) == 4
+    assert "__background__" in gallery and 'class="legend"' in gallery
+    # Errors: the broken file, grouped under its message.
+    errors = html[html.index('id="errors"'):]
+    assert str(root / "in" / BROKEN) in errors and rows[str(root / "in" / BROKEN)]["error"] in errors
+
+
+def test_report_out_writes_a_local_copy(labelled, tmp_path, capsys):
+    root, _rels, _rows = labelled
+    target = tmp_path / "copy" / "r.html"
+    assert cli.main(["report", str(root / "out"), "--samples", "0", "--out", str(target)]) == 0
+    assert str(target) in capsys.readouterr().out
+    html = target.read_text()
+    assert "<svg" in html and "data:image/jpeg" not in html
+
+
+def test_report_refuses_an_output_without_summary(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "nothing")]) == cli.EXIT_INPUT
+    assert "no summary" in capsys.readouterr().err
