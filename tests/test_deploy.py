@@ -1,0 +1,349 @@
+"""deploy/ and jobs/: every manifest parses, fits the KubeRay v1 API, and names the same image, Ray
+version, entrypoint and config files as the Dockerfile and jobs/, so none of them can drift alone.
+
+The KubeRay CRDs themselves (ray-operator/config/crd/bases/ray.io_*.yaml, Apache-2.0, hundreds of KB each)
+are not vendored. RAY_V1 below is a JSON Schema written for these tests from KubeRay's v1 API types
+(ray-operator/apis/ray/v1/*_types.go and the generated CRDs, KubeRay 1.5-1.6): the top-level fields of
+RayCluster, RayJob and RayCronJob with their types, enums and required fields, and no unknown fields,
+so a misspelt or misplaced field (the mistakes a YAML edit makes) fails here rather than on a cluster.
+Pod templates are checked only as far as segbatch relies on them (containers, images, resources).
+The cluster launcher config is validated against the schema that ships with the installed Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from segbatch.cli import build_config, make_parser
+from segbatch.config import RunConfig, load_config_file
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+KUBERAY = DEPLOY / "kuberay"
+SECONDS_PER_DAY = 86400
+
+# -- the KubeRay v1 API, as far as these manifests use it -------------------------------------------------
+INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern":
+            r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"}]}
+RESOURCES = {"type": "object", "additionalProperties": False, "properties": {
+    "requests": {"type": "object", "additionalProperties": QUANTITY},
+    "limits": {"type": "object", "additionalProperties": QUANTITY},
+    "claims": {"type": "array"}}}
+CONTAINER = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string"}, "image": {"type": "string"}, "resources": RESOURCES,
+    "command": {"type": "array", "items": {"type": "string"}}, "args": {"type": "array", "items": {"type": "string"}},
+    "env": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+    "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"],
+                                         "properties": {"containerPort": INT32, "name": {"type": "string"}}}},
+    "volumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"]}}}}
+POD_TEMPLATE = {"type": "object", "properties": {
+    "metadata": {"type": "object"},
+    "spec": {"type": "object", "required": ["containers"], "properties": {
+        "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
+        "serviceAccountName": {"type": "string"}, "volumes": {"type": "array"}, "tolerations": {"type": "array"},
+        "nodeSelector": STRING_MAP, "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]}}}}}
+MANAGED_BY = {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]}
+RAY_CLUSTER_SPEC = {"type": "object", "additionalProperties": False, "required": ["headGroupSpec"], "properties": {
+    "suspend": {"type": "boolean"},
+    "managedBy": MANAGED_BY,
+    "authOptions": {"type": "object", "additionalProperties": False, "properties": {
+        "mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"},
+        "enableK8sTokenAuth": {"type": "boolean"}}},
+    "autoscalerOptions": {"type": "object", "additionalProperties": False, "properties": {
+        "resources": RESOURCES, "image": {"type": "string"}, "imagePullPolicy": {"type": "string"},
+        "securityContext": {"type": "object"}, "idleTimeoutSeconds": INT32,
+        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}, "version": {"enum": ["v1", "v2"]},
+        "env": {"type": "array"}, "envFrom": {"type": "array"}, "volumeMounts": {"type": "array"}}},
+    "headServiceAnnotations": STRING_MAP,
+    "enableInTreeAutoscaling": {"type": "boolean"},
+    "gcsFaultToleranceOptions": {"type": "object", "required": ["redisAddress"]},
+    "headGroupSpec": {"type": "object", "additionalProperties": False, "required": ["template"], "properties": {
+        "template": POD_TEMPLATE, "headService": {"type": "object"}, "enableIngress": {"type": "boolean"},
+        "rayStartParams": STRING_MAP, "serviceType": {"type": "string"}}},
+    "rayVersion": {"type": "string"},
+    "workerGroupSpecs": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["groupName", "template"], "properties": {
+            "suspend": {"type": "boolean"}, "groupName": {"type": "string"}, "replicas": INT32,
+            "minReplicas": INT32, "maxReplicas": INT32, "idleTimeoutSeconds": INT32, "rayStartParams": STRING_MAP,
+            "template": POD_TEMPLATE, "scaleStrategy": {"type": "object"}, "numOfHosts": INT32}}}}}
+RAY_JOB_SPEC = {"type": "object", "additionalProperties": False, "properties": {
+    "activeDeadlineSeconds": {**INT32, "minimum": 1},
+    "backoffLimit": {**INT32, "minimum": 0},
+    "rayClusterSpec": RAY_CLUSTER_SPEC,
+    "submitterPodTemplate": POD_TEMPLATE,
+    "metadata": STRING_MAP,
+    "clusterSelector": STRING_MAP,
+    "submitterConfig": {"type": "object", "additionalProperties": False, "properties": {"backoffLimit": INT32}},
+    "managedBy": MANAGED_BY,
+    "deletionStrategy": {"type": "object"},
+    "entrypoint": {"type": "string"},
+    "runtimeEnvYAML": {"type": "string"},
+    "jobId": {"type": "string"},
+    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+    "entrypointResources": {"type": "string"},
+    "entrypointNumCpus": {"type": "number"},
+    "entrypointNumGpus": {"type": "number"},
+    "ttlSecondsAfterFinished": {**INT32, "minimum": 0},
+    "shutdownAfterJobFinishes": {"type": "boolean"},
+    "suspend": {"type": "boolean"}}}
+
+
+def _resource(kind: str, spec: dict) -> dict:
+    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+        "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind},
+        "metadata": {"type": "object", "anyOf": [{"required": ["name"]}, {"required": ["generateName"]}]},
+        "spec": spec}}
+
+
+RAY_V1 = {
+    "RayCluster": _resource("RayCluster", RAY_CLUSTER_SPEC),
+    "RayJob": _resource("RayJob", RAY_JOB_SPEC),
+    "RayCronJob": _resource("RayCronJob", {
+        "type": "object", "additionalProperties": False, "required": ["jobTemplate", "schedule"], "properties": {
+            "jobTemplate": RAY_JOB_SPEC, "schedule": {"type": "string"}, "suspend": {"type": "boolean"}}}),
+}
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+def load_all(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def manifests() -> dict[str, list[dict]]:
+    return {p.name: load_all(p) for p in sorted(KUBERAY.glob("*.yaml"))}
+
+
+def ray_job_specs() -> dict[str, dict]:
+    """Every RayJob spec the manifests run, by where it comes from."""
+    found = {}
+    for name, docs in manifests().items():
+        for doc in docs:
+            if doc["kind"] == "RayJob":
+                found[name] = doc["spec"]
+            elif doc["kind"] == "RayCronJob":
+                found[name] = doc["spec"]["jobTemplate"]
+            elif doc["kind"] == "ConfigMap":
+                for key, text in doc["data"].items():
+                    inner = yaml.safe_load(text)
+                    if isinstance(inner, dict) and inner.get("kind") == "RayJob":
+                        found[f"{name}:{key}"] = inner["spec"]
+    return found
+
+
+def dockerfile() -> str:
+    return (DEPLOY / "Dockerfile").read_text()
+
+
+def image_name() -> str:
+    """The image the Dockerfile's build command tags."""
+    found = set(re.findall(r"docker build -f deploy/Dockerfile -t (\S+) \.", dockerfile()))
+    assert len(found) == 1, found
+    return found.pop()
+
+
+def images(node) -> list[str]:
+    """Every `image:` value anywhere in a parsed manifest, ConfigMap-embedded ones included."""
+    out = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "image" and isinstance(value, str):
+                out.append(value)
+            elif key == "data" and isinstance(value, dict):
+                out += [i for text in value.values() for i in images(yaml.safe_load(text))]
+            else:
+                out += images(value)
+    elif isinstance(node, list):
+        for value in node:
+            out += images(value)
+    return out
+
+
+def container_path_to_repo(path: str) -> Path:
+    """Map a path inside the image to the repository file the Dockerfile copied there."""
+    for src, dest in re.findall(r"^COPY (?:--chown=\S+ )?(\S+/) (/\S+/)$", dockerfile(), re.M):
+        if path.startswith(dest):
+            return REPO / src / path[len(dest):]
+    raise AssertionError(f"{path} is not inside a folder the Dockerfile copies into the image")
+
+
+# -- tests -----------------------------------------------------------------------------------------------
+def test_every_ray_manifest_fits_the_kuberay_v1_api():
+    kinds = []
+    for name, docs in manifests().items():
+        for doc in docs:
+            if doc["apiVersion"] == "ray.io/v1":
+                jsonschema.validate(doc, RAY_V1[doc["kind"]])
+                kinds.append(doc["kind"])
+    for spec in ray_job_specs().values():
+        jsonschema.validate(spec, RAY_JOB_SPEC)
+    assert sorted(kinds) == ["RayCluster", "RayCronJob", "RayJob"]
+
+
+def test_the_schema_rejects_the_mistakes_it_exists_for():
+    (doc,) = load_all(KUBERAY / "rayjob-once.yaml")
+    for broken in (
+        {**doc, "spec": {**doc["spec"], "shutdownAfterJobsFinish": True}},  # misspelt
+        {**doc, "spec": {**doc["spec"], "activeDeadlineSeconds": "2d"}},  # wrong type
+        {**doc, "spec": {**doc["spec"], "submissionMode": "K8sJob"}},  # not in the enum
+        {**doc, "apiVersion": "ray.io/v1alpha1"},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, RAY_V1["RayJob"])
+
+
+def test_the_cluster_spec_is_the_same_everywhere():
+    (cluster,) = load_all(KUBERAY / "raycluster.yaml")
+    for where, spec in ray_job_specs().items():
+        assert spec["rayClusterSpec"] == cluster["spec"], where
+
+
+def test_the_gpu_worker_group_autoscales_on_nvidia_gpus():
+    (cluster,) = load_all(KUBERAY / "raycluster.yaml")
+    spec = cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # a CPU head that schedules no work
+    head_resources = head["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in head_resources["limits"]
+    (gpu,) = spec["workerGroupSpecs"]
+    assert 0 == gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"] and gpu["maxReplicas"] >= 2
+    resources = gpu["template"]["spec"]["containers"][0]["resources"]
+    # Kubernetes schedules extended resources by limits, and requests must equal them.
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
+    assert any(v["name"] == "dshm" and v["emptyDir"]["medium"] == "Memory" for v in gpu["template"]["spec"]["volumes"])
+
+
+def test_jobs_clean_up_after_themselves_within_bounds():
+    for where, spec in ray_job_specs().items():
+        assert spec["shutdownAfterJobFinishes"] is True, where
+        assert 0 < spec["ttlSecondsAfterFinished"] <= SECONDS_PER_DAY, where
+        assert 0 < spec["activeDeadlineSeconds"], where
+        assert 0 <= spec["backoffLimit"] <= 3, where
+
+
+def test_nightly_runs_cannot_overlap():
+    (cron,) = load_all(KUBERAY / "raycronjob-nightly.yaml")
+    assert len(cron["spec"]["schedule"].split()) == 5
+    # RayCronJob has no concurrency policy: the deadline must end a run before the next one starts.
+    assert cron["spec"]["jobTemplate"]["activeDeadlineSeconds"] < SECONDS_PER_DAY
+    docs = {d["kind"]: d for d in load_all(KUBERAY / "cronjob-rayjob.yaml")}
+    assert set(docs) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"}
+    cronjob = docs["CronJob"]
+    assert cronjob["apiVersion"] == "batch/v1"
+    assert cronjob["spec"]["schedule"] == cron["spec"]["schedule"]
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0  # the RayJob retries; a second creator would create a second RayJob
+    rayjob = ray_job_specs()["cronjob-rayjob.yaml:rayjob.yaml"]
+    assert rayjob == cron["spec"]["jobTemplate"]
+    assert rayjob["activeDeadlineSeconds"] < job["activeDeadlineSeconds"] < SECONDS_PER_DAY
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    script = pod["containers"][0]["command"][-1]
+    mount = pod["containers"][0]["volumeMounts"][0]["mountPath"]
+    assert f"kubectl create -f {mount}/rayjob.yaml" in script  # create: generateName needs it
+    assert docs["Role"]["rules"][0]["resources"] == ["rayjobs"] and "create" in docs["Role"]["rules"][0]["verbs"]
+
+
+def test_manifests_run_the_image_the_dockerfile_builds():
+    import tomllib
+
+    image = image_name()
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert image.endswith(f":{version}")
+    ray_images = [i for docs in manifests().values() for d in docs for i in images(d) if "kubectl" not in i]
+    assert ray_images and set(ray_images) == {image}
+    launcher = yaml.safe_load((DEPLOY / "cluster-launcher.yaml").read_text())
+    assert launcher["docker"]["image"] == image
+    # rayVersion must be the Ray inside the image, which comes from the base image's tag.
+    (base_ray,) = re.findall(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-py\d+-gpu$", dockerfile(), re.M)
+    for docs in manifests().values():
+        for doc in docs:
+            if doc.get("kind") == "RayCluster":
+                assert doc["spec"]["rayVersion"] == base_ray
+    for spec in ray_job_specs().values():
+        assert spec["rayClusterSpec"]["rayVersion"] == base_ray
+
+
+ENTRYPOINTS = {"rayjob-once.yaml": "label-once.yaml", "raycronjob-nightly.yaml": "label-nightly.yaml",
+               "cronjob-rayjob.yaml:rayjob.yaml": "label-nightly.yaml"}
+
+
+@pytest.mark.parametrize("where", sorted(ENTRYPOINTS))
+def test_entrypoints_run_segbatch_on_a_jobs_config_the_image_holds(where):
+    entrypoint = ray_job_specs()[where]["entrypoint"]
+    argv = shlex.split(entrypoint)
+    assert argv[:3] == ["segbatch", "run", "--config"] and len(argv) == 4, entrypoint
+    config_file = container_path_to_repo(argv[3])
+    assert config_file == REPO / "jobs" / ENTRYPOINTS[where]
+    # segbatch's own parser accepts the entrypoint, and the file it names is a valid, runnable config.
+    args = make_parser().parse_args([*argv[1:3], str(config_file)])
+    config = build_config(args)
+    config.check_runnable()
+
+
+@pytest.mark.parametrize("name", ["label-once.yaml", "label-nightly.yaml"])
+def test_job_configs_are_valid_and_ready_for_an_autoscaling_gpu_cluster(name):
+    values = load_config_file(str(REPO / "jobs" / name))
+    config = RunConfig.from_dict(values)
+    config.check_runnable()
+    # With GPU workers scaled to zero at the start, segbatch would see no GPU and fall back to CPU.
+    assert config.gpus_per_actor == 1 and config.actor_bounds[1] > config.actor_bounds[0]
+    assert config.progress is False  # job logs are files, not terminals
+    # The image pre-stages the weights the configs use.
+    (prestaged,) = re.findall(r'^ARG PRESTAGE_WEIGHTS="([^"]*)"$', dockerfile(), re.M)
+    if config.weights == "default":
+        assert config.model in prestaged.split()
+    assert (config.redo_changed is True) == (name == "label-nightly.yaml")
+
+
+def test_runtime_env_ships_code_but_not_environments_or_outputs():
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "."
+    excludes = set(env["excludes"])
+    assert {".git/", ".venv/", "bench-data/", "demo-output/", "out/"} <= excludes
+    assert all(isinstance(v, str) for v in env.get("env_vars", {}).values())
+    secret_words = re.compile(r"secret|password|token|access_key|session", re.I)
+    assert not any(secret_words.search(k) for k in env.get("env_vars", {}))
+
+
+def test_documented_commands_name_files_that_exist():
+    text = (REPO / "README.md").read_text() + (DEPLOY / "README.md").read_text()
+    configs = set(re.findall(r"segbatch run --config (jobs/[\w.-]+)", text))
+    assert {"jobs/label-once.yaml", "jobs/label-nightly.yaml"} <= configs
+    for path in configs | set(re.findall(r"(deploy/[\w./-]+\.yaml)", text)):
+        assert (REPO / path).is_file(), path
+    assert "--runtime-env jobs/runtime_env.yaml" in text
+    assert "deploy/README.md" in (REPO / "README.md").read_text()
+
+
+def test_cluster_launcher_config_fits_rays_own_schema():
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    config = yaml.safe_load((DEPLOY / "cluster-launcher.yaml").read_text())
+    jsonschema.validate(config, schema)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0
+    assert "RAY_AUTH_MODE=token" in " ".join(config["docker"]["run_options"])
+
+
+def test_dockerfile_builds_on_a_cuda_base_and_prestages_with_segbatch_itself():
+    text = dockerfile()
+    assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.M)
+    assert "pip install --no-cache-dir ." in text
+    assert "from segbatch.model import ensure_default_weights" in text
+    from segbatch.model import ensure_default_weights  # noqa: F401  (the name the build calls exists)
+
+    assert re.search(r"^COPY --chown=\S+ jobs/ /app/jobs/$", text, re.M)
+    assert "ENTRYPOINT" not in "\n".join(line for line in text.splitlines() if not line.startswith("#"))
