@@ -74,7 +74,7 @@ def read_label_png(data: bytes, what: str) -> np.ndarray:
     return np.asarray(image).astype(np.int64)
 
 
-def _relative(mask_uri: str, uri: str, masks_prefix: str) -> str:
+def mask_name(mask_uri: str, uri: str, masks_prefix: str) -> str:
     """The mask's name below OUTPUT (``masks/...png``), checked against the input's uri.
 
     A mask of this OUTPUT starts with ``<OUTPUT>/masks/``. When OUTPUT was moved or copied since the run
@@ -134,7 +134,7 @@ class ConfusionBatch:
         jobs = []  # (uri, mask path, gt path)
         for uri, mask_uri in zip(batch["uri"].to_pylist(), batch["mask_uri"].to_pylist()):
             try:
-                mask_rel = _relative(mask_uri or "", uri, masks_prefix)
+                mask_rel = mask_name(mask_uri or "", uri, masks_prefix)
                 rel = input_relpath(mask_rel)
             except ValueError as exc:
                 problem("error", uri, str(exc))

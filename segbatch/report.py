@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from segbatch import _storage, overlay, runs, summary
-from segbatch.evaluate import read_label_png
+from segbatch.evaluate import mask_name, read_label_png
+from segbatch.sinks import MASKS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ MAX_ERROR_GROUPS = 1000  # distinct error messages tracked; the rest are counted
 SHOWN_ERROR_GROUPS = 25  # groups shown on the page, most frequent first
 ERROR_EXAMPLES = 3  # example URIs per error message
 MAX_RESOLVE_URIS = 100_000  # error URIs checked for a later ok row; beyond it the check is skipped
+SAMPLE_THREADS = 8  # samples read and drawn at once; they are object-store reads, mostly waiting
 
 COLUMNS = ["uri", "status", "error", "mask_uri", "pixel_counts", "run_id", "model", "weights", "device",
            "written_at"]
@@ -217,12 +219,17 @@ def _resolve_errors(output_url: str, storage_options: Mapping[str, Any], groups:
     return True
 
 
-def _thumbnail(uri: str, mask_uri: str, storage_options: Mapping[str, Any], untinted: frozenset[int]) -> Sample:
+def _thumbnail(uri: str, mask_uri: str, output: tuple[Any, str], storage_options: Mapping[str, Any],
+               untinted: frozenset[int]) -> Sample:
     from segbatch.config import RunConfig
     from segbatch.decode import Limits, decode_image
 
-    fs, path = _storage.open_url(mask_uri, storage_options)
-    mask = read_label_png(_storage.retry(fs.cat_file, path, what=f"read {mask_uri}"), f"mask {mask_uri}")
+    fs, root = output
+    try:  # the mask as it lies in this OUTPUT, even when OUTPUT was copied or moved since the run
+        path = _storage.join_path(root, mask_name(mask_uri, uri, root + "/" + MASKS_DIR + "/"))
+    except ValueError:
+        fs, path = _storage.open_url(mask_uri, storage_options)
+    mask = read_label_png(_storage.retry(fs.cat_file, path, what=f"read {path}"), f"mask {path}")
     ids, counts = np.unique(mask, return_counts=True)
     order = np.argsort(-counts)
     top = [(int(ids[i]), float(counts[i] / mask.size)) for i in order[:4]]
@@ -271,8 +278,9 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
 
     untinted = overlay.background_ids(classes)
     rows = collector.sample_rows()
-    with ThreadPoolExecutor(max(1, min(8, len(rows)))) as pool:
-        picked = list(pool.map(lambda r: _try_thumbnail(r, storage_options, untinted), rows))
+    output = _storage.open_url(output_url, storage_options)
+    with ThreadPoolExecutor(max(1, min(SAMPLE_THREADS, len(rows)))) as pool:
+        picked = list(pool.map(lambda r: _try_thumbnail(r, output, storage_options, untinted), rows))
 
     n = max(len(classes), len(collector.pixel_totals))
     pad = lambda a: np.pad(a, (0, n - len(a)))  # noqa: E731
@@ -286,9 +294,10 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
         resolved_checked=resolved_checked, samples=[s for s in picked if s is not None])
 
 
-def _try_thumbnail(row: tuple[str, str], storage_options: Mapping[str, Any], untinted: frozenset[int]):
+def _try_thumbnail(row: tuple[str, str], output: tuple[Any, str], storage_options: Mapping[str, Any],
+                   untinted: frozenset[int]):
     try:
-        return _thumbnail(row[0], row[1], storage_options, untinted)
+        return _thumbnail(row[0], row[1], output, storage_options, untinted)
     except Exception as exc:  # a sample that cannot be drawn leaves the gallery one short, nothing more
         log.warning("report: no overlay for %s: %s", row[0], exc)
         return None

@@ -5,9 +5,12 @@ One real run (local Ray, seeded checkpoint, six tiny images and one broken file)
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +265,7 @@ def test_report_is_self_contained_and_holds_every_part(labelled, report_html):
     run_id = next(iter(rows.values()))["run_id"]
     runs_section = html[html.index('id="runs"'):html.index('id="classes"')]
     assert run_id in runs_section and TEST_ARCH in runs_section
-    assert re.search(r'<td class="n">5</td>\s*<td class="n bad">1</td>', runs_section)
+    assert re.search(r'<td class="n">6</td>\s*<td class="n bad">1</td>', runs_section)
     assert re.search(r'title="from run record[^"]*">\d+\.\d\d<', runs_section)
     # Chart: an inline SVG with one bar per class seen, in that class's VOC colour.
     chart = html[html.index('id="class-chart"'):html.index("</figure>", html.index('id="class-chart"'))]
@@ -291,3 +294,117 @@ def test_report_out_writes_a_local_copy(labelled, tmp_path, capsys):
 def test_report_refuses_an_output_without_summary(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "nothing")]) == cli.EXIT_INPUT
     assert "no summary" in capsys.readouterr().err
+
+
+# -- the report in a real browser ----------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--hide-scrollbars",
+                  "--force-device-scale-factor=1"]
+WINDOW = (1200, 2000)  # CSS px; with scale factor 1 a screenshot pixel is a CSS pixel
+BROWSER_TIMEOUT = 90  # seconds per chromium call; a cold start on a loaded 2-core machine takes ~5
+
+# Injected into a copy of the page only: the report itself carries no script. It records where the
+# chart, the gallery images and the legend landed, and whether each image decoded.
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const box = el => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; };
+  const out = {
+    chart: box(document.querySelector('#class-chart svg')),
+    legend: box(document.querySelector('#gallery .legend')),
+    images: [...document.querySelectorAll('#gallery img')].map(img => ({
+      box: box(img), decoded: img.complete && img.naturalWidth > 0, src: img.getAttribute('src')})),
+  };
+  const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium: apt-get install -y chromium)")
+    args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            f"--window-size={WINDOW[0]},{WINDOW[1]}", *extra, url]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=BROWSER_TIMEOUT, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_report_renders_in_chromium_with_chart_and_gallery_visible(labelled, report_html, tmp_path):
+    root, _rels, rows = labelled
+    html = report_html.read_text()
+    probe_page = tmp_path / "probe.html"
+    probe_page.write_text(html.replace("</body>", PROBE + "</body>"))
+    dom = chromium(tmp_path, probe_page.as_uri(), "--dump-dom").stdout
+    found = json.loads(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1).replace("&quot;", '"'))
+    shot_path = tmp_path / "report.png"
+    chromium(tmp_path, report_html.as_uri(), f"--screenshot={shot_path}")
+    shot = np.asarray(Image.open(shot_path).convert("RGB"))
+    assert shot.shape[:2] == (WINDOW[1], WINDOW[0])
+    assert shot.std() > 20 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 200, "blank screenshot"
+
+    def region(box: list[float], min_size: int = 50) -> np.ndarray:
+        left, top, width, height = (int(round(v)) for v in box)
+        assert width > min_size and height > min_size, box  # laid out, not collapsed
+        assert left >= 0 and top >= 0 and left + width <= WINDOW[0] and top + height <= WINDOW[1], box
+        return shot[top:top + height, left:left + width]
+
+    # The chart: the bars of the classes with most pixels are drawn in their VOC colours.
+    chart = region(found["chart"])
+    counts = np.sum([r["pixel_counts"] for r in rows.values() if r["status"] == "ok"], axis=0)
+    for cid in np.argsort(-counts)[:3]:
+        colour = np.array(class_colour(int(cid)), dtype=np.uint8)
+        assert (chart == colour).all(axis=-1).sum() > 100, f"no bar of class {cid} in the chart"
+    # The gallery: every image decoded, and the screenshot shows it where the page put it.
+    assert len(found["images"]) == 4
+    for image in found["images"]:
+        assert image["decoded"], image["box"]
+        shown = region(image["box"]).astype(np.float32)
+        data = base64.b64decode(image["src"].split(",", 1)[1])
+        thumb = Image.open(io.BytesIO(data)).convert("RGB").resize((shown.shape[1], shown.shape[0]), Image.BILINEAR)
+        assert np.abs(shown - np.asarray(thumb, dtype=np.float32)).mean() < 12
+    # The legend's swatches are the mask colours of the classes in the samples.
+    legend = region(found["legend"], min_size=10)
+    assert sum((legend == np.array(class_colour(int(c)), np.uint8)).all(axis=-1).sum() > 20
+               for c in np.flatnonzero(counts) if c != 0) >= 2
+
+
+# -- object storage ------------------------------------------------------------------------------------
+
+def test_overlays_report_and_eval_on_s3(s3_bucket, s3_server, ray_local, checkpoint, tmp_path, capsys):
+    from _s3 import clear_s3fs_cache
+
+    local = tmp_path / "in"
+    local.mkdir()
+    for i, size in enumerate([(64, 48), (48, 40), (40, 56)]):
+        Image.fromarray(photo_like(*size, 30 + i)).save(local / f"img{i}.jpg", quality=90)
+    s3_server.upload_dir(local, f"s3://{s3_bucket}/in")
+    out = f"s3://{s3_bucket}/out"
+    assert cli.main(["run", f"s3://{s3_bucket}/in", out, "--model", TEST_ARCH, "--weights", str(checkpoint),
+                     "--overlays", "--no-progress"]) == 0
+    clear_s3fs_cache()
+    client = s3_server.client()
+    keys = set(s3_server.keys(s3_bucket))
+    for i in range(3):
+        assert f"out/overlays/img{i}.jpg.jpg" in keys and f"out/masks/img{i}.jpg.png" in keys
+    # Ground truth in the bucket: each mask itself for img0 and img1 (IoU 1 wherever a class shows up).
+    for i in range(2):
+        body = client.get_object(Bucket=s3_bucket, Key=f"out/masks/img{i}.jpg.png")["Body"].read()
+        client.put_object(Bucket=s3_bucket, Key=f"gt/img{i}.png", Body=body)
+    assert cli.main(["eval", out, "--ground-truth", f"s3://{s3_bucket}/gt",
+                     "--json", f"s3://{s3_bucket}/eval.json"]) == 0
+    result = json.loads(client.get_object(Bucket=s3_bucket, Key="eval.json")["Body"].read())
+    assert (result["images"], result["missing_ground_truth"], result["errors"]) == (2, 1, 0)
+    assert result["pixel_accuracy"] == 1.0 and result["miou"] == 1.0
+    assert result["missing_ground_truth_examples"] == [f"s3://{s3_bucket}/in/img2.jpg"]
+
+    assert cli.main(["report", out, "--samples", "3"]) == 0
+    assert f"{out}/report.html" in capsys.readouterr().out
+    html = client.get_object(Bucket=s3_bucket, Key="out/report.html")["Body"].read().decode()
+    assert "<svg" in html and html.count('<img src="data:image/jpeg;base64,') == 3
+    assert "input unreadable" not in html  # the thumbnails are overlays of the S3 inputs, not bare masks
+    assert f"s3://{s3_bucket}/in/img0.jpg" in html
+    assert cli.main(["report", out, "--samples", "1", "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text().count("data:image/jpeg") == 1
