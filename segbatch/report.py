@@ -329,7 +329,8 @@ def class_chart_svg(data: ReportData) -> str:
             ax.bar_label(bars, fmt="%.1f%%", padding=2, fontsize=8)
             ax.set_title(title)
             ax.xaxis.set_major_formatter(PercentFormatter(decimals=0))
-            ax.set_xlim(0, max(values) * 1.2 or 1)
+            ax.set_xlim(0, max(values) * 1.2 or 1)  # room for the bar labels
+            ax.set_xticks([t for t in ax.get_xticks() if 0 <= t <= 100])  # no ticks past 100%
             ax.spines[["top", "right"]].set_visible(False)
         axes[0].set_yticks(range(len(shown)), names)
         axes[0].invert_yaxis()

@@ -131,6 +131,19 @@ def test_mask_names_invert_to_input_names():
 
 # -- evaluation ----------------------------------------------------------------------------------------
 
+def test_masks_are_found_below_the_output_given_even_after_a_move():
+    from segbatch.evaluate import mask_name
+
+    assert mask_name("/runs/out/masks/sub/a.jpg.png", "/in/sub/a.jpg", "/runs/out/masks/") == "masks/sub/a.jpg.png"
+    assert mask_name("s3://b/out/masks/x%231%25.png.png", "s3://b/in/x#1%.png", "b/out/masks/") == \
+        "masks/x%231%25.png.png"
+    # OUTPUT copied from /old/masks/run to /new: the rows still name the old place.
+    assert mask_name("/old/masks/run/masks/masks/m.jpg.png", "/in/masks/m.jpg", "/new/masks/") == \
+        "masks/masks/m.jpg.png"
+    with pytest.raises(ValueError, match="does not match"):
+        mask_name("/elsewhere/masks/b.jpg.png", "/in/a.jpg", "/new/masks/")
+
+
 def torchvision_reference_confusion(gt: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
     """torchvision references/segmentation/utils.py, ConfusionMatrix.update(a=target, b=prediction):
 
