@@ -435,6 +435,10 @@ def render(data: ReportData) -> str:
 def write_report(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
                  samples: int = DEFAULT_SAMPLES, out: str | None = None) -> str:
     """Write the report to ``OUTPUT/report.html`` (or to ``out``) and return where it went."""
+    if samples < 0:
+        from segbatch.config import ConfigError
+
+        raise ConfigError("samples", f"must be 0 or more, got {samples}")
     html = render(collect(output_url, storage_options, samples=samples)).encode()
     if out is not None:
         fs, path = _storage.open_url(out, storage_options)
