@@ -135,3 +135,14 @@ def test_rerun_skips_done_and_picks_up_new_images(labelled, tmp_path):
     assert table.num_rows == len(sizes) + 1  # no second ok row for anything
     new_rows = table.filter(pa.compute.equal(table["run_id"], third.run_id))
     assert new_rows["uri"].to_pylist() == [str(root / "in" / "new.jpg")]
+
+
+def test_actors_that_leave_no_cpu_for_decoding_are_refused(ray_local, tmp_path):
+    from segbatch import ConfigError
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(photo_like(20, 20, 0)).save(tmp_path / "in" / "x.png")
+    config = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=TEST_ARCH,
+                       weights="random", actors="2", cpus_per_actor=1.0, progress=False)
+    with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs"):
+        run(config)
