@@ -132,6 +132,26 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | B
     return out
 
 
+def read_urls(urls: list[str], storage_options: Mapping[str, Any] | None = None) -> list[bytes | BaseException]:
+    """``read_many`` for full URLs that may name different filesystems (a manifest's lines): one batched
+    read per filesystem. A URL fsspec cannot open gets its exception, like a failed read."""
+    out: list[bytes | BaseException | None] = [None] * len(urls)
+    groups: dict[int, tuple[fsspec.AbstractFileSystem, list[int], list[str]]] = {}
+    for i, url in enumerate(urls):
+        try:
+            fs, path = url_to_fs(url, **dict(storage_options or {}))
+        except Exception as exc:
+            out[i] = exc
+            continue
+        _, where, paths = groups.setdefault(id(fs), (fs, [], []))
+        where.append(i)
+        paths.append(path)
+    for fs, where, paths in groups.values():
+        for i, value in zip(where, read_many(fs, paths)):
+            out[i] = value
+    return out  # type: ignore[return-value]
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole file so that readers never see a partial one."""
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)

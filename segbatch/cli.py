@@ -61,6 +61,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> RunConfig:
     """Config file settings, overridden by the flags that were given."""
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config", "func")}
+    if flags.get("manifest") and "input" in flags and "output" not in flags:
+        flags["output"] = flags.pop("input")  # `run --manifest M OUTPUT`: the one positional is OUTPUT
     if "storage_options" in flags:
         flags["storage_options"] = dict(flags["storage_options"])
     values: dict[str, Any] = {}

@@ -114,7 +114,7 @@ class Limits:
 
 def _describe_read_error(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
-        return "object vanished before it could be read (not found)"
+        return "object not found (deleted after listing, or never there)"
     if isinstance(exc, PermissionError):
         return "access denied reading the object"
     return f"cannot read: {type(exc).__name__}: {exc}"
@@ -166,7 +166,6 @@ class DecodeImages:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from segbatch.sinks import UnsafePathError, mask_relpath
 
-        fs = self._filesystem()
         errors: list[str | None] = []
         for rel in batch["rel"].to_pylist():
             try:
@@ -174,8 +173,12 @@ class DecodeImages:
                 errors.append(None)
             except UnsafePathError as exc:
                 errors.append(str(exc))
-        paths = batch["path"].to_pylist()
-        contents = iter(_storage.read_many(fs, [p for p, e in zip(paths, errors) if e is None]))
+        if self._input_url:
+            paths = batch["path"].to_pylist()
+            contents = iter(_storage.read_many(self._filesystem(), [p for p, e in zip(paths, errors) if e is None]))
+        else:  # a manifest: each URL names its own filesystem
+            uris = batch["uri"].to_pylist()
+            contents = iter(_storage.read_urls([u for u, e in zip(uris, errors) if e is None], self._storage_options))
         pixels, in_h, in_w, widths, heights = [], [], [], [], []
         for i, err in enumerate(errors):
             image, w, h = None, None, None

@@ -30,6 +30,9 @@ LISTING_SCHEMA = pa.schema(
 )
 
 
+LISTING_BATCH_ROWS = 65_536  # rows held as Python objects before they move into an Arrow batch
+
+
 class InputNotFoundError(FileNotFoundError):
     """INPUT does not exist or holds no images; the run stops before doing anything."""
 
@@ -47,6 +50,7 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
     fs, root = _storage.open_url(url, storage_options)
     root_url = _storage.absolute_url(url)
     wanted = frozenset(e.lower() for e in extensions)
+    fs.invalidate_cache(root)  # a cached listing from earlier in this process would miss new files
     try:
         exists = _storage.retry(fs.exists, root, what=f"check {url}")
     except PermissionError as exc:
@@ -55,6 +59,7 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
         raise InputNotFoundError(f"INPUT {url} does not exist (check the path, bucket name and credentials)")
 
     columns: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
+    batches: list[pa.RecordBatch] = []
     # walk() hands back one directory page at a time, so the driver never holds the backend's whole
     # detailed listing, only the few columns kept below.
     for dirpath, _dirs, files in _storage.retry(lambda: fs.walk(root, detail=True), what=f"list {url}"):
@@ -70,7 +75,14 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
             columns["size"].append(size)
             columns["etag"].append(etag)
             columns["mtime"].append(mtime)
-    table = pa.table(columns, schema=LISTING_SCHEMA)
+        # Drop the filesystem's cached copy of this folder's listing (s3fs keeps every page's info dicts,
+        # ~1 KB a key), and move the rows into Arrow (~170 B a key) once a batch is full.
+        fs.invalidate_cache(dirpath)
+        if len(columns["uri"]) >= LISTING_BATCH_ROWS:
+            batches.append(pa.record_batch(columns, schema=LISTING_SCHEMA))
+            columns = {name: [] for name in LISTING_SCHEMA.names}
+    batches.append(pa.record_batch(columns, schema=LISTING_SCHEMA))
+    table = pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
     if table.num_rows == 0:
         log.warning("INPUT %s holds no files with extensions %s", url, ",".join(sorted(wanted)))
     return table.sort_by("uri")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from segbatch import _ray, _storage, listing, model, overlay, runs, summary
+from segbatch import _ray, _storage, listing, manifest, model, overlay, runs, summary
 from segbatch.config import RunConfig
 from segbatch.decode import DecodeImages, Limits, ResizeSpec
 from segbatch.sinks import MASKS_DIR, SUMMARY_DIR, WriteOutputs
@@ -73,14 +73,23 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_inputs(config: RunConfig) -> tuple[pa.Table, int]:
-    """The inputs this run must process, and how many were listed in all."""
+def plan_inputs(config: RunConfig) -> tuple[pa.Table | manifest.ManifestInputs, int]:
+    """The inputs this run must process, and how many were listed in all. A manifest is only checked
+    here; Ray reads it during the run, and counts it as it goes."""
+    if config.manifest:
+        listing.check_output(config.output, config.storage_options)
+        return manifest.ManifestInputs(config), 0
     listed = listing.list_inputs(config.input, config.storage_options, config.extensions)
     listing.check_output(config.output, config.storage_options)
     if config.redo_all:
         return listed, listed.num_rows
     done = summary.done_keys(config.output, config.storage_options)
     return listing.drop_done(listed, done, config.redo_changed), listed.num_rows
+
+
+def _row_count(todo: pa.Table | manifest.ManifestInputs) -> int:
+    """Rows to do; a manifest's count is known only once Ray has read it, so it counts as unbounded."""
+    return todo.num_rows if isinstance(todo, pa.Table) else sys.maxsize
 
 
 def _pool_size(config: RunConfig, gpus_per_actor: float) -> tuple[int, int]:
@@ -104,9 +113,12 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
     transforms = model.default_transforms(spec.arch)
     limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
 
-    rows_per_block = max(config.batch_size, math.ceil(todo.num_rows / MAX_INPUT_BLOCKS))
-    blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
-    ds = ray.data.from_arrow(blocks)
+    if isinstance(todo, manifest.ManifestInputs):
+        ds = todo.dataset()
+    else:
+        rows_per_block = max(config.batch_size, math.ceil(todo.num_rows / MAX_INPUT_BLOCKS))
+        blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
+        ds = ray.data.from_arrow(blocks)
 
     # A ray_remote_args_fn keeps Ray Data from fusing these CPU tasks into the inference actor, where
     # decoding and encoding would run serially with the model instead of beside it.
@@ -147,9 +159,10 @@ def run(config: RunConfig) -> RunReport:
                          storage_options=config.storage_options)
     run_id = config.run_id or new_run_id()
     todo, listed = plan_inputs(config)
+    pending = todo.num_rows if isinstance(todo, pa.Table) else None  # None: a manifest, counted as read
     report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output), listed=listed,
-                       skipped=listed - todo.num_rows)
-    if todo.num_rows == 0:
+                       skipped=listed - (pending or 0))
+    if pending == 0:
         log.info("nothing to do: every listed input already has an ok row")
         report.seconds = time.monotonic() - started
         runs.finish(config, report, completed=True)
@@ -166,6 +179,8 @@ def run(config: RunConfig) -> RunReport:
                 _check_error_budget(config, report)
         finally:
             report.seconds = time.monotonic() - started
+            if pending is None:
+                report.listed, report.skipped = todo.counts()
             # The record and the redo cleanup run even when the run stops early (sys.exc_info() is set then).
             runs.finish(config, report, completed=sys.exc_info()[0] is None)
     return report

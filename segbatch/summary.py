@@ -21,6 +21,9 @@ def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -
     """The summary as a pyarrow dataset, or None when OUTPUT has no summary yet."""
     fs, root = _storage.open_url(output_url, storage_options)
     path = _storage.join_path(root, SUMMARY_DIR)
+    # fsspec filesystems are cached per process, with their listings: a listing from before a run must
+    # not hide the files the run wrote (s3fs then even reports them missing).
+    fs.invalidate_cache(path)
     if not _storage.retry(fs.exists, path, what=f"check {path}"):
         return None
     files = [p for p in _storage.retry(fs.find, path, what=f"list {path}") if p.endswith(".parquet")

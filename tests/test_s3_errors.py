@@ -67,7 +67,7 @@ def test_vanished_and_denied_objects_become_error_rows(s3_bucket, s3_server, tmp
     base = f"s3://{s3_bucket}/in/"
     assert rows[base + "ok.png"]["status"] == "ok" and rows[base + "ok2.png"]["status"] == "ok"
     assert rows[base + "gone.png"]["status"] == "error"
-    assert "vanished" in rows[base + "gone.png"]["error"]
+    assert "not found" in rows[base + "gone.png"]["error"]
     assert rows[base + "denied.png"]["status"] == "error"
     assert "access denied" in rows[base + "denied.png"]["error"]
     written = summary.read(config.output, columns=["uri", "status", "error"]).to_pylist()

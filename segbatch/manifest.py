@@ -1,0 +1,190 @@
+"""Manifest input (``--manifest FILE_OR_URL``): image URLs from a file, read by Ray, never by the driver.
+
+Formats, picked by the manifest's name:
+- ``*.parquet`` / ``*.pq`` (or a folder of them): a ``uri`` column.
+- ``*.csv``: a header row, then a ``uri`` column (or else the first column).
+- anything else: text, one URL per line; blank lines and lines starting with ``#`` are skipped.
+
+A line is a full URL (``s3://bucket/key``), an absolute path, or a path relative to the manifest's own
+folder. Lines are taken as given: no extension filter, no existence check (a missing object becomes that
+image's error row).
+
+Masks are named after ``rel``, which for a manifest is the URL without its scheme and leading slashes:
+``s3://bucket/a/b.jpg`` -> ``masks/bucket/a/b.jpg.png``, ``/data/x.png`` -> ``masks/data/x.png.png``.
+A listing's rule (relative to INPUT) needs the common prefix of every line, which a distributed read
+cannot know. URLs with ``..`` or empty segments get an error row instead of a mask outside OUTPUT.
+
+Duplicate lines and inputs that already have an ok row in OUTPUT are dropped by one distributed
+group-by on ``uri`` over the manifest and the summary's ok rows together, so resuming a 10^7-line
+manifest costs the driver nothing either. Manifest rows carry no size/ETag/mtime, so ``--redo-changed``
+needs a listed INPUT.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec.core import split_protocol, url_to_fs
+
+from segbatch import _ray, _storage
+from segbatch.config import ConfigError, RunConfig
+from segbatch.listing import LISTING_SCHEMA, InputNotFoundError
+from segbatch.sinks import SUMMARY_DIR
+
+URI_COLUMN = "uri"
+COMMENT = "#"
+BYTES_PER_PARTITION = 64 * 1024 * 1024  # manifest bytes per shuffle partition; bounds one reducer's memory
+MIN_PARTITIONS_CAP = 16  # at least min(cluster CPUs, this) partitions, so the group-by runs in parallel
+MAX_PARTITIONS = 2048  # more partitions only add scheduling overhead
+_KEYS = pa.schema([(URI_COLUMN, pa.string()), ("done", pa.int8())])
+
+
+class ManifestInputs:
+    """The inputs of a manifest run: checked in the driver, read lazily by Ray inside the session."""
+
+    def __init__(self, config: RunConfig):
+        if config.redo_changed:
+            raise ConfigError("redo_changed", "needs a listed INPUT; manifest rows carry no size/ETag/mtime",
+                              "use --redo-all, or list INPUT instead")
+        self.url = config.manifest
+        self._options = dict(config.storage_options)
+        self._output = config.output
+        self._redo_all = config.redo_all
+        fs, path = _storage.open_url(self.url, self._options)
+        try:
+            exists = _storage.retry(fs.exists, path, what=f"check {self.url}")
+        except PermissionError as exc:
+            raise InputNotFoundError(f"manifest {self.url}: access denied ({exc})") from None
+        if not exists:
+            raise InputNotFoundError(f"manifest {self.url} does not exist (check the path, bucket and credentials)")
+        self._fs, self._path = fs, path
+        self._bytes = int(_storage.retry(fs.du, path, what=f"size of {self.url}") or 0)
+        self._is_dir = _storage.retry(fs.isdir, path, what=f"check {self.url}")
+        self._tally = None
+
+    def _format(self) -> str:
+        name = self._path.lower()
+        if self._is_dir or name.endswith((".parquet", ".pq")):
+            return "parquet"
+        if name.endswith((".csv", ".csv.gz")):
+            return "csv"
+        return "text"
+
+    def dataset(self):
+        """The Ray Dataset of listing rows (``LISTING_SCHEMA``) still to do. Needs a running Ray."""
+        import ray
+        from ray.data.aggregate import Max
+
+        pafs = _storage.to_pyarrow_fs(self._fs)
+        fmt = self._format()
+        if fmt == "parquet":
+            lines = ray.data.read_parquet(self._path, filesystem=pafs).select_columns([URI_COLUMN])
+        elif fmt == "csv":
+            lines = ray.data.read_csv(self._path, filesystem=pafs)
+        else:
+            lines = ray.data.read_text(self._path, filesystem=pafs)
+        base = posixpath.dirname(_storage.absolute_url(self.url)) if not self._is_dir else _storage.absolute_url(self.url)
+        keys = lines.map_batches(_manifest_keys, fn_kwargs={"base_url": base}, batch_format="pyarrow",
+                                 batch_size=None)
+        done = None if self._redo_all else self._done_keys()
+        if done is not None:
+            keys = keys.union(done)
+        partitions = max(min(int(_ray.cluster_cpus()), MIN_PARTITIONS_CAP), math.ceil(self._bytes / BYTES_PER_PARTITION))
+        unique = keys.groupby(URI_COLUMN, num_partitions=min(partitions, MAX_PARTITIONS)).aggregate(
+            Max("done", alias_name="done"))
+        self._tally = _tally_actor()
+        return unique.map_batches(_listing_rows, fn_kwargs={"tally": self._tally}, batch_format="pyarrow",
+                                  batch_size=None)
+
+    def _done_keys(self):
+        """uri of every ok row in OUTPUT's summary, as a Ray Dataset (or None before the first run)."""
+        import ray
+
+        fs, root = _storage.open_url(self._output, self._options)
+        path = _storage.join_path(root, SUMMARY_DIR)
+        fs.invalidate_cache(path)
+        if not _storage.retry(fs.exists, path, what=f"check {path}"):
+            return None
+        rows = ray.data.read_parquet(path, filesystem=_storage.to_pyarrow_fs(fs), file_extensions=["parquet"])
+        rows = rows.select_columns([URI_COLUMN, "status"])
+        return rows.map_batches(_ok_keys, batch_format="pyarrow", batch_size=None)
+
+    def counts(self) -> tuple[int, int]:
+        """(distinct inputs in the manifest, of which skipped as already labelled), once the run has read it."""
+        if self._tally is None:
+            return 0, 0
+        import ray
+
+        return tuple(ray.get(self._tally.get.remote()))
+
+
+def _manifest_keys(batch: pa.Table, base_url: str) -> pa.Table:
+    """Manifest lines -> absolute URLs (``done`` = 0)."""
+    name = URI_COLUMN if URI_COLUMN in batch.column_names else batch.column_names[0]
+    uris = []
+    for value in batch[name].to_pylist():
+        line = str(value).strip() if value is not None else ""
+        if not line or line.startswith(COMMENT):
+            continue
+        protocol, _ = split_protocol(line)
+        if protocol is None and not posixpath.isabs(line):
+            line = _storage.join_url(base_url, line)  # relative to the manifest's folder
+        uris.append(line)
+    return pa.table([pa.array(uris, pa.string()), pa.array([0] * len(uris), pa.int8())], schema=_KEYS)
+
+
+def _ok_keys(batch: pa.Table) -> pa.Table:
+    ok = batch.filter(pc.equal(batch["status"], "ok"))
+    return pa.table([ok[URI_COLUMN].cast(pa.string()), pa.array([1] * ok.num_rows, pa.int8())], schema=_KEYS)
+
+
+def manifest_rel(uri: str) -> str:
+    """A manifest URL's name below OUTPUT/masks: the URL without its scheme and leading slashes."""
+    return split_protocol(uri)[1].lstrip("/")
+
+
+def _listing_rows(batch: pa.Table, tally: Any) -> pa.Table:
+    """Distinct URLs with their done flag -> the listing rows still to do; counts go to ``tally``."""
+    import ray
+
+    done = pc.fill_null(pc.equal(batch["done"], 1), False)
+    todo = batch.filter(pc.invert(done))
+    ray.get(tally.add.remote(batch.num_rows, batch.num_rows - todo.num_rows))
+    uris = todo[URI_COLUMN].to_pylist()
+    paths = []
+    for uri in uris:
+        try:
+            paths.append(url_to_fs(uri)[1])
+        except Exception:  # an unknown scheme: the read fails too and the row says why
+            paths.append(uri)
+    n = len(uris)
+    return pa.table(
+        [pa.array(uris, pa.string()), pa.array(paths, pa.string()),
+         pa.array([manifest_rel(u) for u in uris], pa.string()),
+         pa.nulls(n, pa.int64()), pa.nulls(n, pa.string()), pa.nulls(n, pa.float64())],
+        schema=LISTING_SCHEMA,
+    )
+
+
+def _tally_actor():
+    """A tiny counter the distributed steps report to, so the run report can say what was skipped."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Tally:
+        def __init__(self) -> None:
+            self.listed = 0
+            self.skipped = 0
+
+        def add(self, listed: int, skipped: int) -> None:
+            self.listed += listed
+            self.skipped += skipped
+
+        def get(self) -> tuple[int, int]:
+            return self.listed, self.skipped
+
+    return Tally.remote()

@@ -1,0 +1,115 @@
+"""--manifest: URL lists (text, CSV, Parquet) read by Ray, deduplicated, resumed; against a real S3."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from _helpers import TEST_ARCH, photo_like
+from segbatch import RunConfig, cli, summary
+from segbatch.config import ConfigError
+from segbatch.listing import LISTING_SCHEMA
+from segbatch.manifest import ManifestInputs
+
+
+def _png(seed: int, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(*size, seed)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def images(s3_bucket, s3_server, tmp_path):
+    client = s3_server.client()
+    for i, key in enumerate(["imgs/a.png", "imgs/sub/b.png", "imgs/c.png"]):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=_png(i))
+    local = tmp_path / "local.png"
+    local.write_bytes(_png(9))
+    return s3_bucket, local
+
+
+def _put(s3_server, bucket: str, key: str, body: bytes) -> str:
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=body)
+    return f"s3://{bucket}/{key}"
+
+
+def test_text_manifest_runs_dedups_and_resumes(images, s3_server, tmp_path, ray_local, capsys):
+    bucket, local = images
+    lines = [
+        "# images to label",
+        f"s3://{bucket}/imgs/a.png",
+        "",
+        "sub/b.png",  # relative to the manifest's folder
+        f"s3://{bucket}/imgs/a.png",  # a duplicate: labelled once
+        f"s3://{bucket}/imgs/missing.png",  # never there: an error row
+        f"s3://{bucket}/imgs/../imgs/c.png",  # '..' would put the mask outside OUTPUT: an error row
+        str(local),  # a local file in the same manifest
+    ]
+    manifest = _put(s3_server, bucket, "imgs/list.txt", "\n".join(lines).encode())
+    out = f"s3://{bucket}/labels"
+    args = ["run", "--manifest", manifest, out, "--model", TEST_ARCH, "--weights", "random", "--no-progress"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "3 ok, 2 error, 0 skipped (already labelled) of 5 listed" in printed
+
+    rows = {r["uri"]: r for r in summary.read(out).to_pylist()}
+    a, b = f"s3://{bucket}/imgs/a.png", f"s3://{bucket}/imgs/sub/b.png"
+    assert sorted(rows) == sorted([a, b, f"s3://{bucket}/imgs/missing.png", f"s3://{bucket}/imgs/../imgs/c.png",
+                                   str(local)])
+    assert rows[a]["status"] == "ok" and rows[a]["mask_uri"] == f"{out}/masks/{bucket}/imgs/a.png.png"
+    assert rows[b]["status"] == "ok" and rows[b]["mask_uri"] == f"{out}/masks/{bucket}/imgs/sub/b.png.png"
+    assert "not found" in rows[f"s3://{bucket}/imgs/missing.png"]["error"]
+    assert "'..'" in rows[f"s3://{bucket}/imgs/../imgs/c.png"]["error"]
+    # A local file in an S3 run: its mask is named after its absolute path, below OUTPUT.
+    assert rows[str(local)]["mask_uri"] == f"{out}/masks/{str(local).lstrip('/')}.png"
+    masks = s3_server.keys(bucket, "labels/masks/")
+    assert f"labels/masks/{bucket}/imgs/a.png.png" in masks
+
+    # Resume: ok inputs are skipped by the distributed group-by; error rows are retried.
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "0 ok, 2 error, 3 skipped (already labelled) of 5 listed" in printed
+    again = summary.read(out).to_pylist()
+    assert sum(r["status"] == "ok" for r in again) == 3  # never a second ok row
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "parquet-dir"])
+def test_csv_and_parquet_manifests(images, s3_server, fmt, ray_local):
+    bucket, _ = images
+    uris = [f"s3://{bucket}/imgs/a.png", f"s3://{bucket}/imgs/c.png", f"s3://{bucket}/imgs/a.png"]
+    table = pa.table({"label": ["x", "y", "z"], "uri": uris})
+    if fmt == "csv":  # no `uri` column here: the first column holds the URLs
+        buf = io.BytesIO()
+        pacsv.write_csv(pa.table({"image": uris, "label": ["x", "y", "z"]}), buf)
+        url = _put(s3_server, bucket, "lists/m.csv", buf.getvalue())
+    else:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        key = "lists/m.parquet" if fmt == "parquet" else "lists/dir/part-0.parquet"
+        url = _put(s3_server, bucket, key, buf.getvalue())
+        if fmt == "parquet-dir":
+            url = f"s3://{bucket}/lists/dir"
+    config = RunConfig(manifest=url, output=f"s3://{bucket}/out", model=TEST_ARCH, weights="random")
+    inputs = ManifestInputs(config)
+    got = pa.concat_tables(inputs.dataset().iter_batches(batch_size=None, batch_format="pyarrow"))
+    assert got.schema == LISTING_SCHEMA
+    got = got.sort_by("uri").to_pylist()
+    assert [r["uri"] for r in got] == sorted(set(uris))
+    assert [r["rel"] for r in got] == [f"{bucket}/imgs/a.png", f"{bucket}/imgs/c.png"]
+    assert [r["path"] for r in got] == [f"{bucket}/imgs/a.png", f"{bucket}/imgs/c.png"]
+    assert inputs.counts() == (2, 0)
+
+
+def test_missing_manifest_and_redo_changed_are_refused(s3_bucket, tmp_path, capsys):
+    args = ["run", "--manifest", f"s3://{s3_bucket}/nope.txt", str(tmp_path / "out"), "--model", TEST_ARCH,
+            "--weights", "random"]
+    assert cli.main(args) == cli.EXIT_INPUT
+    assert f"manifest s3://{s3_bucket}/nope.txt does not exist" in capsys.readouterr().err
+    (tmp_path / "m.txt").write_text("/x.png\n")
+    with pytest.raises(ConfigError, match="redo_changed"):
+        ManifestInputs(RunConfig(manifest=str(tmp_path / "m.txt"), output=str(tmp_path / "o"), redo_changed=True))
