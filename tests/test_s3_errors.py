@@ -73,3 +73,31 @@ def test_vanished_and_denied_objects_become_error_rows(s3_bucket, s3_server, tmp
     written = summary.read(config.output, columns=["uri", "status", "error"]).to_pylist()
     assert sorted((r["uri"], r["status"]) for r in written) == sorted((u, r["status"]) for u, r in rows.items())
     client.delete_bucket_policy(Bucket=s3_bucket)
+
+
+def test_storage_options_from_config_file_and_flags(s3_bucket, s3_server, tmp_path, monkeypatch):
+    """A `storage_options:` block in the config file reaches the filesystem; --storage-option wins over it."""
+    from _s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, clear_s3fs_cache
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint now comes only from the options
+    clear_s3fs_cache()
+    s3_server.client().put_object(Bucket=s3_bucket, Key="in/a.png", Body=b"\x89PNG")
+    conf = tmp_path / "run.yaml"
+    conf.write_text(f"""
+input: s3://{s3_bucket}/in/
+output: {tmp_path / 'out'}
+storage_options:
+  endpoint_url: http://127.0.0.1:1          # nothing listens here; the flag below replaces it
+  config_kwargs: {{max_pool_connections: 4}}
+""")
+    args = cli.make_parser().parse_args(["run", "--config", str(conf), "--storage-option",
+                                         f"endpoint_url={s3_server.url}", "--storage-option",
+                                         f"key={FAKE_ACCESS_KEY_ID}", "--storage-option",
+                                         f"secret={FAKE_SECRET_ACCESS_KEY}"])
+    config = cli.build_config(args)
+    assert config.storage_options == {"endpoint_url": s3_server.url, "config_kwargs": {"max_pool_connections": 4},
+                                      "key": FAKE_ACCESS_KEY_ID, "secret": FAKE_SECRET_ACCESS_KEY}
+    assert FAKE_SECRET_ACCESS_KEY not in repr(config)
+    table = list_inputs(config.input, config.storage_options, config.extensions)
+    assert table["uri"].to_pylist() == [f"s3://{s3_bucket}/in/a.png"]
+    clear_s3fs_cache()
