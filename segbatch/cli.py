@@ -158,6 +158,11 @@ def make_parser() -> argparse.ArgumentParser:
     status_p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
                           metavar="KEY=VALUE", help="fsspec storage option, repeatable")
     status_p.set_defaults(func=_cmd_status)
+    from segbatch import bench
+
+    bench_p = sub.add_parser("bench", help="throughput side by side: bare model, one-image loop, segbatch")
+    bench.add_arguments(bench_p)
+    bench_p.set_defaults(func=bench.run)
     return parser
 
 

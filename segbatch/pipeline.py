@@ -17,14 +17,15 @@ from typing import Any
 import pyarrow as pa
 
 from segbatch import _ray, _storage, listing, manifest, model, overlay, runs, summary
-from segbatch.config import RunConfig
+from segbatch.config import ConfigError, RunConfig
 from segbatch.decode import DecodeImages, Limits, ResizeSpec
 from segbatch.sinks import MASKS_DIR, SUMMARY_DIR, WriteOutputs
 
 log = logging.getLogger(__name__)
 
 MAX_INPUT_BLOCKS = 10_000  # blocks the listing is cut into; more only adds scheduling overhead
-SUMMARY_ROWS_PER_FILE = 64  # rows per summary Parquet file; also how many masks one write task holds
+SUMMARY_ROWS_PER_FILE = 64  # most rows per summary Parquet file; also how many masks one write task holds
+MIN_SUMMARY_FILES = 16  # small runs still write in this many steps, not all at the end
 MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run, so one early error can't
 
 
@@ -110,6 +111,7 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
         gpus_per_actor = 1.0 if _ray.cluster_gpus() > 0 else 0.0
     min_actors, max_actors = _pool_size(config, gpus_per_actor)
     cpus_per_actor = config.cpus_per_actor if config.cpus_per_actor is not None else 1.0
+    _check_cpus_left_for_tasks(config, max_actors, cpus_per_actor)
     transforms = model.default_transforms(spec.arch)
     limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
 
@@ -144,11 +146,25 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
         WriteOutputs(config.output, config.storage_options, run_id=run_id, model=spec.arch,
                      weights=spec.identity, classes=spec.classes, compress_level=config.png_compress_level,
                      extra_writers=overlay.writers(config, spec.classes, limits)),
-        batch_size=SUMMARY_ROWS_PER_FILE,
+        batch_size=min(SUMMARY_ROWS_PER_FILE,
+                       max(config.batch_size, math.ceil(_row_count(todo) / MIN_SUMMARY_FILES))),
         batch_format="pyarrow",
         ray_remote_args_fn=cpu_task_args,
     )
     return ds
+
+
+def _check_cpus_left_for_tasks(config: RunConfig, actors: int, cpus_per_actor: float) -> None:
+    """Refuse a pool that would leave no CPU for decode and write tasks: the run would wait forever."""
+    total = _ray.cluster_cpus()
+    spare = total - actors * cpus_per_actor
+    if spare < config.decode_cpus:
+        raise ConfigError(
+            "cpus_per_actor",
+            f"{actors} inference actor(s) x {cpus_per_actor:g} CPU leave {spare:g} of the cluster's {total:g} CPUs "
+            f"for decode and write tasks, which need {config.decode_cpus:g} each",
+            "lower --cpus-per-actor or --actors, lower --decode-cpus, or add CPUs",
+        )
 
 
 def run(config: RunConfig) -> RunReport:

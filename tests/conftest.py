@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Every Ray started by the tests (this process's, and `ray start` in subprocesses) agrees on auth.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray then uses 127.0.0.1 as its node address (it otherwise maps loopback to the host's address), so the
+# tests' Ray talks over loopback only. Set before anything imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from _helpers import TEST_ARCH, make_checkpoint  # noqa: E402
 from _s3 import S3Endpoint, clear_s3fs_cache, configure_environment, free_port  # noqa: E402

@@ -1,0 +1,291 @@
+"""`segbatch bench`: segbatch side by side with the bare model and the one-image loop, in one run.
+
+(a) bare model: forward passes only, on preprocessed tensors, at batch 1 and each batch size asked for;
+(b) the one-image loop a user would write: decode, the weights' transforms, forward, bilinear upsampling
+    to full size, argmax, PNG save, class counts;
+(c) segbatch end to end through its CLI (embedded Ray start-up included), with the peak RSS of the
+    driver and of the inference actors sampled while it runs.
+All three use the same images, model, weights and device. ``--plan N --hours H`` turns the measured
+per-stage rates into a cluster size (the capacity model in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+SAMPLE_INTERVAL = 0.2  # seconds between RSS samples of the end-to-end run's processes
+BARE_IMAGES = 32  # forward passes timed per batch size: enough for a stable rate, short on a CPU
+S3_PUTS_PER_PREFIX = 3500  # per second; AWS's documented per-prefix PUT rate, a shared ceiling
+
+
+@dataclass
+class Row:
+    stage: str
+    images: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def _device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _device_label(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)"
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_model(model, example, batch_sizes: list[int], device, precision: str) -> list[Row]:
+    """Forward passes only, on one preprocessed image repeated (the cost does not depend on content)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    rows = []
+    for bs in batch_sizes:
+        x = example.expand(bs, -1, -1, -1).contiguous().to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model(x)  # warm-up: allocator, cudnn autotuning
+            _sync(device)
+            steps = max(1, math.ceil(BARE_IMAGES / bs))
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(x)
+            _sync(device)
+        rows.append(Row(f"(a) bare model, batch {bs}", steps * bs, time.perf_counter() - start))
+    return rows
+
+
+def one_image_loop(paths: list[str], model, transforms, device, num_classes: int) -> Row:
+    """The straightforward loop, made complete: every step segbatch does, one image at a time."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image, ImageOps
+
+    with tempfile.TemporaryDirectory() as out, torch.inference_mode():
+        start = time.perf_counter()
+        for i, path in enumerate(paths):
+            image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+            x = transforms(image)[None].to(device)
+            logits = model(x)["out"]
+            up = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
+            mask = up.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            Image.fromarray(mask).save(os.path.join(out, f"{i}.png"))
+            np.bincount(mask.ravel(), minlength=num_classes)
+        return Row("(b) one-image loop", len(paths), time.perf_counter() - start)
+
+
+def _sample_rss(root_pid: int, peaks: dict[str, int], stop: threading.Event) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+    except psutil.Error:
+        return
+    while not stop.is_set():
+        try:
+            peaks["driver"] = max(peaks.get("driver", 0), root.memory_info().rss)
+            for child in root.children(recursive=True):
+                try:
+                    if "Segmenter" in " ".join(child.cmdline()):
+                        peaks["actors"] = max(peaks.get("actors", 0), child.memory_info().rss)
+                except psutil.Error:
+                    continue
+        except psutil.Error:
+            return
+        time.sleep(SAMPLE_INTERVAL)
+
+
+def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
+    """`segbatch run` in a fresh process, as a user runs it: start-up, Ray, model load, writes."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "segbatch", "run", input_url, out, "--no-progress", *run_args]
+        peaks: dict[str, int] = {}
+        stop = threading.Event()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sampler = threading.Thread(target=_sample_rss, args=(proc.pid, peaks, stop), daemon=True)
+        sampler.start()
+        output, _ = proc.communicate()
+        seconds = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+        if proc.returncode != 0:
+            raise RuntimeError(f"segbatch run failed ({proc.returncode}):\n{output[-3000:]}")
+        ok = sum(1 for line in output.splitlines() if " ok, " in line and line.startswith("segbatch run"))
+        return Row("(c) segbatch end to end", n_images, seconds,
+                   {"driver_peak_rss_mib": peaks.get("driver", 0) / 2**20,
+                    "actor_peak_rss_mib": peaks.get("actors", 0) / 2**20, "report_lines": ok})
+
+
+def stage_rates(paths: list[str], transforms, predictor_masks, num_classes: int) -> dict[str, float]:
+    """Per-stage rates on one core, for the capacity model: decode+resize, postprocess+PNG encode."""
+    from PIL import Image
+
+    from segbatch.decode import Limits, ResizeSpec, decode_image
+    from segbatch.sinks import encode_png
+
+    limits = Limits(10**9, 10**10, 10**9)
+    resize = ResizeSpec.from_transforms(transforms)
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb") as f:
+            resize.apply(decode_image(f.read(), limits))
+    decode = len(paths) / (time.perf_counter() - start)
+    with Image.open(paths[0]) as im:
+        mask = np.zeros((im.height, im.width), np.uint8)
+    start = time.perf_counter()
+    for _ in paths:
+        encode_png(mask, 1)
+    encode = len(paths) / (time.perf_counter() - start)
+    return {"decode_per_core": decode, "encode_per_core": encode}
+
+
+def plan(n_images: float, hours: float, *, infer_rate: float, decode_rate: float, encode_rate: float,
+         gpus_per_node: int, cpus_per_node: int, cpus_per_actor: float = 1.0) -> str:
+    """How many nodes label ``n_images`` in ``hours``, and which stage limits each cluster size."""
+    need = n_images / (hours * 3600)
+    cpu_rate_per_image = 1 / decode_rate + 1 / encode_rate  # core-seconds per image outside the model
+    task_cpus = cpus_per_node - gpus_per_node * cpus_per_actor
+    per_node = {"inference": gpus_per_node * infer_rate,
+                "decode+encode CPUs": task_cpus / cpu_rate_per_image if task_cpus > 0 else 0.0}
+    node_rate = min(per_node.values())
+    nodes = math.ceil(need / node_rate) if node_rate else math.inf
+    lines = [
+        f"capacity plan: {n_images:,.0f} images in {hours:g} h = {need:,.1f} images/s",
+        f"  per node ({gpus_per_node} GPU, {cpus_per_node} CPUs): inference {per_node['inference']:,.1f}/s, "
+        f"decode+encode {per_node['decode+encode CPUs']:,.1f}/s -> {node_rate:,.1f} images/s, "
+        f"limited by {min(per_node, key=per_node.get)}",
+        f"  nodes needed: {nodes}  (GPUs: {nodes * gpus_per_node})",
+        f"  CPUs per GPU that decoding needs at full GPU speed: {infer_rate * cpu_rate_per_image:.1f}",
+    ]
+    # Masks and summary files are PUTs; past one prefix's rate the store itself becomes the limit.
+    puts = need * (1 + 1 / 64)
+    lines.append(f"  object-store writes: {puts:,.0f} PUT/s of the ~{S3_PUTS_PER_PREFIX:,}/s one S3 prefix takes"
+                 + ("  <- the bottleneck: spread OUTPUT over prefixes" if puts > S3_PUTS_PER_PREFIX else ""))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="folder of images (make bench-data builds 128 JPEGs of 640x480)")
+    parser.add_argument("--model", default="deeplabv3_mobilenet_v3_large")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument("--batch-size", default="4", help="comma-separated batch sizes for (a); the first is used for (c)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", help="torch device for (a) and (b) (default: cuda if available)")
+    parser.add_argument("--limit", type=int, help="use only the first N images")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: a,b,c")
+    parser.add_argument("--run-arg", action="append", default=[], help="extra argument for (c)'s segbatch run")
+    parser.add_argument("--json", help="write the numbers here too")
+    parser.add_argument("--plan", type=float, metavar="N_IMAGES", help="print a capacity plan for N images")
+    parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument("--gpu-rate", type=float, help="images/s per GPU for --plan (default: measured (a))")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--cpus-per-node", type=int, default=96)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    from segbatch import listing, model
+
+    skip = set(filter(None, args.skip.split(",")))
+    paths = listing.list_inputs(args.input, {}, ("jpg", "jpeg", "png"))["path"].to_pylist()[: args.limit]
+    if not paths:
+        raise SystemExit(f"segbatch bench: no images in {args.input}")
+    batch_sizes = sorted({1, *(int(b) for b in args.batch_size.split(","))})
+    device = _device(args.device)
+    spec = model.resolve(args.model, args.weights)
+    transforms = model.default_transforms(args.model)
+    net = model.build(spec).to(device)
+    from PIL import Image, ImageOps
+
+    first = ImageOps.exif_transpose(Image.open(paths[0])).convert("RGB")
+    example = transforms(first)[None]
+    rows: list[Row] = []
+    if "a" not in skip:
+        rows += bare_model(net, example, batch_sizes, device, args.precision)
+    if "b" not in skip:
+        rows.append(one_image_loop(paths, net, transforms, device, spec.num_classes))
+    if "c" not in skip:
+        run_args = ["--model", args.model, "--weights", args.weights, "--batch-size", args.batch_size.split(",")[0],
+                    "--precision", args.precision, "--redo-all", *args.run_arg]
+        rows.append(end_to_end(args.input, len(paths), run_args))
+    rates = stage_rates(paths[:16], transforms, None, spec.num_classes)
+
+    with Image.open(paths[0]) as im:
+        size = f"{im.width}x{im.height}"
+    print(f"\nsegbatch bench: {args.model}, weights {spec.identity}, {len(paths)} images ({size} first), "
+          f"{args.precision}, device {_device_label(device)}")
+    print(f"{'stage':<44}{'images':>8}{'seconds':>10}{'img/s':>10}")
+    for row in rows:
+        print(f"{row.stage:<44}{row.images:>8}{row.seconds:>10.2f}{row.rate:>10.2f}")
+    by = {r.stage: r for r in rows}
+    e2e = by.get("(c) segbatch end to end")
+    bare1 = by.get("(a) bare model, batch 1")
+    loop = by.get("(b) one-image loop")
+    if e2e:
+        if bare1:
+            print(f"(c)/(a, batch 1) = {e2e.rate / bare1.rate:.2f}")
+        for b in batch_sizes[1:]:
+            if f"(a) bare model, batch {b}" in by:
+                print(f"(c)/(a, batch {b}) = {e2e.rate / by[f'(a) bare model, batch {b}'].rate:.2f}")
+        if loop:
+            print(f"(c)/(b) = {e2e.rate / loop.rate:.2f}")
+        print(f"peak RSS: driver {e2e.extra['driver_peak_rss_mib']:.0f} MiB, "
+              f"inference actor {e2e.extra['actor_peak_rss_mib']:.0f} MiB")
+    print(f"one core: decode+resize {rates['decode_per_core']:.1f} img/s, PNG encode {rates['encode_per_core']:.1f} img/s")
+    result = {"model": args.model, "weights": spec.identity, "precision": args.precision,
+              "device": _device_label(device), "images": len(paths), "date": time.strftime("%Y-%m-%d"),
+              "rows": [{**asdict(r), "img_per_s": r.rate} for r in rows], "stage_rates": rates}
+    if args.plan:
+        infer = args.gpu_rate or max(r.rate for r in rows if r.stage.startswith("(a)"))
+        text = plan(args.plan, args.hours, infer_rate=infer, decode_rate=rates["decode_per_core"],
+                    encode_rate=rates["encode_per_core"], gpus_per_node=args.gpus_per_node,
+                    cpus_per_node=args.cpus_per_node)
+        print(text)
+        result["plan"] = text
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segbatch bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

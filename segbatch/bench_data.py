@@ -1,0 +1,54 @@
+"""Build the standard benchmark input: N photo-like 640x480 JPEGs (deterministic, license-free).
+
+    python -m segbatch.bench_data bench-data/jpeg640 --count 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+WIDTH, HEIGHT = 640, 480  # the issue's standard benchmark size
+JPEG_QUALITY = 90  # typical camera/export quality; file sizes land near real photos (~60-120 KB)
+
+
+def photo(seed: int, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
+    """Smooth regions, hard edges and texture: decodes and compresses like a photo, not like noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32)
+    img += np.linspace(rng.uniform(40, 200), rng.uniform(40, 200), height, dtype=np.float32)[:, None, None]
+    for _ in range(12):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        rx, ry = rng.uniform(20, 200, 2)
+        inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+        img[inside] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2))
+
+
+def build(folder: str, count: int) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = os.path.join(folder, f"photo{i:05d}.jpg")
+        if not os.path.exists(path):
+            photo(i).save(path, quality=JPEG_QUALITY)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder")
+    parser.add_argument("--count", type=int, default=128)
+    args = parser.parse_args(argv)
+    paths = build(args.folder, args.count)
+    print(f"{len(paths)} JPEGs of {WIDTH}x{HEIGHT} in {args.folder}")
+
+
+if __name__ == "__main__":
+    main()
