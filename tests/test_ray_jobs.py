@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's `ray` and `segbatch`, as a cluster image would have them
 HEAD_START_TIMEOUT = 150  # seconds for the head and its dashboard to come up on a busy 2-core machine
 JOB_TIMEOUT = 240  # seconds per job: start a driver, load the model, label a few small images
-HEAD_STOP_GRACE = 20  # seconds between SIGTERM and SIGKILL of the head's process group
+HEAD_STOP_GRACE = 10  # seconds between SIGTERM and SIGKILL of the head's process group (all its processes are ours)
 
 
 def free_port() -> int:
