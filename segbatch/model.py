@@ -248,6 +248,21 @@ class Predictor:
         self.model = model
         self._mean = torch.tensor(transforms.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(transforms.std, device=self.device).view(1, 3, 1, 1)
+        # Host-to-device copies run on their own stream so the next batch uploads while this one computes.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def stage(self, images: np.ndarray) -> "Staged":
+        """Start moving uint8 NHWC images to the device: pinned memory and a non-blocking copy on the
+        copy stream, so it overlaps whatever the compute stream is doing. A no-op on the CPU."""
+        tensor = torch.from_numpy(images)
+        if self._copy_stream is None:
+            return Staged(tensor, None)
+        tensor = tensor.pin_memory()
+        with torch.cuda.stream(self._copy_stream):
+            on_device = tensor.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return Staged(on_device, ready)
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> the weights' normalised float NCHW (convert_image_dtype, then normalize)."""
@@ -273,15 +288,29 @@ class Predictor:
             return self.model.classifier(features).float(), (x.shape[-2], x.shape[-1])
 
     @torch.inference_mode()
-    def masks(self, images: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(uint8 mask (H, W), int64 counts) per image; ``sizes`` are the displayed (H, W)."""
+    def masks(self, images: "torch.Tensor | Staged", sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 mask (H, W), int64 counts) per image; ``sizes`` are the displayed (H, W).
+
+        Upsampling, argmax and counts run on the model's device: only uint8 masks cross back."""
+        if isinstance(images, Staged):
+            if images.ready is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(images.ready)
+                images.tensor.record_stream(current)  # the allocator must not reuse it before compute ends
+            images = images.tensor
         logits, model_size = self.logits(images)
-        out = []
-        for i, size in enumerate(sizes):
-            lab = postprocess.labels(logits[i], size, self.upsample, model_size)
-            counts = postprocess.pixel_counts(lab, self.spec.num_classes)
-            out.append((lab.to(torch.uint8).cpu().numpy(), counts.cpu().numpy()))
-        return out
+        labels = [postprocess.labels(logits[i], size, self.upsample, model_size).to(torch.uint8)
+                  for i, size in enumerate(sizes)]
+        counts = [postprocess.pixel_counts(lab, self.spec.num_classes) for lab in labels]
+        return [(lab.cpu().numpy(), cnt.cpu().numpy()) for lab, cnt in zip(labels, counts)]
+
+
+@dataclass
+class Staged:
+    """Images on their way to the device, and the event that marks their arrival (None on the CPU)."""
+
+    tensor: torch.Tensor
+    ready: Any
 
 
 class Segmenter:
@@ -298,28 +327,35 @@ class Segmenter:
         log.info("segbatch actor ready: %s on %s, node %s, %d torch threads", spec.arch, self.device_name,
                  self.node_id[:12], torch.get_num_threads())
 
-    def _run_group(self, rows: list[int], batch: pa.Table, results: dict[int, Any]) -> None:
-        """Infer rows of one shape together; if that fails, try each alone so one bad image costs one row."""
+    @staticmethod
+    def _host_images(rows: list[int], batch: pa.Table) -> np.ndarray:
+        shape = (batch["in_h"][rows[0]].as_py(), batch["in_w"][rows[0]].as_py(), 3)
         pixels = batch["pixels"]
-        heights, widths = batch["in_h"], batch["in_w"]
-        shape = (heights[rows[0]].as_py(), widths[rows[0]].as_py(), 3)
+        return np.stack([np.frombuffer(pixels[r].as_py(), dtype=np.uint8).reshape(shape) for r in rows])
+
+    def _infer(self, rows: list[int], batch: pa.Table, results: dict[int, Any], staged: Staged | None) -> None:
+        """Infer rows of one shape together; if that fails, try each alone so one bad image costs one row."""
         try:
-            stack = np.stack([np.frombuffer(pixels[r].as_py(), dtype=np.uint8).reshape(shape) for r in rows])
-            tensor = torch.from_numpy(stack)
-            if self.predictor.device.type == "cuda":
-                tensor = tensor.pin_memory()
+            if staged is None:
+                staged = self.predictor.stage(self._host_images(rows, batch))
             sizes = [(batch["height"][r].as_py(), batch["width"][r].as_py()) for r in rows]
-            for r, res in zip(rows, self.predictor.masks(tensor, sizes)):
+            for r, res in zip(rows, self.predictor.masks(staged, sizes)):
                 results[r] = res
         except Exception as exc:
             if self.predictor.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(rows) > 1:
                 for r in rows:
-                    self._run_group([r], batch, results)
+                    self._infer([r], batch, results, None)
             else:
                 log.warning("inference failed for %s: %s", batch["uri"][rows[0]].as_py(), exc)
                 results[rows[0]] = f"inference failed: {type(exc).__name__}: {exc}"
+
+    def _stage(self, rows: list[int], batch: pa.Table) -> Staged | None:
+        try:
+            return self.predictor.stage(self._host_images(rows, batch))
+        except Exception:
+            return None  # _infer retries it and turns a persistent failure into error rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch["error"].to_pylist()
@@ -329,8 +365,14 @@ class Segmenter:
                 key = (batch["in_h"][r].as_py(), batch["in_w"][r].as_py())
                 groups.setdefault(key, []).append(r)
         results: dict[int, Any] = {}
-        for rows in groups.values():  # never pad: only equal shapes share a forward pass
-            self._run_group(rows, batch, results)
+        # Never pad: only equal shapes share a forward pass. Group i+1 is staged (its copy to the GPU
+        # started) before group i computes.
+        ordered = list(groups.values())
+        staged = self._stage(ordered[0], batch) if ordered else None
+        for i, rows in enumerate(ordered):
+            following = self._stage(ordered[i + 1], batch) if i + 1 < len(ordered) else None
+            self._infer(rows, batch, results, staged)
+            staged = following
         masks, counts = [], []
         for r in range(batch.num_rows):
             res = results.get(r)
