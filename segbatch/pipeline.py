@@ -5,7 +5,6 @@ This is the one place where the stages are put together; read :func:`build_datas
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import sys
@@ -26,6 +25,7 @@ log = logging.getLogger(__name__)
 MAX_INPUT_BLOCKS = 10_000  # blocks the listing is cut into; more only adds scheduling overhead
 SUMMARY_ROWS_PER_FILE = 64  # most rows per summary Parquet file; also how many masks one write task holds
 MIN_SUMMARY_FILES = 16  # small runs still write in this many steps, not all at the end
+DECODE_TASK_MEMORY = 256 * 1024**2  # bytes a decode task may hold: a block of resized images and its files
 MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run, so one early error can't
 
 
@@ -122,14 +122,14 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
         blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
         ds = ray.data.from_arrow(blocks)
 
-    # A ray_remote_args_fn keeps Ray Data from fusing these CPU tasks into the inference actor, where
-    # decoding and encoding would run serially with the model instead of beside it.
-    cpu_task_args = functools.partial(dict, num_cpus=config.decode_cpus)
     ds = ds.map_batches(
         DecodeImages(config.input, config.storage_options, ResizeSpec.from_transforms(transforms), limits),
         batch_size=None,  # one listing block per task
         batch_format="pyarrow",
-        ray_remote_args_fn=cpu_task_args,
+        num_cpus=config.decode_cpus,
+        # The reservation also keeps Ray Data from fusing decoding into the inference actor (it fuses
+        # only ops with equal resource requests), where it would run serially with the model.
+        memory=DECODE_TASK_MEMORY,
     )
     ds = ds.map_batches(
         model.Segmenter,
@@ -149,7 +149,7 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
         batch_size=min(SUMMARY_ROWS_PER_FILE,
                        max(config.batch_size, math.ceil(_row_count(todo) / MIN_SUMMARY_FILES))),
         batch_format="pyarrow",
-        ray_remote_args_fn=cpu_task_args,
+        num_cpus=config.decode_cpus,
     )
     return ds
 

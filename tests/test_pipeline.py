@@ -146,3 +146,20 @@ def test_actors_that_leave_no_cpu_for_decoding_are_refused(ray_local, tmp_path):
                        weights="random", actors="2", cpus_per_actor=1.0, progress=False)
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs"):
         run(config)
+
+
+def test_decoding_runs_in_cpu_tasks_beside_the_actor_pool(ray_local, tmp_path, checkpoint):
+    """Ray Data must not fuse decoding into the inference actor (it would then run serially with it)."""
+    from segbatch import model, pipeline
+
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        Image.fromarray(photo_like(24, 18, i)).save(tmp_path / "in" / f"{i}.png")
+    config = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=TEST_ARCH,
+                       weights=str(checkpoint), batch_size=2, progress=False)
+    todo, _ = pipeline.plan_inputs(config)
+    spec = model.resolve(TEST_ARCH, str(checkpoint))
+    ds = pipeline.build_dataset(config, spec, todo, "plan-test")
+    assert len(ds.take_all()) == 4
+    stats = ds.stats()
+    assert "MapBatches(DecodeImages)" in stats and "MapBatches(DecodeImages)->" not in stats, stats
