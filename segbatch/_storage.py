@@ -60,6 +60,24 @@ def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     return fs, path.rstrip("/") or path
 
 
+class Location:
+    """A URL and its storage options that pickle into Ray tasks and open their filesystem lazily, once per
+    worker (an open filesystem holds sockets and event loops that must not travel)."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None):
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self._opened: tuple[fsspec.AbstractFileSystem, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_opened": None}
+
+    def open(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        if self._opened is None:
+            self._opened = open_url(self.url, self.storage_options)
+        return self._opened
+
+
 def absolute_url(url: str) -> str:
     """A URL as users should see it in outputs: plain paths made absolute, URLs kept as typed."""
     protocol, _ = split_protocol(url)

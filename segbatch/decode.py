@@ -128,21 +128,11 @@ class DecodeImages:
     """
 
     def __init__(self, input_url: str, storage_options: Mapping[str, Any], resize: ResizeSpec, limits: Limits):
-        self._input_url = input_url
+        # A manifest run has no INPUT root: every URL then names its own filesystem.
+        self._input = _storage.Location(input_url, storage_options) if input_url else None
         self._storage_options = dict(storage_options)
         self._resize = resize
         self._limits = limits
-        self._fs = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_fs"] = None
-        return state
-
-    def _filesystem(self):
-        if self._fs is None:
-            self._fs, _ = _storage.open_url(self._input_url, self._storage_options)
-        return self._fs
 
     def decode_one(self, data: bytes | BaseException) -> tuple[np.ndarray | None, int, int, str | None]:
         """(resized image, width, height, error) for one input's bytes."""
@@ -173,10 +163,10 @@ class DecodeImages:
                 errors.append(None)
             except UnsafePathError as exc:
                 errors.append(str(exc))
-        if self._input_url:
+        if self._input is not None:
             paths = batch["path"].to_pylist()
-            contents = iter(_storage.read_many(self._filesystem(), [p for p, e in zip(paths, errors) if e is None]))
-        else:  # a manifest: each URL names its own filesystem
+            contents = iter(_storage.read_many(self._input.open()[0], [p for p, e in zip(paths, errors) if e is None]))
+        else:
             uris = batch["uri"].to_pylist()
             contents = iter(_storage.read_urls([u for u, e in zip(uris, errors) if e is None], self._storage_options))
         pixels, in_h, in_w, widths, heights = [], [], [], [], []

@@ -109,21 +109,13 @@ class ConfusionBatch:
 
     def __init__(self, output_url: str, ground_truth_url: str, storage_options: Mapping[str, Any],
                  num_classes: int):
-        self._output_url = output_url
-        self._gt_url = ground_truth_url
-        self._storage_options = dict(storage_options)
+        self._output = _storage.Location(output_url, storage_options)
+        self._gt = _storage.Location(ground_truth_url, storage_options)
         self._n = num_classes
-        self._fs = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_fs"] = None
-        return state
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self._fs is None:
-            self._fs, self._root = _storage.open_url(self._output_url, self._storage_options)
-            self._gt_fs, self._gt_root = _storage.open_url(self._gt_url, self._storage_options)
+        self._fs, self._root = self._output.open()
+        self._gt_fs, self._gt_root = self._gt.open()
         masks_prefix = self._root + "/" + MASKS_DIR + "/"
         rows: dict[str, list] = {name: [] for name in _BATCH_SCHEMA.names}
 

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -223,7 +224,8 @@ def _assigned_cpus() -> int | None:
 
         if ray.is_initialized():
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-            return max(1, int(round(cpus))) if cpus else None
+            # A fractional holding (1.5 CPUs beside 0.5-CPU decode tasks) rounds up: the tasks are short.
+            return max(1, math.ceil(cpus - 1e-6)) if cpus else None
     except Exception:
         return None
     return None

@@ -71,36 +71,24 @@ class OverlayWriter:
 
     def __init__(self, input_url: str, output_url: str, storage_options: Mapping[str, Any], limits: Any,
                  classes: Sequence[str]):
-        self._input_url = input_url
-        self._output_url = output_url
+        self._input = _storage.Location(input_url, storage_options) if input_url else None
+        self._output = _storage.Location(output_url, storage_options)
         self._storage_options = dict(storage_options)
         self._limits = limits
         self._untinted = background_ids(classes)
-        self._fs = None
-        self._out_fs = None
-        self._out_root = ""
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_fs"] = state["_out_fs"] = None
-        return state
 
     def __call__(self, writer: Any, row: Mapping[str, Any], mask: np.ndarray) -> None:
         from segbatch.decode import decode_image
 
-        if self._out_fs is None:
-            self._out_fs, self._out_root = _storage.open_url(self._output_url, self._storage_options)
-            if self._input_url:
-                self._fs, _ = _storage.open_url(self._input_url, self._storage_options)
-        if self._fs is not None:
-            fs, path = self._fs, row["path"]
+        if self._input is not None:
+            fs, path = self._input.open()[0], row["path"]
         else:  # inputs named by a manifest may each live anywhere
             fs, path = _storage.open_url(row["uri"], self._storage_options)
         data = _storage.retry(fs.cat_file, path, what=f"read {path} for its overlay")
         image = decode_image(data, self._limits)  # the same EXIF orientation as the mask
         jpeg = encode_jpeg(blend(image, mask, untinted=self._untinted))
-        path = _storage.join_path(self._out_root, overlay_relpath(row["rel"]))
-        _storage.write_atomic(self._out_fs, path, jpeg)
+        out_fs, out_root = self._output.open()
+        _storage.write_atomic(out_fs, _storage.join_path(out_root, overlay_relpath(row["rel"])), jpeg)
 
 
 def writers(config: Any, classes: Sequence[str], limits: Any) -> tuple[OverlayWriter, ...]:

@@ -121,34 +121,23 @@ class WriteOutputs:
                  weights: str, classes: tuple[str, ...], compress_level: int,
                  extra_writers: tuple[Callable[..., None], ...] = ()):
         self._output_url = _storage.absolute_url(output_url)
-        self._storage_options = dict(storage_options)
+        self._output = _storage.Location(output_url, storage_options)
         self._run_id = run_id
         self._model = model
         self._weights = weights
         self._classes = classes
         self._compress_level = compress_level
         self._extra_writers = extra_writers
-        self._fs = None
-        self._root = ""
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_fs"] = None
-        return state
-
-    def _filesystem(self):
-        if self._fs is None:
-            self._fs, self._root = _storage.open_url(self._output_url, self._storage_options)
-        return self._fs
 
     def _write_mask(self, rel: str, mask: np.ndarray) -> str:
         relpath = mask_relpath(rel)
-        _storage.write_atomic(self._fs, _storage.join_path(self._root, relpath),
+        fs, root = self._output.open()
+        _storage.write_atomic(fs, _storage.join_path(root, relpath),
                               encode_png(mask, self._compress_level))
         return _storage.join_url(self._output_url, relpath)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        self._filesystem()
+        self._output.open()
         rows = batch.to_pylist()
 
         def write_one(row: dict[str, Any]) -> dict[str, Any]:
@@ -199,5 +188,5 @@ class WriteOutputs:
         name = f"part-{self._run_id}-{digest}.parquet"
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
-        path = _storage.join_path(self._root, posixpath.join(SUMMARY_DIR, name))
-        _storage.write_atomic(self._fs, path, buf.getvalue().to_pybytes())
+        fs, root = self._output.open()
+        _storage.write_atomic(fs, _storage.join_path(root, posixpath.join(SUMMARY_DIR, name)), buf.getvalue().to_pybytes())
