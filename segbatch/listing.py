@@ -37,6 +37,16 @@ class InputNotFoundError(FileNotFoundError):
     """INPUT does not exist or holds no images; the run stops before doing anything."""
 
 
+def require_exists(fs, path: str, label: str) -> None:
+    """Stop the run before any work when an input location is missing or unreadable."""
+    try:
+        exists = _storage.retry(fs.exists, path, what=f"check {label}")
+    except PermissionError as exc:
+        raise InputNotFoundError(f"{label}: access denied ({exc})") from None
+    if not exists:
+        raise InputNotFoundError(f"{label} does not exist (check the path, bucket name and credentials)")
+
+
 def _wanted(name: str, extensions: frozenset[str]) -> bool:
     base = posixpath.basename(name)
     if base.startswith("."):  # hidden files, and our own temporaries
@@ -51,12 +61,7 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
     root_url = _storage.absolute_url(url)
     wanted = frozenset(e.lower() for e in extensions)
     fs.invalidate_cache(root)  # a cached listing from earlier in this process would miss new files
-    try:
-        exists = _storage.retry(fs.exists, root, what=f"check {url}")
-    except PermissionError as exc:
-        raise InputNotFoundError(f"INPUT {url}: access denied ({exc})") from None
-    if not exists:
-        raise InputNotFoundError(f"INPUT {url} does not exist (check the path, bucket name and credentials)")
+    require_exists(fs, root, f"INPUT {url}")
 
     columns: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
     batches: list[pa.RecordBatch] = []

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import posixpath
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,7 +32,7 @@ from fsspec.core import split_protocol, url_to_fs
 
 from segbatch import _ray, _storage
 from segbatch.config import ConfigError, RunConfig
-from segbatch.listing import LISTING_SCHEMA, InputNotFoundError
+from segbatch.listing import LISTING_SCHEMA, require_exists
 from segbatch.sinks import SUMMARY_DIR
 
 URI_COLUMN = "uri"
@@ -55,12 +55,7 @@ class ManifestInputs:
         self._output = config.output
         self._redo_all = config.redo_all
         fs, path = _storage.open_url(self.url, self._options)
-        try:
-            exists = _storage.retry(fs.exists, path, what=f"check {self.url}")
-        except PermissionError as exc:
-            raise InputNotFoundError(f"manifest {self.url}: access denied ({exc})") from None
-        if not exists:
-            raise InputNotFoundError(f"manifest {self.url} does not exist (check the path, bucket and credentials)")
+        require_exists(fs, path, f"manifest {self.url}")
         self._fs, self._path = fs, path
         self._bytes = int(_storage.retry(fs.du, path, what=f"size of {self.url}") or 0)
         self._is_dir = _storage.retry(fs.isdir, path, what=f"check {self.url}")

@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+
 
 import pyarrow as pa
 

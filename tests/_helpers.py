@@ -96,6 +96,18 @@ def reference_mask(data: bytes, model: torch.nn.Module, arch: str = TEST_ARCH) -
     return up.argmax(1)[0].numpy().astype(np.uint8)
 
 
+def wait_for_masks(proc, out: Path, count: int, timeout: float) -> None:
+    """Wait until a running `segbatch run` has written ``count`` masks; it must still be running then."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((out / "masks").glob("*.png"))) >= count:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before the fault could be injected; give it more images"
+
+
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float((a == b).mean())

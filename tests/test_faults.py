@@ -10,12 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from _faultproxy import FaultProxy
-from _helpers import TEST_ARCH, photo_like
+from _helpers import TEST_ARCH, photo_like, wait_for_masks
 from segbatch import RunConfig, run, summary
 
 pytestmark = pytest.mark.timeout(420)
@@ -84,12 +83,7 @@ def test_a_killed_run_resumes_to_exactly_one_ok_row_each(tmp_path):
     cmd = _segbatch_cmd(str(tmp_path / "in"), str(out), "--batch-size", "2")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((out / "masks").glob("*.png"))) >= 4:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run finished before it could be killed; give it more images"
+        wait_for_masks(proc, out, 4, timeout=240)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from _helpers import TEST_ARCH
+from _helpers import TEST_ARCH, wait_for_masks
 from segbatch import summary
 from test_faults import assert_exactly_one_ok_row_each, tiny_images
 
@@ -86,12 +85,7 @@ def test_a_node_dies_mid_run_and_another_joins(cluster, tmp_path):
     images = tiny_images(tmp_path / "in", 30)
     out = tmp_path / "out"
     proc = segbatch_run(tmp_path / "in", out, cluster.address)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((out / "masks").glob("*.png"))) >= 4:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before a node could be killed"
+    wait_for_masks(proc, out, 4, timeout=300)
     removed = cluster.send("remove 2")["removed"]
     added = cluster.send("add")["added"]
     output, _ = proc.communicate(timeout=500)
