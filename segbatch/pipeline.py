@@ -12,7 +12,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-
 import pyarrow as pa
 
 from segbatch import _ray, _storage, listing, manifest, model, overlay, runs, summary
