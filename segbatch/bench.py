@@ -149,7 +149,7 @@ def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
                     "actor_peak_rss_mib": peaks.get("actors", 0) / 2**20, "report_lines": ok})
 
 
-def stage_rates(paths: list[str], transforms, predictor_masks, num_classes: int) -> dict[str, float]:
+def stage_rates(paths: list[str], transforms) -> dict[str, float]:
     """Per-stage rates on one core, for the capacity model: decode+resize, postprocess+PNG encode."""
     from PIL import Image
 
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         run_args = ["--model", args.model, "--weights", args.weights, "--batch-size", args.batch_size.split(",")[0],
                     "--precision", args.precision, "--redo-all", *args.run_arg]
         rows.append(end_to_end(args.input, len(paths), run_args))
-    rates = stage_rates(paths[:16], transforms, None, spec.num_classes)
+    rates = stage_rates(paths[:16], transforms)
 
     with Image.open(paths[0]) as im:
         size = f"{im.width}x{im.height}"
