@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = sorted({1, *(int(b) for b in args.batch_size.split(","))})
     device = _device(args.device)
     spec = model.resolve(args.model, args.weights)
-    transforms = model.default_transforms(args.model)
+    transforms = spec.architecture.transforms()
     net = model.build(spec).to(device)
     from PIL import Image, ImageOps
 
