@@ -154,7 +154,7 @@ def stage_rates(paths: list[str], transforms) -> dict[str, float]:
     from PIL import Image
 
     from segbatch.decode import Limits, ResizeSpec, decode_image
-    from segbatch.sinks import encode_png
+    from segbatch.writers import encode_png
 
     limits = Limits(10**9, 10**10, 10**9)
     resize = ResizeSpec.from_transforms(transforms)
