@@ -27,31 +27,39 @@ Image.MAX_IMAGE_PIXELS = None
 
 @dataclass(frozen=True)
 class ResizeSpec:
-    """The resize half of a torchvision ``SemanticSegmentation`` transform, read off the weights."""
+    """The resize half of a torchvision ``SemanticSegmentation`` transform, read off the weights.
+
+    It is applied with PIL alone, as torchvision's ``F.resize`` does for PIL images (PIL's resampling
+    filter for the weights' interpolation; PIL always antialiases), so decode workers never import torch.
+    """
 
     size: tuple[int, ...]  # [shorter side] as torchvision's resize takes it
-    interpolation: Any  # torchvision InterpolationMode
-    antialias: bool | None
+    resample: int  # PIL's filter constant for the weights' interpolation (torchvision's pil_modes_mapping)
 
     @classmethod
     def from_transforms(cls, transforms: Any) -> "ResizeSpec":
+        from torchvision.transforms.functional import pil_modes_mapping
+
         size = transforms.resize_size
-        return cls(tuple(size) if size is not None else (), transforms.interpolation, transforms.antialias)
+        return cls(tuple(size) if size is not None else (), int(pil_modes_mapping[transforms.interpolation]))
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
-        """(height, width) the resize produces, computed as torchvision does it."""
+        """(height, width) the resize produces, computed as torchvision's ``_compute_resized_output_size``
+        computes it for a shorter-side size."""
         if not self.size:
             return height, width
-        from torchvision.transforms.functional import _compute_resized_output_size
-
-        h, w = _compute_resized_output_size((height, width), list(self.size), None)
-        return h, w
+        if len(self.size) == 2:
+            return self.size[0], self.size[1]
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.size[0], int(self.size[0] * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        return new_h, new_w
 
     def apply(self, image: Image.Image) -> np.ndarray:
-        import torchvision.transforms.functional as F
-
         if self.size:
-            image = F.resize(image, list(self.size), interpolation=self.interpolation, antialias=self.antialias)
+            h, w = self.output_size(image.width, image.height)
+            if (h, w) != (image.height, image.width):
+                image = image.resize((w, h), self.resample)
         return np.asarray(image, dtype=np.uint8)
 
 

@@ -160,3 +160,31 @@ def test_oversized_file_is_refused():
     small = Limits(LIMITS.max_image_pixels, 100, LIMITS.max_model_pixels)
     with pytest.raises(ImageError, match="max_file_bytes=100"):
         decode_image(encode(RGB, "PNG"), small)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (48, 64), (520, 700), (700, 520), (1024, 576), (333, 333), (521, 1)])
+def test_pil_resize_is_torchvisions_resize(size):
+    """Decode workers resize with PIL alone; torchvision's F.resize does the same on PIL images."""
+    import torchvision.transforms.functional as F
+
+    image = Image.fromarray(photo_like(max(size[0], 2), max(size[1], 2), 3)).resize(size)
+    spec = ResizeSpec.from_transforms(TRANSFORMS)
+    expected = F.resize(image, list(TRANSFORMS.resize_size), interpolation=TRANSFORMS.interpolation,
+                        antialias=TRANSFORMS.antialias)
+    got = spec.apply(image)
+    assert got.shape[:2] == spec.output_size(*size) == (expected.height, expected.width)
+    assert np.array_equal(got, np.asarray(expected))
+
+
+def test_decode_workers_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, pickle; from segbatch.decode import DecodeImages; d = pickle.loads(sys.stdin.buffer.read()); "
+            "import numpy as np; from PIL import Image; d._resize.apply(Image.new('RGB', (64, 48))); "
+            "print('torch' in sys.modules)")
+    import pickle
+
+    data = pickle.dumps(DecodeImages("/", {}, ResizeSpec.from_transforms(TRANSFORMS), LIMITS))
+    out = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True)
+    assert out.stdout.decode().strip() == "False"
