@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -18,26 +19,74 @@ LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 def session(address: str | None = None) -> Iterator[None]:
     """Use the Ray already initialised in this process, attach to ``address`` / ``RAY_ADDRESS`` (this is
     what a Ray Job's entrypoint sees), or start an embedded single-node Ray for the run and stop it after."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # before ray is first imported
-    import ray
+    starter = Starter(address, background=False)
+    with starter.session():
+        yield
 
-    if ray.is_initialized():
-        yield
-        return
-    if address:
-        log.info("attaching to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local" never attaches to a cluster found on this machine: the run gets its own Ray.
-        # Ray maps 127.0.0.1 to the host's address unless LOOPBACK_ONLY_ENV (set above) says that this
-        # is a single-machine Ray; an embedded Ray has no peers, so it listens on loopback only.
-        ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+
+class Starter:
+    """Starts (or attaches to) Ray, in a background thread when asked, so that Ray's start-up overlaps the
+    driver's own (listing INPUT, resolving weights). :meth:`session` waits for it; :meth:`close` stops
+    a Ray this starter started even when no session was entered."""
+
+    def __init__(self, address: str | None = None, *, background: bool = True):
+        self._address = address or os.environ.get("RAY_ADDRESS")
+        if not self._address:
+            os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # before ray is first imported
+        import ray
+
+        self._owned = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if ray.is_initialized():
+            return
+        if background:
+            self._thread = threading.Thread(target=self._start, name="segbatch-ray-start", daemon=True)
+            self._thread.start()
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        import ray
+
+        try:
+            if self._address:
+                log.info("attaching to the Ray cluster at %s", self._address)
+                ray.init(address=self._address, log_to_driver=True)
+            else:
+                # "local" never attaches to a cluster found on this machine: the run gets its own Ray.
+                # Ray maps 127.0.0.1 to the host's address unless LOOPBACK_ONLY_ENV (set above) says that
+                # this is a single-machine Ray; an embedded Ray has no peers, so it listens on loopback only.
+                ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True)
+            self._owned = True
+        except BaseException as exc:  # re-raised in the caller's thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        self.wait()
+        try:
+            yield
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        import ray
+
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._owned:
+            self._owned = False
+            ray.shutdown()
 
 
 def cluster_gpus() -> float:

@@ -18,6 +18,16 @@ if TYPE_CHECKING:
 
 __all__ = ["Architecture", "available_models", "get_architecture"]
 
+# What the driver needs of the registered models' DEFAULT weights, known without importing torch: all of
+# torchvision's segmentation weights resize the shorter side to 520 px (bilinear, PIL filter 2) and name
+# the 21 VOC classes. tests/test_model.py checks these against torchvision.
+RESIZE_SIZE = (520,)
+PIL_BILINEAR = 2
+VOC_CATEGORIES = (
+    "__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -30,6 +40,8 @@ class Architecture:
 
     name: str  # torchvision's builder name
     head_key: str  # a state_dict key whose first dimension is the number of classes
+    default_weights: str = ""  # str() of the DEFAULT weights enum: the summary's `weights` for --weights default
+    default_url: str = ""  # where torchvision downloads the DEFAULT weights from
     has_aux: bool = True  # builds an auxiliary head when asked; segbatch never runs it
 
     def weights_enum(self):
@@ -42,7 +54,14 @@ class Architecture:
         return self.weights_enum().DEFAULT.transforms()
 
     def categories(self) -> tuple[str, ...]:
-        return tuple(self.weights_enum().DEFAULT.meta["categories"])
+        """The DEFAULT weights' class names (``weights.meta["categories"]``), without importing torch."""
+        return VOC_CATEGORIES
+
+    def resize(self):
+        """The resize of ``transforms()`` as decode tasks apply it (segbatch.decode.ResizeSpec), torch-free."""
+        from segbatch.decode import ResizeSpec
+
+        return ResizeSpec(RESIZE_SIZE, PIL_BILINEAR)
 
     def build(self, num_classes: int | None = None, *, pretrained: bool = False) -> torch.nn.Module:
         """The model without its auxiliary head: pretrained DEFAULT weights, or untrained."""
@@ -100,15 +119,24 @@ class _LRASPP(Architecture):
 _DEEPLAB_HEAD = "classifier.4.weight"  # DeepLabHead's last 1x1 conv: (num_classes, 256, 1, 1)
 _FCN_HEAD = "classifier.4.weight"  # FCNHead's last 1x1 conv: (num_classes, channels // 4, 1, 1)
 
+_URL = "https://download.pytorch.org/models"
 _REGISTRY: dict[str, Architecture] = {
     a.name: a
     for a in (
-        Architecture("deeplabv3_resnet101", _DEEPLAB_HEAD),
-        Architecture("deeplabv3_resnet50", _DEEPLAB_HEAD),
-        Architecture("deeplabv3_mobilenet_v3_large", _DEEPLAB_HEAD),
-        Architecture("fcn_resnet101", _FCN_HEAD),
-        Architecture("fcn_resnet50", _FCN_HEAD),
-        _LRASPP("lraspp_mobilenet_v3_large", "classifier.high_classifier.weight"),
+        Architecture("deeplabv3_resnet101", _DEEPLAB_HEAD, "DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
+                     f"{_URL}/deeplabv3_resnet101_coco-586e9e4e.pth"),
+        Architecture("deeplabv3_resnet50", _DEEPLAB_HEAD, "DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
+                     f"{_URL}/deeplabv3_resnet50_coco-cd0a2569.pth"),
+        Architecture("deeplabv3_mobilenet_v3_large", _DEEPLAB_HEAD,
+                     "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
+                     f"{_URL}/deeplabv3_mobilenet_v3_large-fc3c493d.pth"),
+        Architecture("fcn_resnet101", _FCN_HEAD, "FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
+                     f"{_URL}/fcn_resnet101_coco-7ecb50ca.pth"),
+        Architecture("fcn_resnet50", _FCN_HEAD, "FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
+                     f"{_URL}/fcn_resnet50_coco-1167a1af.pth"),
+        _LRASPP("lraspp_mobilenet_v3_large", "classifier.high_classifier.weight",
+                "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
+                f"{_URL}/lraspp_mobilenet_v3_large-d234d4ea.pth"),
     )
 }
 

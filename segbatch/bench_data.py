@@ -30,13 +30,18 @@ def photo(seed: int, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.2))
 
 
-def build(folder: str, count: int) -> list[str]:
+#: `--mixed`: six photo sizes, interleaved in listing order; the weights' 520-px resize maps them to four
+#: model-input shapes (693x520 twice, 520x693 twice, 520x520, 924x520).
+MIXED_SIZES = ((640, 480), (480, 640), (800, 600), (600, 800), (500, 500), (1024, 576))
+
+
+def build(folder: str, count: int, sizes: tuple[tuple[int, int], ...] = ((WIDTH, HEIGHT),)) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i in range(count):
         path = os.path.join(folder, f"photo{i:05d}.jpg")
         if not os.path.exists(path):
-            photo(i).save(path, quality=JPEG_QUALITY)
+            photo(i, *sizes[i % len(sizes)]).save(path, quality=JPEG_QUALITY)
         paths.append(path)
     return paths
 
@@ -45,9 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
     parser.add_argument("--count", type=int, default=128)
+    parser.add_argument("--mixed", action="store_true", help="six interleaved sizes instead of 640x480")
     args = parser.parse_args(argv)
-    paths = build(args.folder, args.count)
-    print(f"{len(paths)} JPEGs of {WIDTH}x{HEIGHT} in {args.folder}")
+    sizes = MIXED_SIZES if args.mixed else ((WIDTH, HEIGHT),)
+    paths = build(args.folder, args.count, sizes)
+    print(f"{len(paths)} JPEGs of {', '.join(f'{w}x{h}' for w, h in sizes)} in {args.folder}")
 
 
 if __name__ == "__main__":

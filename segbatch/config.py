@@ -48,7 +48,7 @@ class RunConfig:
     weights: str = "default"
     weights_sha256: str | None = None
     classes: str | None = None
-    batch_size: int = 4
+    batch_size: int | None = None  # None: segbatch.resources picks one for the cluster's devices
     precision: str = "fp32"
     upsample: str = "exact"
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -57,7 +57,7 @@ class RunConfig:
     actors: str | None = None
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
-    decode_cpus: float = 1.0
+    decode_cpus: float | None = None  # None: segbatch.resources.plan_pool picks it
     max_image_pixels: int = 100_000_000  # pixels; refuses decompression bombs before decoding
     max_file_bytes: int = 512 * 1024 * 1024  # bytes read per input file
     max_model_pixels: int = 16_000_000  # pixels after the weights' resize; long thin strips exceed it
@@ -124,7 +124,7 @@ class RunConfig:
     def _validate(self) -> None:
         if self.input and self.manifest:
             raise ConfigError("manifest", "give INPUT or --manifest, not both")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ConfigError("batch_size", f"must be a positive integer, got {self.batch_size!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"unknown {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
@@ -144,7 +144,7 @@ class RunConfig:
             raise ConfigError("gpus_per_actor", "must be > 0", "fractions such as 0.5 pack two models on one GPU")
         if self.cpus_per_actor is not None and not 0 < float(self.cpus_per_actor):
             raise ConfigError("cpus_per_actor", "must be > 0")
-        if not 0 < float(self.decode_cpus):
+        if self.decode_cpus is not None and not 0 < float(self.decode_cpus):
             raise ConfigError("decode_cpus", "must be > 0")
         if self.weights_sha256 is not None:
             digest = self.weights_sha256.lower()

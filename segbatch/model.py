@@ -21,130 +21,14 @@ import pyarrow as pa
 import torch
 from segbatch import _storage, postprocess
 from segbatch.architectures import Architecture, get_architecture
+from segbatch.batching import FORWARD_PASS_COLUMN
 from segbatch.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
-RANDOM_SEED = 0  # `--weights random` is seeded so every actor, and every run, builds the same model
-MAX_CLASSES = 256  # masks are 8-bit PNGs: one byte per class id
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything an actor needs to rebuild the model the driver resolved."""
-
-    arch: str
-    weights: str  # "default", "random", or a path/URL to a state_dict
-    identity: str  # what the summary's `weights` column records: a weights name or a sha256
-    classes: tuple[str, ...]
-    storage_options: Mapping[str, Any]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def architecture(self) -> Architecture:
-        return get_architecture(self.arch)
-
-    def __repr__(self) -> str:  # storage options may hold secrets
-        return f"ModelSpec(arch={self.arch!r}, weights={self.weights!r}, identity={self.identity!r})"
-
-
-def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
-    fs, path = _storage.open_url(url, storage_options)
-    text = _storage.retry(fs.cat_file, path, what=f"read {url}").decode("utf-8")
-    stripped = text.strip()
-    names = json.loads(stripped) if stripped.startswith("[") else [line.strip() for line in text.splitlines()]
-    names = [str(n) for n in names if str(n)]
-    if not names:
-        raise WeightsError(f"classes: {url} holds no class names (one per line, or a JSON list)")
-    return tuple(names)
-
-
-def _load_checkpoint(data: bytes, source: str, architecture: Architecture) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"weights: {source} is not a loadable state_dict ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # torchvision's reference training scripts save {"model": ...}
-    if not isinstance(state, dict):
-        raise WeightsError(f"weights: {source} holds a {type(state).__name__}, not a state_dict")
-    return architecture.check_state_dict(state, source)
-
-
-def _fetch(url: str, storage_options: Mapping[str, Any]) -> bytes:
-    fs, path = _storage.open_url(url, storage_options)
-    try:
-        return _storage.retry(fs.cat_file, path, what=f"read {url}")
-    except FileNotFoundError:
-        raise WeightsError(f"weights: {url} does not exist") from None
-
-
-def resolve(
-    arch: str,
-    weights: str,
-    *,
-    classes_url: str | None = None,
-    sha256: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-) -> ModelSpec:
-    """Check the weights in the driver and pin what the actors will load."""
-    architecture = get_architecture(arch)
-    storage_options = dict(storage_options or {})
-    categories = architecture.categories()
-    num = len(categories)
-    if weights == "default":
-        if sha256:
-            raise WeightsError("weights_sha256: pins a checkpoint file; it does not apply to --weights default")
-        ensure_default_weights(arch)
-        identity, names = f"{architecture.weights_enum().DEFAULT}", categories
-    elif weights == "random":
-        log.warning(
-            "\n%s\n!! --weights random: an UNTRAINED model (seed %d). Its masks mean nothing; use it for\n"
-            "!! smoke tests and benchmarks only.\n%s",
-            "!" * 78, RANDOM_SEED, "!" * 78,
-        )
-        identity, names = f"random:seed={RANDOM_SEED}", categories
-    else:
-        data = _fetch(weights, storage_options)
-        digest = hashlib.sha256(data).hexdigest()
-        if sha256 and digest != sha256.lower():
-            raise WeightsError(
-                f"weights_sha256: {weights} has sha256 {digest}, not the pinned {sha256.lower()}; refusing it"
-            )
-        state = _load_checkpoint(data, weights, architecture)
-        num = int(state[architecture.head_key].shape[0])
-        identity, names = digest, tuple(f"class_{i}" for i in range(num))
-        if classes_url is None and num == len(categories):
-            names = categories
-    if classes_url:
-        names = _read_classes(classes_url, storage_options)
-        if len(names) != num:
-            raise WeightsError(f"classes: {classes_url} names {len(names)} classes; the model has {num}")
-    if len(names) > MAX_CLASSES:
-        raise WeightsError(f"weights: {len(names)} classes; PNG masks hold at most {MAX_CLASSES} class ids")
-    return ModelSpec(arch, weights, identity, tuple(names), storage_options)
-
-
-def ensure_default_weights(arch: str) -> str:
-    """Download torchvision's DEFAULT weights into the torch hub cache once; return the cached file."""
-    enum = get_architecture(arch).weights_enum().DEFAULT
-    filename = os.path.basename(enum.url)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-    if os.path.exists(cached):
-        return cached
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(enum.url, cached, progress=False)
-    except Exception as exc:
-        raise WeightsError(
-            f"weights: cannot download {enum} from {enum.url} into the torch hub cache "
-            f"({type(exc).__name__}: {exc}). Place the file at {cached}, pass a state_dict with "
-            "--weights PATH, or use --weights random for a smoke test."
-        ) from None
-    return cached
+from segbatch.weights import (  # noqa: F401  (re-exported: segbatch.model.resolve etc.)
+    MAX_CLASSES, RANDOM_SEED, ModelSpec, _fetch, _load_checkpoint, _read_classes, ensure_default_weights, resolve,
+)
 
 
 def build(spec: ModelSpec) -> torch.nn.Module:
@@ -290,10 +174,13 @@ class Staged:
 class Segmenter:
     """Ray Data map step on an actor pool: one model per actor, loaded once in ``__init__``."""
 
-    def __init__(self, spec: ModelSpec, precision: str = "fp32", upsample: str = "exact"):
+    def __init__(self, spec: ModelSpec, precision: str = "fp32", upsample: str = "exact",
+                 max_batch: int | None = None, threads: int | None = None):
         import ray
 
-        self.predictor = Predictor(spec, precision=precision, upsample=upsample, threads=_assigned_cpus())
+        self.max_batch = max_batch  # most images per forward pass; None: a batch's whole shape group
+        self.predictor = Predictor(spec, precision=precision, upsample=upsample,
+                                   threads=threads or _assigned_cpus())
         self.node_id = ray.get_runtime_context().get_node_id()
         device = self.predictor.device
         self.device_name = f"{device.type}:{device.index or 0}" if device.type == "cuda" else device.type
@@ -306,20 +193,23 @@ class Segmenter:
         pixels = batch["pixels"]
         return np.stack([np.frombuffer(pixels[r].as_py(), dtype=np.uint8).reshape(shape) for r in rows])
 
-    def _infer(self, rows: list[int], batch: pa.Table, results: dict[int, Any], staged: Staged | None) -> None:
-        """Infer rows of one shape together; if that fails, try each alone so one bad image costs one row."""
+    def _infer(self, rows: list[int], batch: pa.Table, results: dict[int, Any], staged: Staged | None,
+               passes: dict[int, int]) -> None:
+        """Infer rows of one shape together; if that fails, try each alone so one bad image costs one row.
+        ``passes`` gets, per row, the number of images in the forward pass that labelled it."""
         try:
             if staged is None:
                 staged = self.predictor.stage(self._host_images(rows, batch))
             sizes = [(batch["height"][r].as_py(), batch["width"][r].as_py()) for r in rows]
             for r, res in zip(rows, self.predictor.masks(staged, sizes)):
                 results[r] = res
+                passes[r] = len(rows)
         except Exception as exc:
             if self.predictor.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(rows) > 1:
                 for r in rows:
-                    self._infer([r], batch, results, None)
+                    self._infer([r], batch, results, None, passes)
             else:
                 log.warning("inference failed for %s: %s", batch["uri"][rows[0]].as_py(), exc)
                 results[rows[0]] = f"inference failed: {type(exc).__name__}: {exc}"
@@ -338,13 +228,16 @@ class Segmenter:
                 key = (batch["in_h"][r].as_py(), batch["in_w"][r].as_py())
                 groups.setdefault(key, []).append(r)
         results: dict[int, Any] = {}
-        # Never pad: only equal shapes share a forward pass. Group i+1 is staged (its copy to the GPU
-        # started) before group i computes.
-        ordered = list(groups.values())
+        passes: dict[int, int] = {}
+        # Never pad: only equal shapes share a forward pass, of at most max_batch images (ShapeBatcher
+        # upstream makes the groups full). Pass i+1 is staged (its copy to the GPU started) before pass i
+        # computes.
+        step = self.max_batch or batch.num_rows or 1
+        ordered = [rows[i:i + step] for rows in groups.values() for i in range(0, len(rows), step)]
         staged = self._stage(ordered[0], batch) if ordered else None
         for i, rows in enumerate(ordered):
             following = self._stage(ordered[i + 1], batch) if i + 1 < len(ordered) else None
-            self._infer(rows, batch, results, staged)
+            self._infer(rows, batch, results, staged, passes)
             staged = following
         masks, counts = [], []
         for r in range(batch.num_rows):
@@ -362,6 +255,8 @@ class Segmenter:
         out = out.append_column("mask", pa.array(masks, pa.binary()))
         out = out.append_column("pixel_counts", pa.array(counts, pa.list_(pa.int64())))
         out = out.append_column("node_id", pa.array([self.node_id] * batch.num_rows, pa.string()))
+        out = out.append_column(FORWARD_PASS_COLUMN, pa.array([passes.get(r, 0) for r in range(batch.num_rows)],
+                                                               pa.int32()))
         return out.append_column("device", pa.array([self.device_name] * batch.num_rows, pa.string()))
 
 

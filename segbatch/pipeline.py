@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from segbatch import _ray, _storage, listing, manifest, model, runs
+from segbatch import _ray, _storage, inference, listing, manifest, resources, runs, weights
+from segbatch.batching import FORWARD_PASS_COLUMN, ShapeBatcher
 from segbatch.config import RunConfig
-from segbatch.decode import DecodeImages, Limits, ResizeSpec
+from segbatch.decode import DecodeImages, Limits
 from segbatch.contract import MASKS_DIR, SUMMARY_DIR
 from segbatch.errors import BudgetError, ConfigError
 from segbatch.inputs import Inputs
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_ROWS_PER_FILE = 64  # most rows per summary Parquet file; also how many masks one write task holds
 MIN_SUMMARY_FILES = 16  # small runs still write in this many steps, not all at the end
-DECODE_TASK_MEMORY = 640 * 1024**2  # bytes; a decode worker imports torch for the resize: Ray measured ~600 MiB
+DECODE_TASK_MEMORY = 320 * 1024**2  # bytes; decode workers resize with PIL and never import torch
 MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run: one early error is no rate
 
 
@@ -42,6 +43,16 @@ class RunReport:
     seconds: float = 0.0
     error_examples: list[tuple[str, str]] = field(default_factory=list)
     stopped_early: str | None = None
+    passes: float = 0.0  # forward passes, summed as 1/(images in the pass) over the images they labelled
+    inferred: int = 0  # images that went through a forward pass
+
+    @property
+    def forward_passes(self) -> int:
+        return round(self.passes)
+
+    @property
+    def images_per_forward_pass(self) -> float:
+        return self.inferred / self.forward_passes if self.forward_passes else 0.0
 
     @property
     def processed(self) -> int:
@@ -56,6 +67,7 @@ class RunReport:
             f"segbatch run {self.run_id}: {self.ok} ok, {self.errors} error, {self.skipped} skipped "
             f"(already labelled) of {self.listed} listed, in {self.seconds:.1f}s "
             f"({self.images_per_second:.2f} images/s)",
+            f"  forward passes: {self.forward_passes} ({self.images_per_forward_pass:.1f} images per pass)",
             f"  masks:   {_storage.join_url(self.output, MASKS_DIR)}/",
             f"  summary: {_storage.join_url(self.output, SUMMARY_DIR)}/",
         ]
@@ -77,45 +89,52 @@ def plan_inputs(config: RunConfig) -> Inputs:
     return manifest.ManifestInputs(config) if config.manifest else listing.ListedInputs(config)
 
 
-def _pool_size(config: RunConfig, gpus_per_actor: float) -> tuple[int, int]:
-    if config.actor_bounds:
-        return config.actor_bounds
-    gpus = _ray.cluster_gpus()
-    n = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1
-    return n, n
+def sizing(config: RunConfig) -> resources.Sizing:
+    """Pool and batch settings for the cluster this process is attached to (segbatch.resources)."""
+    return resources.settle(config, _ray.cluster_cpus(), _ray.cluster_gpus())
 
 
-def build_dataset(config: RunConfig, spec: model.ModelSpec, inputs: Inputs, run_id: str):
+def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, run_id: str):
     """The lazy Ray Dataset of a run; iterating it does the work and yields (uri, status, error) rows."""
     from ray.data import ActorPoolStrategy
 
-    gpus_per_actor = config.gpus_per_actor
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if _ray.cluster_gpus() > 0 else 0.0
-    min_actors, max_actors = _pool_size(config, gpus_per_actor)
-    cpus_per_actor = config.cpus_per_actor if config.cpus_per_actor is not None else 1.0
-    _check_cpus_left_for_tasks(config, max_actors, cpus_per_actor)
-    transforms = spec.architecture.transforms()
+    size = sizing(config)
+    _check_cpus_left_for_tasks(size)
     limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
 
-    ds = inputs.dataset(config.batch_size)
+    ds = inputs.dataset(size.batch_size)
     ds = ds.map_batches(
-        DecodeImages(config.input, config.storage_options, ResizeSpec.from_transforms(transforms), limits),
+        DecodeImages(config.input, config.storage_options, spec.architecture.resize(), limits),
         batch_size=None,  # one listing block per task
         batch_format="pyarrow",
-        num_cpus=config.decode_cpus,
+        num_cpus=size.decode_cpus,
         # The reservation also keeps Ray Data from fusing decoding into the inference actor (it fuses
         # only ops with equal resource requests), where it would run serially with the model.
         memory=DECODE_TASK_MEMORY,
     )
+    if inputs.pending is not None:
+        # Full forward passes: hold decoded images per model-input shape until a batch of one shape is
+        # there (segbatch/batching.py; it knows the input's end by its row count). One actor of no CPU:
+        # it only moves rows.
+        ds = ds.map_batches(
+            ShapeBatcher,
+            fn_constructor_kwargs={"batch_size": size.batch_size, "expected_rows": inputs.pending},
+            compute=ActorPoolStrategy(size=1),
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=0,
+        )
     ds = ds.map_batches(
-        model.Segmenter,
-        fn_constructor_kwargs={"spec": spec, "precision": config.precision, "upsample": config.upsample},
-        compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        batch_size=config.batch_size,
+        inference.Segmenter,
+        fn_constructor_kwargs={"spec": spec, "precision": config.precision, "upsample": config.upsample,
+                               "max_batch": size.batch_size, "threads": size.threads},
+        compute=ActorPoolStrategy(min_size=size.min_actors, max_size=size.max_actors),
+        # After the batcher, a block is one or more single-shape batches: take it whole. A manifest run
+        # (row count unknown until read) groups shapes within each listing-order batch only.
+        batch_size=None if inputs.pending is not None else size.batch_size,
         batch_format="pyarrow",
-        num_gpus=gpus_per_actor or None,
-        num_cpus=cpus_per_actor,
+        num_gpus=size.gpus_per_actor or None,
+        num_cpus=size.cpus_per_actor,
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
         # and its batches retried, so a lost worker costs time, not images (tests/test_faults.py).
     )
@@ -125,22 +144,22 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, inputs: Inputs, run_
     pending = inputs.pending if inputs.pending is not None else sys.maxsize
     ds = ds.map_batches(
         WriteOutputs(context, config.writers, run_id=run_id, model=spec.arch, weights=spec.identity),
-        batch_size=min(SUMMARY_ROWS_PER_FILE, max(config.batch_size, math.ceil(pending / MIN_SUMMARY_FILES))),
+        batch_size=min(SUMMARY_ROWS_PER_FILE, max(size.batch_size, math.ceil(pending / MIN_SUMMARY_FILES))),
         batch_format="pyarrow",
-        num_cpus=config.decode_cpus,
+        num_cpus=size.decode_cpus,
     )
     return ds
 
 
-def _check_cpus_left_for_tasks(config: RunConfig, actors: int, cpus_per_actor: float) -> None:
+def _check_cpus_left_for_tasks(size: resources.Sizing) -> None:
     """Refuse a pool that would leave no CPU for decode and write tasks: the run would wait forever."""
     total = _ray.cluster_cpus()
-    spare = total - actors * cpus_per_actor
-    if spare < config.decode_cpus:
+    spare = total - size.max_actors * size.cpus_per_actor
+    if spare + 1e-9 < size.decode_cpus:
         raise ConfigError(
             "cpus_per_actor",
-            f"{actors} inference actor(s) x {cpus_per_actor:g} CPU leave {spare:g} of the cluster's {total:g} CPUs "
-            f"for decode and write tasks, which need {config.decode_cpus:g} each",
+            f"{size.max_actors} inference actor(s) x {size.cpus_per_actor:g} CPU leave {spare:g} of the cluster's "
+            f"{total:g} CPUs for decode and write tasks, which need {size.decode_cpus:g} each",
             "lower --cpus-per-actor or --actors, lower --decode-cpus, or add CPUs",
         )
 
@@ -149,19 +168,25 @@ def run(config: RunConfig) -> RunReport:
     """Label every input of ``config`` that has no ok row in its OUTPUT yet."""
     config.check_runnable()
     started = time.monotonic()
-    spec = model.resolve(config.model, config.weights, classes_url=config.classes, sha256=config.weights_sha256,
-                         storage_options=config.storage_options)
-    run_id = config.run_id or new_run_id()
-    inputs = plan_inputs(config)
+    ray_start = _ray.Starter(config.address)  # Ray starts while weights are resolved and INPUT is listed
+    try:
+        spec = weights.resolve(config.model, config.weights, classes_url=config.classes,
+                               sha256=config.weights_sha256, storage_options=config.storage_options)
+        run_id = config.run_id or new_run_id()
+        inputs = plan_inputs(config)
+    except BaseException:
+        ray_start.close()
+        raise
     report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output))
     report.listed, report.skipped = inputs.counts()
     if inputs.pending == 0:
+        ray_start.close()
         log.info("nothing to do: every listed input already has an ok row")
         report.seconds = time.monotonic() - started
         runs.finish(config, report, completed=True)
         return report
 
-    with _ray.session(config.address):
+    with ray_start.session():
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = config.progress
@@ -179,6 +204,10 @@ def run(config: RunConfig) -> RunReport:
 
 
 def _tally(report: RunReport, batch: pa.Table) -> None:
+    if FORWARD_PASS_COLUMN in batch.column_names:
+        sizes = [s for s in batch[FORWARD_PASS_COLUMN].to_pylist() if s]
+        report.inferred += len(sizes)
+        report.passes += sum(1.0 / s for s in sizes)
     for uri, status, error in zip(*(batch[c].to_pylist() for c in ("uri", "status", "error"))):
         if status == "ok":
             report.ok += 1

@@ -56,6 +56,8 @@ def record(config, report, *, completed: bool) -> dict[str, Any]:
         "redo": "all" if config.redo_all else "changed" if config.redo_changed else None,
         "input": _USERINFO.sub("", _storage.absolute_url(config.input or config.manifest or "")),
         "stopped_early": report.stopped_early,
+        "forward_passes": report.forward_passes,
+        "images_per_forward_pass": round(report.images_per_forward_pass, 2),
     }
     fs, root = _storage.open_url(config.output, config.storage_options)
     path = _storage.join_path(root, posixpath.join(RUNS_DIR, f"{report.run_id}.json"))

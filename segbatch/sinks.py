@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segbatch import _storage
+from segbatch.batching import FORWARD_PASS_COLUMN
 from segbatch.contract import SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata
 from segbatch.writers import MaskWriter, WriterContext, get_writer
 
@@ -57,7 +58,10 @@ class WriteOutputs:
         table = self._summary_table(rows)
         if table.num_rows:
             self._write_summary(table)
-        return table.select(["uri", "status", "error"])
+        out = table.select(["uri", "status", "error"])
+        if rows and FORWARD_PASS_COLUMN in rows[0]:  # for the driver's tally of forward passes
+            out = out.append_column(FORWARD_PASS_COLUMN, pa.array([r[FORWARD_PASS_COLUMN] for r in rows], pa.int32()))
+        return out
 
     def _summary_table(self, rows: list[dict[str, Any]]) -> pa.Table:
         now = int(time.time() * 1000)

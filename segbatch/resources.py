@@ -1,0 +1,121 @@
+"""Default sizing: how many inference actors, CPUs and torch threads each, and what decoding keeps.
+
+:func:`plan_pool` is a pure function of the cluster's resources, so the choice is testable without a
+cluster; the pipeline calls it with ``ray.cluster_resources()`` and lets every flag the user gave win.
+
+The rule (docs/scaling.md explains it, docs/benchmarks.md has the measurements behind it):
+
+- **No GPU.** Inference takes the cores decoding does not need. Decoding, resizing and PNG-encoding a
+  640x480 photo costs ~10 ms of one core against ~160 ms of one core for the smallest model's forward
+  pass, so the tasks around the model need about 1/16 of the CPU time; :data:`TASK_SHARE` keeps 1/8 of
+  the cores (at least :data:`MIN_TASK_CPUS`) for them. The rest goes to actors of about
+  :data:`THREADS_PER_ACTOR` torch threads each: one torch process scales poorly past a few threads,
+  several processes with a few threads each do not share a thread barrier.
+- **GPUs.** One actor per GPU with :data:`CPUS_PER_GPU_ACTOR` CPU; every other CPU decodes and writes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+TASK_SHARE = 0.125  # of a CPU-only cluster's cores kept for decode and write tasks
+MIN_TASK_CPUS = 0.25  # ... and never less than this
+THREADS_PER_ACTOR = 4  # torch threads per CPU inference actor, about
+CPUS_PER_GPU_ACTOR = 1.0  # a GPU actor's host work (staging, copying masks back) needs one core
+MAX_DECODE_CPUS = 1.0  # a decode/write task never reserves more than one CPU
+
+# Default --batch-size. CPU: batching gains little per image (measured: 89 vs 84 ms at batch 1 vs 4,
+# two threads), and more images per pass only hold more memory. GPU: the rule in gpu_batch_size.
+CPU_BATCH_SIZE = 4
+# GPU memory one 520x693 image needs in a forward pass, fp32 (activations, estimated at 2x the largest
+# feature maps, rounded up); halved under bf16/fp16 autocast.
+GPU_BYTES_PER_IMAGE = {"mobilenet": 256 * 1024**2, "resnet50": 1024 * 1024**2, "resnet101": 1536 * 1024**2}
+ASSUMED_GPU_BYTES = 16 * 1024**3  # the smallest common datacenter GPU, when the real size is not known
+GPU_MEMORY_SHARE = 0.5  # of the device's memory the batch may take; the rest is model, allocator slack
+MAX_GPU_BATCH = 64
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    actors: int
+    cpus_per_actor: float
+    threads: int  # torch threads per actor
+    gpus_per_actor: float
+    decode_cpus: float  # per decode / write task
+
+
+def plan_pool(cpus: float, gpus: float) -> PoolPlan:
+    """The default inference pool for a cluster of ``cpus`` CPUs and ``gpus`` GPUs (see the module doc)."""
+    cpus = max(float(cpus), 1.0)
+    if gpus >= 1:
+        actors = int(gpus)
+        per_actor = min(CPUS_PER_GPU_ACTOR, max(0.25, (cpus - MIN_TASK_CPUS) / actors / 2))
+        spare = cpus - actors * per_actor
+        return PoolPlan(actors, per_actor, max(1, math.floor(per_actor)), 1.0, _decode_cpus(spare))
+    tasks = max(MIN_TASK_CPUS, cpus * TASK_SHARE)
+    inference = cpus - tasks
+    actors = max(1, round(inference / THREADS_PER_ACTOR))
+    per_actor = inference / actors
+    threads = max(1, math.ceil(per_actor - 1e-6))
+    return PoolPlan(actors, round(per_actor, 4), threads, 0.0, _decode_cpus(tasks))
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """A run's pool and batch settings: the flags the user gave, :func:`plan_pool` for the rest."""
+
+    min_actors: int
+    max_actors: int
+    cpus_per_actor: float
+    threads: int
+    gpus_per_actor: float  # 0: CPU inference
+    decode_cpus: float
+    batch_size: int
+
+
+def settle(config, cpus: float, gpus: float) -> Sizing:
+    """Fill in what ``config`` (a RunConfig) leaves open for a cluster of ``cpus`` CPUs and ``gpus`` GPUs."""
+    cpus = max(float(cpus), 1.0)
+    gpus_per_actor = config.gpus_per_actor
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus > 0 else 0.0
+    plan = plan_pool(cpus, gpus if gpus_per_actor else 0.0)
+    if config.actor_bounds:
+        min_actors, max_actors = config.actor_bounds
+    elif gpus_per_actor:
+        min_actors = max_actors = max(1, int(gpus // gpus_per_actor))
+    else:
+        min_actors = max_actors = plan.actors
+    if config.cpus_per_actor is not None:
+        per_actor = float(config.cpus_per_actor)
+    elif gpus_per_actor:
+        per_actor = min(CPUS_PER_GPU_ACTOR, max(0.25, (cpus - MIN_TASK_CPUS) / max_actors / 2))
+    else:
+        per_actor = round((cpus - max(MIN_TASK_CPUS, cpus * TASK_SHARE)) / max_actors, 4)
+    decode = config.decode_cpus if config.decode_cpus is not None else _decode_cpus(cpus - max_actors * per_actor)
+    batch = config.batch_size or default_batch_size(config.model, config.precision, gpus if gpus_per_actor else 0.0)
+    return Sizing(min_actors, max_actors, per_actor, max(1, math.ceil(per_actor - 1e-6)), float(gpus_per_actor),
+                  float(decode), batch)
+
+
+def _decode_cpus(spare: float) -> float:
+    """Per-task reservation: two tasks fit in the spare CPUs (decode of one batch beside the write of another)."""
+    return round(min(MAX_DECODE_CPUS, max(spare / 2, 0.0625)), 4)
+
+
+def gpu_batch_size(arch: str, precision: str = "fp32", gpu_bytes: int | None = None) -> int:
+    """Images per forward pass that fill a GPU: the largest power of two whose activations fit in
+    :data:`GPU_MEMORY_SHARE` of its memory (:data:`ASSUMED_GPU_BYTES` when unknown), capped at
+    :data:`MAX_GPU_BATCH`."""
+    family = next((f for f in GPU_BYTES_PER_IMAGE if f in arch), "resnet101")
+    per_image = GPU_BYTES_PER_IMAGE[family] / (2 if precision in ("bf16", "fp16") else 1)
+    fit = int((gpu_bytes or ASSUMED_GPU_BYTES) * GPU_MEMORY_SHARE // per_image)
+    return max(1, min(MAX_GPU_BATCH, 2 ** int(math.log2(fit)) if fit >= 1 else 1))
+
+
+def default_batch_size(arch: str, precision: str, gpus: float, gpu_bytes: int | None = None) -> int:
+    return gpu_batch_size(arch, precision, gpu_bytes) if gpus >= 1 else CPU_BATCH_SIZE
+
+
+__all__ = ["PoolPlan", "Sizing", "default_batch_size", "gpu_batch_size", "plan_pool", "settle"]

@@ -1,0 +1,84 @@
+"""Default pool, thread and batch choices (segbatch/resources.py) for CPU-only and GPU clusters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from segbatch import RunConfig
+from segbatch.resources import gpu_batch_size, plan_pool, settle
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4, 8, 16, 64, 96])
+def test_cpu_only_inference_covers_the_cores_decoding_does_not_need(cpus):
+    plan = plan_pool(cpus, 0)
+    inference = plan.actors * plan.cpus_per_actor
+    assert plan.gpus_per_actor == 0
+    assert inference >= 0.85 * cpus - 1e-9 if cpus > 1 else inference > 0
+    assert cpus - inference >= plan.decode_cpus > 0  # decode and write tasks can always run
+    assert plan.threads == max(1, -(-plan.cpus_per_actor // 1))  # one torch thread per CPU held
+    assert plan.actors * plan.threads <= cpus  # never more torch threads than cores
+    assert plan.threads <= 4
+
+
+def test_the_two_core_machine_gives_one_actor_both_threads():
+    plan = plan_pool(2, 0)
+    assert (plan.actors, plan.threads) == (1, 2)
+    assert plan.cpus_per_actor == 1.75 and plan.decode_cpus == 0.125
+
+
+def test_sixteen_cores_without_a_gpu():
+    plan = plan_pool(16, 0)
+    assert (plan.actors, plan.threads) == (4, 4)
+    assert plan.actors * plan.cpus_per_actor == 14.0 and plan.decode_cpus == 1.0
+
+
+@pytest.mark.parametrize("cpus,gpus", [(8, 1), (16, 1), (96, 8), (4, 4)])
+def test_gpu_clusters_get_one_actor_per_gpu_and_the_rest_decodes(cpus, gpus):
+    plan = plan_pool(cpus, gpus)
+    assert plan.actors == gpus and plan.gpus_per_actor == 1.0
+    assert plan.cpus_per_actor <= 1.0
+    assert cpus - plan.actors * plan.cpus_per_actor >= plan.decode_cpus > 0
+
+
+def test_flags_win_over_the_plan():
+    config = RunConfig(actors="3", cpus_per_actor=0.5, decode_cpus=0.25, batch_size=7)
+    size = settle(config, 16, 0)
+    assert (size.min_actors, size.max_actors, size.cpus_per_actor, size.threads) == (3, 3, 0.5, 1)
+    assert (size.decode_cpus, size.batch_size) == (0.25, 7)
+    # --actors alone: the inference share is split among them
+    size = settle(RunConfig(actors="2"), 16, 0)
+    assert size.max_actors == 2 and size.cpus_per_actor == 7.0 and size.threads == 7
+
+
+def test_default_batch_size_cpu_and_gpu():
+    assert settle(RunConfig(model="deeplabv3_mobilenet_v3_large"), 2, 0).batch_size == 4
+    gpu = settle(RunConfig(model="deeplabv3_resnet101"), 16, 1)
+    assert gpu.batch_size == gpu_batch_size("deeplabv3_resnet101", "fp32") == 4  # 8 GiB / 1.5 GiB -> 5 -> 4
+    assert gpu_batch_size("deeplabv3_resnet101", "bf16", 80 * 1024**3) == 32
+    assert gpu_batch_size("deeplabv3_mobilenet_v3_large", "fp32", 80 * 1024**3) == 64
+    assert gpu_batch_size("fcn_resnet50", "fp32", 1024**3) == 1
+
+
+def test_a_simulated_sixteen_core_cluster(tmp_path):
+    """The pipeline reads the plan off a real Ray's resources: one started with num_cpus=16 on this machine."""
+    code = (
+        "import json, ray\n"
+        "ray.init(address='local', num_cpus=16, include_dashboard=False, _node_ip_address='127.0.0.1')\n"
+        "from segbatch import RunConfig\n"
+        "from segbatch.pipeline import sizing\n"
+        "s = sizing(RunConfig(model='deeplabv3_mobilenet_v3_large'))\n"
+        "print(json.dumps(s.__dict__))\n"
+        "ray.shutdown()\n"
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    size = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (size["max_actors"], size["threads"], size["cpus_per_actor"], size["gpus_per_actor"]) == (4, 4, 3.5, 0.0)
+    assert size["decode_cpus"] == 1.0 and size["batch_size"] == 4
