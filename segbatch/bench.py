@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -106,7 +107,16 @@ def one_image_loop(paths: list[str], model, transforms, device, num_classes: int
         return Row("(b) one-image loop", len(paths), time.perf_counter() - start)
 
 
-def _sample_rss(root_pid: int, peaks: dict[str, int], stop: threading.Event) -> None:
+def _first_file(folder: str) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.is_file() for e in entries)
+    except OSError:
+        return False
+
+
+def _sample_rss(root_pid: int, peaks: dict[str, int], stop: threading.Event, masks: str = "",
+                started: float = 0.0) -> None:
     import psutil
 
     try:
@@ -114,6 +124,8 @@ def _sample_rss(root_pid: int, peaks: dict[str, int], stop: threading.Event) -> 
     except psutil.Error:
         return
     while not stop.is_set():
+        if masks and "first_mask_s" not in peaks and _first_file(masks):
+            peaks["first_mask_s"] = time.perf_counter() - started
         try:
             peaks["driver"] = max(peaks.get("driver", 0), root.memory_info().rss)
             for child in root.children(recursive=True):
@@ -135,7 +147,8 @@ def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
         stop = threading.Event()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sampler = threading.Thread(target=_sample_rss, args=(proc.pid, peaks, stop), daemon=True)
+        sampler = threading.Thread(target=_sample_rss, args=(proc.pid, peaks, stop, os.path.join(out, "masks"), start),
+                                   daemon=True)
         sampler.start()
         output, _ = proc.communicate()
         seconds = time.perf_counter() - start
@@ -144,9 +157,13 @@ def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
         if proc.returncode != 0:
             raise RuntimeError(f"segbatch run failed ({proc.returncode}):\n{output[-3000:]}")
         ok = sum(1 for line in output.splitlines() if " ok, " in line and line.startswith("segbatch run"))
+        passes = re.search(r"forward passes: (\d+) \(([\d.]+) images per pass\)", output)
         return Row("(c) segbatch end to end", n_images, seconds,
                    {"driver_peak_rss_mib": peaks.get("driver", 0) / 2**20,
-                    "actor_peak_rss_mib": peaks.get("actors", 0) / 2**20, "report_lines": ok})
+                    "actor_peak_rss_mib": peaks.get("actors", 0) / 2**20, "report_lines": ok,
+                    "first_mask_s": peaks.get("first_mask_s", float("nan")),
+                    "forward_passes": int(passes.group(1)) if passes else None,
+                    "images_per_forward_pass": float(passes.group(2)) if passes else None})
 
 
 def stage_rates(paths: list[str], transforms) -> dict[str, float]:
@@ -201,7 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="folder of images (make bench-data builds 128 JPEGs of 640x480)")
     parser.add_argument("--model", default="deeplabv3_mobilenet_v3_large")
     parser.add_argument("--weights", default="random")
-    parser.add_argument("--batch-size", default="4", help="comma-separated batch sizes for (a); the first is used for (c)")
+    parser.add_argument("--batch-size", help="comma-separated batch sizes for (a); the first is passed to (c) "
+                        "(default: (a) at 1 and 4, (c) with segbatch's own default)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", help="torch device for (a) and (b) (default: cuda if available)")
     parser.add_argument("--limit", type=int, help="use only the first N images")
@@ -223,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     paths = listing.list_inputs(args.input, {}, ("jpg", "jpeg", "png"))["path"].to_pylist()[: args.limit]
     if not paths:
         raise SystemExit(f"segbatch bench: no images in {args.input}")
-    batch_sizes = sorted({1, *(int(b) for b in args.batch_size.split(","))})
+    batch_sizes = sorted({1, *(int(b) for b in (args.batch_size or "4").split(","))})
     device = _device(args.device)
     spec = model.resolve(args.model, args.weights)
     transforms = spec.architecture.transforms()
@@ -238,8 +256,8 @@ def run(args: argparse.Namespace) -> int:
     if "b" not in skip:
         rows.append(one_image_loop(paths, net, transforms, device, spec.num_classes))
     if "c" not in skip:
-        run_args = ["--model", args.model, "--weights", args.weights, "--batch-size", args.batch_size.split(",")[0],
-                    "--precision", args.precision, "--redo-all", *args.run_arg]
+        run_args = ["--model", args.model, "--weights", args.weights, "--precision", args.precision, "--redo-all",
+                    *(["--batch-size", args.batch_size.split(",")[0]] if args.batch_size else []), *args.run_arg]
         rows.append(end_to_end(args.input, len(paths), run_args))
     rates = stage_rates(paths[:16], transforms)
 
@@ -264,6 +282,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"(c)/(b) = {e2e.rate / loop.rate:.2f}")
         print(f"peak RSS: driver {e2e.extra['driver_peak_rss_mib']:.0f} MiB, "
               f"inference actor {e2e.extra['actor_peak_rss_mib']:.0f} MiB")
+        print(f"(c) first mask after {e2e.extra['first_mask_s']:.1f} s; forward passes: {e2e.extra['forward_passes']} "
+              f"({e2e.extra['images_per_forward_pass']} images per pass)")
     print(f"one core: decode+resize {rates['decode_per_core']:.1f} img/s, PNG encode {rates['encode_per_core']:.1f} img/s")
     result = {"model": args.model, "weights": spec.identity, "precision": args.precision,
               "device": _device_label(device), "images": len(paths), "date": time.strftime("%Y-%m-%d"),

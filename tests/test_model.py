@@ -158,3 +158,32 @@ def test_classes_file_must_match_the_default_weights(tmp_path):
     names.write_text("a\nb\nc\nd\ne\n")
     with pytest.raises(WeightsError, match="5 classes; the model has 21"):
         model.resolve(TEST_ARCH, "random", classes_url=str(names))
+
+
+@pytest.mark.parametrize("arch", available_models())
+def test_the_registry_knows_what_the_driver_needs_without_torch(arch):
+    """Class names, resize and DEFAULT weights' name and URL, kept by segbatch so the driver skips torch."""
+    from torchvision.models import get_model_weights
+    from torchvision.transforms.functional import pil_modes_mapping
+
+    from segbatch.architectures import get_architecture
+
+    architecture = get_architecture(arch)
+    default = get_model_weights(arch).DEFAULT
+    transforms = default.transforms()
+    assert architecture.categories() == tuple(default.meta["categories"])
+    assert architecture.default_weights == str(default) and architecture.default_url == default.url
+    resize = architecture.resize()
+    assert list(resize.size) == list(transforms.resize_size)
+    assert resize.resample == pil_modes_mapping[transforms.interpolation]
+
+
+def test_a_random_weights_driver_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from segbatch import pipeline, weights; "
+            "weights.resolve('deeplabv3_mobilenet_v3_large', 'random').architecture.resize(); "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
