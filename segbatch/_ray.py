@@ -38,13 +38,22 @@ class Starter:
         self._owned = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._release = threading.Event()
         if ray.is_initialized():
             return
         if background:
-            self._thread = threading.Thread(target=self._start, name="segbatch-ray-start", daemon=True)
+            # The thread lives until close(): Ray's GCS and raylet are started with a parent-death signal,
+            # which Linux ties to the starting *thread*, so they would be killed when it ended.
+            self._thread = threading.Thread(target=self._start_and_hold, name="segbatch-ray", daemon=True)
             self._thread.start()
         else:
             self._start()
+
+    def _start_and_hold(self) -> None:
+        self._start()
+        self._ready.set()
+        self._release.wait()
 
     def _start(self) -> None:
         import ray
@@ -64,10 +73,10 @@ class Starter:
 
     def wait(self) -> None:
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._ready.wait()
         if self._error is not None:
             error, self._error = self._error, None
+            self.close()
             raise error
 
     @contextlib.contextmanager
@@ -82,11 +91,14 @@ class Starter:
         import ray
 
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._ready.wait()
         if self._owned:
             self._owned = False
             ray.shutdown()
+        if self._thread is not None:
+            self._release.set()
+            self._thread.join()
+            self._thread = None
 
 
 def cluster_gpus() -> float:

@@ -91,7 +91,10 @@ def plan_inputs(config: RunConfig) -> Inputs:
 
 def sizing(config: RunConfig) -> resources.Sizing:
     """Pool and batch settings for the cluster this process is attached to (segbatch.resources)."""
-    return resources.settle(config, _ray.cluster_cpus(), _ray.cluster_gpus())
+    import ray
+
+    gpu_bytes = resources.gpu_bytes_of(ray.cluster_resources())
+    return resources.settle(config, _ray.cluster_cpus(), _ray.cluster_gpus(), gpu_bytes)
 
 
 def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, run_id: str):

@@ -34,6 +34,10 @@ GPU_BYTES_PER_IMAGE = {"mobilenet": 256 * 1024**2, "resnet50": 1024 * 1024**2, "
 ASSUMED_GPU_BYTES = 16 * 1024**3  # the smallest common datacenter GPU, when the real size is not known
 GPU_MEMORY_SHARE = 0.5  # of the device's memory the batch may take; the rest is model, allocator slack
 MAX_GPU_BATCH = 64
+# Ray labels GPU nodes with an `accelerator_type:<TYPE>` resource; the memory of the common types (the
+# smaller variant where a type comes in two sizes).
+GPU_MEMORY_GIB = {"T4": 16, "V100": 16, "A10G": 24, "L4": 24, "A100": 40, "L40S": 48, "H100": 80, "H200": 141,
+                  "B200": 180}
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,9 @@ class Sizing:
     batch_size: int
 
 
-def settle(config, cpus: float, gpus: float) -> Sizing:
-    """Fill in what ``config`` (a RunConfig) leaves open for a cluster of ``cpus`` CPUs and ``gpus`` GPUs."""
+def settle(config, cpus: float, gpus: float, gpu_bytes: int | None = None) -> Sizing:
+    """Fill in what ``config`` (a RunConfig) leaves open for a cluster of ``cpus`` CPUs and ``gpus`` GPUs
+    (of ``gpu_bytes`` memory each, when known)."""
     cpus = max(float(cpus), 1.0)
     gpus_per_actor = config.gpus_per_actor
     if gpus_per_actor is None:
@@ -94,7 +99,8 @@ def settle(config, cpus: float, gpus: float) -> Sizing:
     else:
         per_actor = round((cpus - max(MIN_TASK_CPUS, cpus * TASK_SHARE)) / max_actors, 4)
     decode = config.decode_cpus if config.decode_cpus is not None else _decode_cpus(cpus - max_actors * per_actor)
-    batch = config.batch_size or default_batch_size(config.model, config.precision, gpus if gpus_per_actor else 0.0)
+    batch = config.batch_size or default_batch_size(config.model, config.precision, gpus if gpus_per_actor else 0.0,
+                                                    gpu_bytes)
     return Sizing(min_actors, max_actors, per_actor, max(1, math.ceil(per_actor - 1e-6)), float(gpus_per_actor),
                   float(decode), batch)
 
@@ -114,8 +120,15 @@ def gpu_batch_size(arch: str, precision: str = "fp32", gpu_bytes: int | None = N
     return max(1, min(MAX_GPU_BATCH, 2 ** int(math.log2(fit)) if fit >= 1 else 1))
 
 
+def gpu_bytes_of(resources: dict) -> int | None:
+    """The smallest GPU memory among the cluster's known accelerator types, or None when none is known."""
+    known = [GPU_MEMORY_GIB[k.split(":", 1)[1]] for k in resources
+             if k.startswith("accelerator_type:") and k.split(":", 1)[1] in GPU_MEMORY_GIB]
+    return min(known) * 1024**3 if known else None
+
+
 def default_batch_size(arch: str, precision: str, gpus: float, gpu_bytes: int | None = None) -> int:
     return gpu_batch_size(arch, precision, gpu_bytes) if gpus >= 1 else CPU_BATCH_SIZE
 
 
-__all__ = ["PoolPlan", "Sizing", "default_batch_size", "gpu_batch_size", "plan_pool", "settle"]
+__all__ = ["PoolPlan", "Sizing", "default_batch_size", "gpu_batch_size", "gpu_bytes_of", "plan_pool", "settle"]

@@ -64,6 +64,16 @@ def test_default_batch_size_cpu_and_gpu():
     assert gpu_batch_size("fcn_resnet50", "fp32", 1024**3) == 1
 
 
+def test_gpu_memory_from_ray_accelerator_labels():
+    from segbatch.resources import gpu_bytes_of
+
+    assert gpu_bytes_of({"CPU": 16, "GPU": 1, "accelerator_type:H100": 1}) == 80 * 1024**3
+    assert gpu_bytes_of({"CPU": 16, "GPU": 2, "accelerator_type:T4": 1, "accelerator_type:L4": 1}) == 16 * 1024**3
+    assert gpu_bytes_of({"CPU": 16, "GPU": 1}) is None
+    size = settle(RunConfig(model="deeplabv3_resnet101"), 16, 1, gpu_bytes_of({"accelerator_type:H100": 1}))
+    assert size.batch_size == 16  # 40 GiB / 1.5 GiB -> 26 -> 16
+
+
 def test_a_simulated_sixteen_core_cluster(tmp_path):
     """The pipeline reads the plan off a real Ray's resources: one started with num_cpus=16 on this machine."""
     code = (
