@@ -39,7 +39,7 @@ def _parse_actors(value: str | int | None) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """All settings of one ``segbatch run``; see README.md for each field."""
+    """All settings of one ``segbatch run``; docs/cli.md describes each field."""
 
     input: str = ""
     output: str = ""
