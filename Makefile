@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-output
 DEMO_MODEL ?= deeplabv3_mobilenet_v3_large
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-gpu bench bench-data clean
+.PHONY: venv demo test test-fast test-gpu lint format lock bench bench-data clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,18 @@ demo: $(STAMP)
 # CI and developers run the same thing. CUDA tests are deselected: they run on a GPU machine (make test-gpu).
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The unit tier: no Ray cluster, no S3 server, no browser, no heavy models; well under a minute.
+test-fast: $(STAMP)
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -m "not gpu and not slow and not integration" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -22,7 +21,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from segbatch import _ray, _storage, summary
-from segbatch.contract import MASKS_DIR, ground_truth_relpath, mask_name
+from segbatch.contract import MASKS_DIR, ground_truth_relpath, input_relpath, mask_name
 from segbatch.errors import InputError
 
 EVAL_BATCH_ROWS = 64  # images per Ray task: enough reads in flight to hide object-store latency

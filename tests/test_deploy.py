@@ -256,11 +256,10 @@ def test_nightly_runs_cannot_overlap():
 
 
 def test_manifests_run_the_image_the_dockerfile_builds():
-    import tomllib
+    from segbatch import __version__
 
     image = image_name()
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert image.endswith(f":{version}")
+    assert image.endswith(f":{__version__}")
     ray_images = [i for docs in manifests().values() for d in docs for i in images(d) if "kubectl" not in i]
     assert ray_images and set(ray_images) == {image}
     launcher = yaml.safe_load((DEPLOY / "cluster-launcher.yaml").read_text())

@@ -23,6 +23,7 @@ from segbatch import RunConfig, cli, run
 from segbatch.evaluate import confusion_matrix, metrics
 from segbatch.contract import input_relpath, mask_name, mask_relpath, overlay_relpath
 from segbatch.overlay import background_ids, blend, class_colour, encode_jpeg
+from segbatch.errors import EXIT_STATUS, InputError
 
 # PASCAL VOC's colours as the devkit's VOClabelcolormap lists them (class id -> RGB), written out here
 # rather than computed, so the palette code is checked against the published values.
@@ -253,7 +254,7 @@ def test_eval_sums_the_reference_confusion_matrix_on_ray(labelled, ground_truth,
 
 def test_eval_refuses_an_output_without_summary(tmp_path, capsys):
     (tmp_path / "gt").mkdir()
-    assert cli.main(["eval", str(tmp_path / "nothing"), "--ground-truth", str(tmp_path / "gt")]) == cli.EXIT_INPUT
+    assert cli.main(["eval", str(tmp_path / "nothing"), "--ground-truth", str(tmp_path / "gt")]) == EXIT_STATUS[InputError]
     assert "no summary" in capsys.readouterr().err
 
 
@@ -304,7 +305,7 @@ def test_report_out_writes_a_local_copy(labelled, tmp_path, capsys):
 
 
 def test_report_refuses_an_output_without_summary(tmp_path, capsys):
-    assert cli.main(["report", str(tmp_path / "nothing")]) == cli.EXIT_INPUT
+    assert cli.main(["report", str(tmp_path / "nothing")]) == EXIT_STATUS[InputError]
     assert "no summary" in capsys.readouterr().err
 
 
