@@ -1,17 +1,23 @@
 """deploy/ and jobs/: every manifest parses, fits the KubeRay v1 API, and names the same image, Ray
 version, entrypoint and config files as the Dockerfile and jobs/, so none of them can drift alone.
 
-The KubeRay CRDs themselves (ray-operator/config/crd/bases/ray.io_*.yaml, Apache-2.0, hundreds of KB each)
-are not vendored. RAY_V1 below is a JSON Schema written for these tests from KubeRay's v1 API types
-(ray-operator/apis/ray/v1/*_types.go and the generated CRDs, KubeRay 1.5-1.6): the top-level fields of
-RayCluster, RayJob and RayCronJob with their types, enums and required fields, and no unknown fields,
-so a misspelt or misplaced field (the mistakes a YAML edit makes) fails here rather than on a cluster.
-Pod templates are checked only as far as segbatch relies on them (containers, images, resources).
+Two schemas check the ray.io/v1 manifests:
+- KubeRay's own generated CRDs (ray-operator/config/crd/bases/ray.io_*.yaml, Apache-2.0, about a megabyte
+  each), which are not vendored but kept beside the repository (KUBERAY_CRDS below). Their
+  openAPIV3Schema covers every field down to the pod templates; `strict` makes it refuse unknown keys too,
+  so a misspelt or misplaced field (the mistakes a YAML edit makes) fails here rather than being pruned
+  silently by the API server. These tests skip when the CRDs are absent.
+- RAY_V1 below, a JSON Schema written for these tests from KubeRay's v1 API types (KubeRay 1.5-1.6): the
+  top-level fields of RayCluster, RayJob and RayCronJob with their types, enums and required fields, and
+  no unknown fields. The real CRDs cover all of it; it stays as the fallback, so a checkout without the
+  CRDs beside it still catches a misspelt top-level field.
 The cluster launcher config is validated against the schema that ships with the installed Ray.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 import shlex
@@ -28,6 +34,12 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 SECONDS_PER_DAY = 86400
+# KubeRay's generated CRDs live next to the repository, at ../shared/kuberay-crds from its root: they are
+# large and KubeRay's, so they are not copied in. This is the only path outside the repository the tests
+# read; the tests that need it skip when it is absent.
+KUBERAY_CRDS = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+             "RayCronJob": "ray.io_raycronjobs.yaml"}
 
 # -- the KubeRay v1 API, as far as these manifests use it -------------------------------------------------
 INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
@@ -174,6 +186,84 @@ def container_path_to_repo(path: str) -> Path:
             return REPO / src / path[len(dest):]
     raise AssertionError(f"{path} is not inside a folder the Dockerfile copies into the image")
 
+
+# -- KubeRay's CRDs, made strict ---------------------------------------------------------------------------
+def strict(schema: dict) -> dict:
+    """A CRD's structural schema as a JSON Schema that also refuses unknown keys, at every depth.
+
+    The API server prunes fields a CRD does not declare, silently; so every object schema that lists its
+    `properties` gets additionalProperties: false, except where KubeRay asks to keep unknown fields
+    (x-kubernetes-preserve-unknown-fields). x-kubernetes-int-or-string (resource quantities, ports)
+    means "an integer or a string"; controller-gen already writes that as anyOf, which is kept, and added
+    where missing. Other x-kubernetes-* extensions (list types, CEL rules) have no JSON Schema meaning
+    and are ignored, as jsonschema ignores unknown keywords.
+    """
+    schema = dict(schema)
+    if schema.get("x-kubernetes-int-or-string") and "anyOf" not in schema:
+        schema.pop("type", None)
+        schema["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in schema:
+        schema["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    if isinstance(schema.get("additionalProperties"), dict):
+        schema["additionalProperties"] = strict(schema["additionalProperties"])
+    if isinstance(schema.get("items"), dict):
+        schema["items"] = strict(schema["items"])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in schema:
+            schema[key] = [strict(sub) for sub in schema[key]]
+    if isinstance(schema.get("not"), dict):
+        schema["not"] = strict(schema["not"])
+    return schema
+
+
+@functools.cache
+def _crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads these in a fraction of the time
+    crd = yaml.load((KUBERAY_CRDS / CRD_FILES[kind]).read_text(), Loader=loader)
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["group"] == "ray.io", CRD_FILES[kind]
+    assert crd["spec"]["names"]["kind"] == kind, CRD_FILES[kind]
+    (v1,) = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
+    schema = strict(v1["schema"]["openAPIV3Schema"])
+    # apiVersion and kind are plain strings in a CRD schema; the API server routes by them, so pin them.
+    schema["properties"]["apiVersion"] = {"const": "ray.io/v1"}
+    schema["properties"]["kind"] = {"const": kind}
+    return jsonschema.Draft202012Validator(schema)
+
+
+def crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    if not all((KUBERAY_CRDS / name).is_file() for name in CRD_FILES.values()):
+        pytest.skip(f"KubeRay's CRDs are not at {KUBERAY_CRDS} (ray.io_{{rayclusters,rayjobs,raycronjobs}}.yaml "
+                    "from ray-operator/config/crd/bases/ of ray-project/kuberay)")
+    return _crd_validator(kind)
+
+
+def crd_errors(doc: dict) -> list[str]:
+    """Where and why doc breaks the strict CRD schema of its kind; empty if it fits."""
+    errors = crd_validator(doc["kind"]).iter_errors(doc)
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+
+
+def ray_documents() -> dict[str, dict]:
+    """Every ray.io/v1 object the manifests create, ConfigMap-embedded ones included, by where it is."""
+    found = {}
+    for name, docs in manifests().items():
+        for doc in docs:
+            if doc.get("apiVersion") == "ray.io/v1":
+                found[name] = doc
+            elif doc["kind"] == "ConfigMap":
+                for key, text in doc["data"].items():
+                    inner = yaml.safe_load(text)
+                    if isinstance(inner, dict) and inner.get("apiVersion") == "ray.io/v1":
+                        found[f"{name}:{key}"] = inner
+    return found
+
+
+# The submitter pod KubeRay runs for a RayJob without submitterPodTemplate
+# (ray-operator/controllers/ray/common/job.go, GetDefaultSubmitterTemplate): no securityContext, the
+# namespace's default ServiceAccount, and its token mounted.
+KUBERAY_DEFAULT_SUBMITTER = {"spec": {"restartPolicy": "Never", "containers": [{"name": "ray-job-submitter"}]}}
 
 # -- tests -----------------------------------------------------------------------------------------------
 def test_every_ray_manifest_fits_the_kuberay_v1_api():
@@ -347,3 +437,68 @@ def test_dockerfile_builds_on_a_cuda_base_and_prestages_with_segbatch_itself():
 
     assert re.search(r"^COPY --chown=\S+ jobs/ /app/jobs/$", text, re.M)
     assert "ENTRYPOINT" not in "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+# -- KubeRay's real CRDs ------------------------------------------------------------------------------------
+def test_every_ray_manifest_fits_kuberays_own_crds_with_no_unknown_keys():
+    found = ray_documents()
+    assert sorted(doc["kind"] for doc in found.values()) == ["RayCluster", "RayCronJob", "RayJob", "RayJob"]
+    for where, doc in found.items():
+        assert not crd_errors(doc), f"{where}:\n" + "\n".join(crd_errors(doc))
+
+
+def test_the_strict_crd_schema_rejects_mistakes_at_any_depth():
+    (doc,) = load_all(KUBERAY / "rayjob-once.yaml")
+    assert not crd_errors(doc)
+
+    def broken(edit):
+        bad = copy.deepcopy(doc)
+        edit(bad["spec"])
+        return crd_errors(bad)
+
+    def head_pod(spec):
+        return spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+
+    def worker_container(spec):
+        return spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+
+    def submitter_pod(spec):
+        return spec.setdefault("submitterPodTemplate", copy.deepcopy(KUBERAY_DEFAULT_SUBMITTER))["spec"]
+
+    mistakes = {
+        "misspelt top-level field": lambda s: s.update(shutdownAfterJobsFinish=True),
+        "misspelt field in a container's securityContext": lambda s: head_pod(s)["containers"][0].update(
+            securityContext={"allowPrivilegeEscalaton": False}),
+        "pod field put on the container": lambda s: worker_container(s).update(automountServiceAccountToken=False),
+        "container field put on the pod": lambda s: head_pod(s).update(allowPrivilegeEscalation=False),
+        "misspelt submitter pod field": lambda s: submitter_pod(s).update(automountServiceAcountToken=False),
+        "wrong type": lambda s: s.update(activeDeadlineSeconds="2d"),
+        "not in the enum": lambda s: s["rayClusterSpec"]["authOptions"].update(mode="Token"),
+        "quantity that is not one": lambda s: worker_container(s)["resources"]["limits"].update(memory="32 GB"),
+        "quantity of the wrong type": lambda s: worker_container(s)["resources"]["limits"].update(cpu=True),
+    }
+    for what, edit in mistakes.items():
+        assert broken(edit), what
+    # int-or-string fields take either form.
+    assert not broken(lambda s: worker_container(s)["resources"]["limits"].update(cpu=8))
+    assert not broken(lambda s: worker_container(s)["resources"]["limits"].update(cpu="7500m"))
+    bad = copy.deepcopy(doc)
+    bad["apiVersion"] = "ray.io/v1alpha1"
+    assert crd_errors(bad)
+
+
+def test_strict_keeps_fields_kubernetes_keeps():
+    def obj(**properties):
+        return {"type": "object", "properties": properties}
+
+    schema = strict(obj(
+        open={**obj(a={"type": "string"}), "x-kubernetes-preserve-unknown-fields": True},
+        map={"type": "object", "additionalProperties": obj(b={"type": "integer"})},
+        port={"x-kubernetes-int-or-string": True},
+        list={"type": "array", "items": obj(c={"type": "boolean"})}))
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid({"open": {"a": "x", "extra": 1}, "map": {"k": {"b": 1}}, "port": "http",
+                               "list": [{"c": True}]})
+    assert validator.is_valid({"port": 8265})
+    for bad in ({"extra": 1}, {"map": {"k": {"b": 1, "extra": 1}}}, {"list": [{"extra": 1}]}, {"port": 1.5}):
+        assert not validator.is_valid(bad), bad
+
+
