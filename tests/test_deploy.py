@@ -1,5 +1,6 @@
 """deploy/ and jobs/: every manifest parses, fits the KubeRay v1 API, and names the same image, Ray
-version, entrypoint and config files as the Dockerfile and jobs/, so none of them can drift alone.
+version, entrypoint and config files as the Dockerfile and jobs/, so none of them can drift alone; and
+the image and the pods keep their least-privilege settings (deploy/README.md "Security").
 
 Two schemas check the ray.io/v1 manifests:
 - KubeRay's own generated CRDs (ray-operator/config/crd/bases/ray.io_*.yaml, Apache-2.0, about a megabyte
@@ -185,6 +186,30 @@ def container_path_to_repo(path: str) -> Path:
         if path.startswith(dest):
             return REPO / src / path[len(dest):]
     raise AssertionError(f"{path} is not inside a folder the Dockerfile copies into the image")
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined and comments dropped."""
+    out, pending = [], ""
+    for line in dockerfile().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        instruction, _, args = pending.strip().partition(" ")
+        out.append((instruction.upper(), " ".join(args.split())))
+        pending = ""
+    return out
+
+
+def image_user() -> tuple[int, int]:
+    """The uid:gid the image's containers run as: its last USER instruction, which must be numeric."""
+    users = [args for instruction, args in dockerfile_instructions() if instruction == "USER"]
+    match = re.fullmatch(r"(\d+):(\d+)", users[-1]) if users else None
+    assert match, f"the image's final USER must be numeric uid:gid, not {users[-1:] or 'the base image default'}"
+    return int(match[1]), int(match[2])
 
 
 # -- KubeRay's CRDs, made strict ---------------------------------------------------------------------------
@@ -445,6 +470,14 @@ def test_every_ray_manifest_fits_kuberays_own_crds_with_no_unknown_keys():
         assert not crd_errors(doc), f"{where}:\n" + "\n".join(crd_errors(doc))
 
 
+# -- KubeRay's real CRDs ------------------------------------------------------------------------------------
+def test_every_ray_manifest_fits_kuberays_own_crds_with_no_unknown_keys():
+    found = ray_documents()
+    assert sorted(doc["kind"] for doc in found.values()) == ["RayCluster", "RayCronJob", "RayJob", "RayJob"]
+    for where, doc in found.items():
+        assert not crd_errors(doc), f"{where}:\n" + "\n".join(crd_errors(doc))
+
+
 def test_the_strict_crd_schema_rejects_mistakes_at_any_depth():
     (doc,) = load_all(KUBERAY / "rayjob-once.yaml")
     assert not crd_errors(doc)
@@ -500,5 +533,27 @@ def test_strict_keeps_fields_kubernetes_keeps():
     assert validator.is_valid({"port": 8265})
     for bad in ({"extra": 1}, {"map": {"k": {"b": 1, "extra": 1}}}, {"list": [{"extra": 1}]}, {"port": 1.5}):
         assert not validator.is_valid(bad), bad
+
+
+# -- the image: no root, no sudo ---------------------------------------------------------------------------
+def test_the_image_does_root_steps_as_root_and_leaves_no_sudo_behind():
+    steps = dockerfile_instructions()
+    runs = [args for instruction, args in steps if instruction == "RUN"]
+    # Nothing is run through sudo; the one mention allowed is the check that it no longer works.
+    assert not [r for r in runs if re.search(r"(^|&&|\|\||;|\||\bthen|\bdo)\s*sudo\s", r.replace("! sudo -n true", ""))]
+    users = [i for i, (instruction, _) in enumerate(steps) if instruction == "USER"]
+    assert users and steps[users[0]] == ("USER", "root"), "root steps belong under an explicit USER root"
+    as_root = " && ".join(args for instruction, args in steps[users[0]:users[1]] if instruction == "RUN")
+    assert "/etc/sudoers" in as_root and "NOPASSWD" in as_root, "the base image's sudo rule must be removed"
+    uid, gid = image_user()
+    assert uid != 0 and steps[users[-1]] == ("USER", f"{uid}:{gid}")
+    # Once back to the unprivileged user, the build proves sudo is gone.
+    assert "! sudo -n true 2>/dev/null" in [args for instruction, args in steps[users[-1]:] if instruction == "RUN"]
+    # What the image's processes write at run time belongs to that user: the working directory, TORCH_HOME.
+    (chown,) = re.findall(r"chown (\S+) ([^&]+)", as_root)
+    assert chown[0] in ("ray:users", f"{uid}:{gid}")
+    (workdir,) = [args for instruction, args in steps if instruction == "WORKDIR"]
+    (torch_home,) = re.findall(r"TORCH_HOME=(\S+)", dockerfile())
+    assert {workdir, torch_home} <= set(chown[1].split())
 
 
