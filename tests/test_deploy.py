@@ -297,6 +297,47 @@ def ray_documents() -> dict[str, dict]:
 # namespace's default ServiceAccount, and its token mounted.
 KUBERAY_DEFAULT_SUBMITTER = {"spec": {"restartPolicy": "Never", "containers": [{"name": "ray-job-submitter"}]}}
 
+# -- the pods the manifests run ----------------------------------------------------------------------------
+def cluster_specs() -> dict[str, dict]:
+    """Every RayCluster spec: the long-lived cluster's and each RayJob's."""
+    found = {name: doc["spec"] for name, docs in manifests().items() for doc in docs if doc["kind"] == "RayCluster"}
+    found.update({where: spec["rayClusterSpec"] for where, spec in ray_job_specs().items()})
+    return found
+
+
+def pod_templates() -> list[tuple[str, str, dict]]:
+    """(where, role, pod template) for every pod the manifests run; role: head, worker, submitter, kubectl."""
+    found = []
+    for where, spec in cluster_specs().items():
+        found.append((where, "head", spec["headGroupSpec"]["template"]))
+        found += [(f"{where}:{g['groupName']}", "worker", g["template"]) for g in spec.get("workerGroupSpecs", [])]
+    for where, spec in ray_job_specs().items():
+        found.append((where, "submitter", spec.get("submitterPodTemplate", KUBERAY_DEFAULT_SUBMITTER)))
+    for name, docs in manifests().items():
+        for doc in docs:
+            if doc["kind"] == "CronJob":
+                found.append((name, "kubectl", doc["spec"]["jobTemplate"]["spec"]["template"]))
+    return found
+
+
+# The container settings every pod's containers must end up with (pod-level ones are inherited).
+POD_LEVEL = ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile")
+
+
+def effective_security_contexts(template: dict, cluster_spec: dict | None = None) -> dict[str, dict]:
+    """Each container's securityContext with the pod's inherited fields filled in, by container name.
+
+    For a head pod, the autoscaler sidecar KubeRay adds (its securityContext comes from autoscalerOptions)
+    counts too. KubeRay's wait-gcs-ready init container copies the worker container's settings.
+    """
+    spec = template["spec"]
+    pod = {k: v for k, v in spec.get("securityContext", {}).items() if k in POD_LEVEL}
+    containers = {c["name"]: c.get("securityContext", {}) for c in spec["containers"] + spec.get("initContainers", [])}
+    if cluster_spec is not None and cluster_spec.get("enableInTreeAutoscaling"):
+        containers["autoscaler"] = cluster_spec.get("autoscalerOptions", {}).get("securityContext", {})
+    return {name: {**pod, **own} for name, own in containers.items()}
+
+
 # -- tests -----------------------------------------------------------------------------------------------
 def test_every_ray_manifest_fits_the_kuberay_v1_api():
     kinds = []
@@ -556,6 +597,71 @@ def test_the_image_does_root_steps_as_root_and_leaves_no_sudo_behind():
     (workdir,) = [args for instruction, args in steps if instruction == "WORKDIR"]
     (torch_home,) = re.findall(r"TORCH_HOME=(\S+)", dockerfile())
     assert {workdir, torch_home} <= set(chown[1].split())
+
+
+# -- pod security ------------------------------------------------------------------------------------------
+def test_every_container_runs_unprivileged_as_the_images_user():
+    uid, gid = image_user()
+    specs = cluster_specs()
+    checked = set()
+    for where, role, template in pod_templates():
+        cluster = specs.get(where) if role == "head" else None
+        contexts = effective_security_contexts(template, cluster)
+        for name, sc in contexts.items():
+            what = f"{where} {role} {name}"
+            assert sc.get("runAsNonRoot") is True, what
+            assert isinstance(sc.get("runAsUser"), int) and sc["runAsUser"] > 0, what
+            assert sc.get("allowPrivilegeEscalation") is False, what
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc["capabilities"].get("add"), what
+            assert sc.get("seccompProfile") == {"type": "RuntimeDefault"}, what
+            assert not sc.get("privileged"), what
+            if role != "kubectl":  # the segbatch image: run as its own user, which owns /app and the weights
+                assert (sc["runAsUser"], sc.get("runAsGroup")) == (uid, gid), what
+            if sc.get("readOnlyRootFilesystem"):  # then it needs somewhere to write: HOME on a volume
+                (container,) = [c for c in template["spec"]["containers"] if c["name"] == name]
+                home = {e["name"]: e.get("value") for e in container.get("env", [])}.get("HOME")
+                mounts = {m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")}
+                assert home in mounts, what
+            checked.add((role, name))
+    assert {r for r, _ in checked} == {"head", "worker", "submitter", "kubectl"}
+    assert ("head", "autoscaler") in checked
+
+
+# -- service account tokens --------------------------------------------------------------------------------
+# What each kubectl subcommand the CronJob's script uses needs, as RBAC verbs on the object it names.
+KUBECTL_VERBS = {"create": {"create"}, "get": {"get"}, "delete": {"delete"}, "patch": {"patch"},
+                 "wait": {"get", "list", "watch"}, "apply": {"get", "create", "patch"}}
+
+
+def test_only_pods_that_call_the_kubernetes_api_get_a_token():
+    specs = cluster_specs()
+    for where, role, template in pod_templates():
+        mount = template["spec"].get("automountServiceAccountToken")
+        assert isinstance(mount, bool), f"{where} {role}: set automountServiceAccountToken explicitly"
+        if role == "head":  # the autoscaler sidecar scales the workers through the API
+            assert mount is bool(specs[where].get("enableInTreeAutoscaling")), where
+        else:
+            assert mount is (role == "kubectl"), f"{where} {role}"
+
+
+def test_the_cronjob_role_allows_exactly_what_its_script_runs():
+    docs = {d["kind"]: d for d in load_all(KUBERAY / "cronjob-rayjob.yaml")}
+    pod = docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    script = pod["containers"][0]["command"][-1]
+    subcommands = re.findall(r"\bkubectl (\w+)", script)
+    assert subcommands and set(subcommands) <= set(KUBECTL_VERBS), subcommands
+    needed = set().union(*(KUBECTL_VERBS[s] for s in subcommands))
+    (rule,) = docs["Role"]["rules"]
+    assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"] and "resourceNames" not in rule
+    assert set(rule["verbs"]) == needed
+    binding = docs["RoleBinding"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": docs["Role"]["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"]}]
+    # Nothing cluster-wide, and no extra grants to the Ray pods' account: the autoscaler's Role is KubeRay's.
+    kinds = [d["kind"] for docs_ in manifests().values() for d in docs_]
+    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    assert kinds.count("Role") == kinds.count("RoleBinding") == 1
 
 
 # -- reproducible image ------------------------------------------------------------------------------------
