@@ -338,6 +338,49 @@ def effective_security_contexts(template: dict, cluster_spec: dict | None = None
     return {name: {**pod, **own} for name, own in containers.items()}
 
 
+# -- NetworkPolicy, as far as these manifests use it --------------------------------------------------------
+def kuberay_pod_labels(template: dict, node_type: str, cluster: str = "segbatch") -> dict[str, str]:
+    """The labels a Ray pod gets: KubeRay's (ray-operator/controllers/ray/common/pod.go, labelPod), which the
+    template's own override, except ray.io/node-type, ray.io/group and ray.io/cluster."""
+    labels = {"ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "kuberay",
+              "app.kubernetes.io/created-by": "kuberay-operator"}
+    labels.update(template.get("metadata", {}).get("labels", {}))
+    labels.update({"ray.io/node-type": node_type, "ray.io/cluster": cluster, "ray.io/group": "headgroup"})
+    return labels
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"this check understands matchLabels only: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_admits(peer: dict, labels: dict[str, str]) -> bool:
+    if "ipBlock" in peer or "podSelector" not in peer:
+        return True  # an address range or a whole namespace: could be anyone
+    return _selects(peer["podSelector"], labels)
+
+
+def admitted(policies: list[dict], target: dict[str, str], source: dict[str, str], port: int) -> bool:
+    """Whether a TCP connection from a pod labelled `source` to `port` on a pod labelled `target`, in the
+    same namespace, is allowed by these NetworkPolicies (a pod no policy selects accepts everything)."""
+    selecting = [p["spec"] for p in policies if _selects(p["spec"]["podSelector"], target)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for spec in selecting:
+        for rule in spec.get("ingress", []):
+            ports = rule.get("ports") or [{}]
+            port_ok = any(p.get("protocol", "TCP") == "TCP" and (
+                "port" not in p or p["port"] <= port <= p.get("endPort", p["port"])) for p in ports)
+            if port_ok and (not rule.get("from") or any(_peer_admits(peer, source) for peer in rule["from"])):
+                return True
+    return False
+
+
+def network_policies() -> list[dict]:
+    return [d for docs in manifests().values() for d in docs if d["kind"] == "NetworkPolicy"]
+
+
 # -- tests -----------------------------------------------------------------------------------------------
 def test_every_ray_manifest_fits_the_kuberay_v1_api():
     kinds = []
@@ -662,6 +705,46 @@ def test_the_cronjob_role_allows_exactly_what_its_script_runs():
     kinds = [d["kind"] for docs_ in manifests().values() for d in docs_]
     assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
     assert kinds.count("Role") == kinds.count("RoleBinding") == 1
+
+
+# -- network -----------------------------------------------------------------------------------------------
+RAY_PORTS = (6379, 8265, 10001)
+
+
+def test_only_the_clusters_pods_the_submitter_and_the_operator_reach_ray():
+    policies = network_policies()
+    assert policies, "no NetworkPolicy covers the Ray pods"
+    heads, workers, submitters = [], [], []
+    for where, role, template in pod_templates():
+        if role == "head":
+            heads.append(kuberay_pod_labels(template, "head"))
+        elif role == "worker":
+            workers.append(kuberay_pod_labels(template, "worker"))
+        elif role == "submitter":
+            submitters.append(template.get("metadata", {}).get("labels", {}))
+    operator = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator"}
+    strangers = [{}, {"app": "web"},
+                 # another Ray cluster's pod in the namespace, and a pod that only claims a segbatch label
+                 {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker", "app.kubernetes.io/name": "kuberay"},
+                 {"app.kubernetes.io/name": "segbatch"}]
+    for head in heads:
+        for port in RAY_PORTS:
+            for stranger in strangers:
+                assert not admitted(policies, head, stranger, port), (stranger, port)
+            for worker in workers:
+                assert admitted(policies, head, worker, port)
+        for submitter in submitters:
+            assert admitted(policies, head, submitter, 8265)
+            assert not admitted(policies, head, submitter, 6379) and not admitted(policies, head, submitter, 10001)
+        assert admitted(policies, head, operator, 8265) and not admitted(policies, head, operator, 6379)
+    for worker in workers:
+        for peer in heads + workers:
+            assert admitted(policies, worker, peer, 40000)  # Ray's node-to-node ports are chosen at start
+        for outsider in strangers + submitters + [operator]:
+            assert not admitted(policies, worker, outsider, 40000)
+    # The policies sit in the namespace the Ray pods do, and the README says to apply them first.
+    assert all("namespace" not in p["metadata"] for p in policies)
+    assert "kubectl apply -f deploy/kuberay/networkpolicy.yaml" in (DEPLOY / "README.md").read_text()
 
 
 # -- reproducible image ------------------------------------------------------------------------------------
