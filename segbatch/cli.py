@@ -52,6 +52,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redo-changed", action="store_const", const=True, help="redo inputs whose size/ETag/mtime changed")
     p.add_argument("--redo-all", action="store_const", const=True, help="redo every input")
     p.add_argument("--overlays", action="store_const", const=True, help="also write a JPEG overlay per image")
+    p.add_argument("--confidence", action="store_const", const=True,
+                   help="also write confidence/<name>.png and the summary's mean_confidence, low_confidence_share")
+    p.add_argument("--min-confidence", type=float, help="low_confidence_share counts pixels below this (default 0.5)")
     p.add_argument("--png-compress-level", type=int, help="zlib level of mask PNGs, 0-9 (default 1)")
     p.add_argument("--run-id", help="name this run (default: UTC time plus a random suffix)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide progress bars")

@@ -43,7 +43,7 @@ MAX_RESOLVE_URIS = 100_000  # error URIs checked for a later ok row; beyond it t
 SAMPLE_THREADS = 8  # samples read and drawn at once; they are object-store reads, mostly waiting
 
 COLUMNS = ["uri", "status", "error", "mask_uri", "pixel_counts", "run_id", "model", "weights", "device",
-           "written_at"]
+           "written_at", "mean_confidence"]
 
 
 @dataclass
@@ -90,6 +90,7 @@ class Sample:
     data_uri: str
     note: str = ""
     top_classes: list[tuple[int, float]] = field(default_factory=list)  # (class id, share of pixels)
+    confidence: float | None = None  # the row's mean_confidence, for the least-confident gallery
 
 
 @dataclass
@@ -106,6 +107,7 @@ class ReportData:
     other_errors: int
     resolved_checked: bool
     samples: list[Sample]
+    least_confident: list[Sample] = field(default_factory=list)
 
     def class_name(self, class_id: int) -> str:
         return self.classes[class_id] if class_id < len(self.classes) else f"class {class_id}"
@@ -127,6 +129,8 @@ class _Collector:
         # The samples are the ok rows with the smallest hash of their uri: a spread over the whole
         # OUTPUT, the same on every rerun, chosen in one pass with N rows held.
         self._heap: list[tuple[int, str, str]] = []
+        # The least confident ok rows (runs with --confidence), as a max-heap of -mean_confidence.
+        self._unsure: list[tuple[float, str, str]] = []
 
     def add(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
@@ -136,6 +140,7 @@ class _Collector:
         ok = table.filter(pc.equal(table["status"], "ok"))
         self._add_classes(ok["pixel_counts"].combine_chunks())
         self._add_samples(ok)
+        self._add_least_confident(ok)
         bad = table.filter(pc.not_equal(table["status"], "ok"))
         self._add_errors(bad)
 
@@ -184,6 +189,20 @@ class _Collector:
                 heapq.heappush(self._heap, item)
             elif item > self._heap[0]:
                 heapq.heapreplace(self._heap, item)
+
+    def _add_least_confident(self, ok: pa.Table) -> None:
+        if not self.samples:
+            return
+        rated = ok.filter(pc.is_valid(ok["mean_confidence"]))
+        for uri, mask_uri, conf in zip(*(rated[c].to_pylist() for c in ("uri", "mask_uri", "mean_confidence"))):
+            item = (-conf, uri, mask_uri)
+            if len(self._unsure) < self.samples:
+                heapq.heappush(self._unsure, item)
+            elif item > self._unsure[0]:
+                heapq.heapreplace(self._unsure, item)
+
+    def least_confident_rows(self) -> list[tuple[str, str, float]]:
+        return [(uri, mask_uri, -neg) for neg, uri, mask_uri in sorted(self._unsure, reverse=True)]
 
     def _add_errors(self, bad: pa.Table) -> None:
         self.error_rows += bad.num_rows
@@ -278,8 +297,13 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
     untinted = overlay.background_ids(classes)
     rows = collector.sample_rows()
     output = _storage.open_url(output_url, storage_options)
-    with ThreadPoolExecutor(max(1, min(SAMPLE_THREADS, len(rows)))) as pool:
+    unsure = collector.least_confident_rows()
+    with ThreadPoolExecutor(SAMPLE_THREADS) as pool:
         picked = list(pool.map(lambda r: _try_thumbnail(r, output, storage_options, untinted), rows))
+        least_confident = list(pool.map(lambda r: _try_thumbnail(r[:2], output, storage_options, untinted), unsure))
+    for sample, (_uri, _mask_uri, conf) in zip(least_confident, unsure):
+        if sample is not None:
+            sample.confidence = conf
 
     n = max(len(classes), len(collector.pixel_totals))
     pad = lambda a: np.pad(a, (0, n - len(a)))  # noqa: E731
@@ -290,7 +314,8 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
         ok_images=collector.ok_images, error_rows=collector.error_rows,
         error_groups=groups[:SHOWN_ERROR_GROUPS], other_errors=collector.other_errors + sum(
             g.count for g in groups[SHOWN_ERROR_GROUPS:]),
-        resolved_checked=resolved_checked, samples=[s for s in picked if s is not None])
+        resolved_checked=resolved_checked, samples=[s for s in picked if s is not None],
+        least_confident=[s for s in least_confident if s is not None])
 
 
 def _try_thumbnail(row: tuple[str, str], output: tuple[Any, str], storage_options: Mapping[str, Any],
@@ -404,6 +429,15 @@ Right: the share of the {{ d.ok_images }} ok images in which the class appears a
 <p class="muted">{{ d.samples|length }} images picked by a hash of their URI (the same ones on every report), tinted with their mask's class colours{{ untinted_note }}.</p>
 {% else %}<p class="muted">No samples (no ok images, or --samples 0).</p>{% endif %}
 </section>
+
+{% if d.least_confident %}<section id="least-confident"><h2>Least confident images</h2>
+<div class="gallery">{% for s in d.least_confident %}
+<figure class="sample"><img src="{{ s.data_uri }}" alt="overlay of {{ s.uri }}">
+<figcaption><code>{{ s.uri }}</code><br>mean confidence {{ '%.1f'|format(100 * s.confidence) }}%: {% for cid, share in s.top_classes %}<span class="swatch" style="background: {{ colour(cid) }}"></span>{{ d.class_name(cid) }} {{ '%.0f'|format(100 * share) }}%{{ ', ' if not loop.last }}{% endfor %}
+{% if s.note %}<br><span class="bad">{{ s.note }}</span>{% endif %}</figcaption></figure>
+{% endfor %}</div>
+<p class="muted">The {{ d.least_confident|length }} ok images with the lowest mean confidence (runs with <code>--confidence</code>): review these first.</p>
+</section>{% endif %}
 
 <section id="errors"><h2>Errors</h2>
 {% if d.error_groups %}
