@@ -15,6 +15,7 @@ from segbatch.config import ConfigError, RunConfig, load_config_file
 EXIT_CONFIG = 2  # bad flags or settings: nothing ran
 EXIT_ERROR_BUDGET = 3  # --max-error-rate was passed: the run stopped, its rows stay valid
 EXIT_INPUT = 4  # INPUT, OUTPUT or weights unusable: nothing ran
+EXIT_PARTIAL = 5  # export: written, but some ok rows' masks could not be exported (listed)
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -127,6 +128,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from segbatch.export import ExportError, export
+
+    # Format-specific flags go through only when given, so a format that has no use for one can say so.
+    options = {k: v for k, v in (("from_name", args.from_name), ("to_name", args.to_name)) if v is not None}
+    try:
+        result = export(args.output, args.format, args.dest, storage_options=dict(args.storage_options or []),
+                        shard_size=args.shard_size, progress=args.progress, **options)
+    except ExportError as exc:
+        print(f"segbatch: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(result)
+    return EXIT_PARTIAL if result.failed else 0
+
+
+def _add_export_parser(sub: Any) -> None:
+    from segbatch.export import DEFAULT_SHARD_SIZE, formats
+
+    p = sub.add_parser("export", help="OUTPUT's masks as COCO JSON, CVAT Segmentation mask 1.1 or Label Studio tasks")
+    p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
+    p.add_argument("dest", help="folder or URL prefix to write to (cvat: also NAME.zip)")
+    p.add_argument("--format", required=True, help=f"one of: {', '.join(formats())}")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+                   help=f"images per output file (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--from-name", help="label-studio: the BrushLabels tag's name (default tag)")
+    p.add_argument("--to-name", help="label-studio: the Image tag's name (default image)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
+                   metavar="KEY=VALUE", help="fsspec storage option for OUTPUT and DEST, repeatable")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_results_parsers(sub: Any) -> None:
     report_p = sub.add_parser("report", help="write OUTPUT/report.html: runs, class chart, sample overlays, errors")
     report_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
@@ -153,6 +186,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_options(run_p)
     run_p.set_defaults(func=_cmd_run)
     _add_results_parsers(sub)
+    _add_export_parser(sub)
     status_p = sub.add_parser("status", help="per-run counts (ok, error, skipped), the last run and totals")
     status_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     status_p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,

@@ -98,6 +98,17 @@ def mask_name(mask_uri: str, uri: str, masks_prefix: str) -> str:
     raise ValueError(f"mask {mask_uri} is not below {masks_prefix} and does not match its input's name")
 
 
+def locate_mask(mask_uri: str, uri: str, output: tuple[Any, str],
+                storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """(filesystem, path) of a summary row's mask: below OUTPUT (``output`` is its opened ``(fs, root)``),
+    even when OUTPUT was moved since the run, else wherever its ``mask_uri`` points."""
+    fs, root = output
+    try:
+        return fs, _storage.join_path(root, mask_name(mask_uri, uri, root + "/" + MASKS_DIR + "/"))
+    except ValueError:
+        return _storage.open_url(mask_uri, storage_options)
+
+
 def ground_truth_relpath(rel: str) -> str:
     """``dir/name.jpg`` -> ``dir/name.png``: where the ground truth of an input sits below GT."""
     return posixpath.splitext(rel)[0] + ".png"

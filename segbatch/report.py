@@ -26,8 +26,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from segbatch import _storage, overlay, runs, summary
-from segbatch.evaluate import mask_name, read_label_png
-from segbatch.sinks import MASKS_DIR
+from segbatch.evaluate import locate_mask, read_label_png
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +223,7 @@ def _thumbnail(uri: str, mask_uri: str, output: tuple[Any, str], storage_options
     from segbatch.config import RunConfig
     from segbatch.decode import Limits, decode_image
 
-    fs, root = output
-    try:  # the mask as it lies in this OUTPUT, even when OUTPUT was copied or moved since the run
-        path = _storage.join_path(root, mask_name(mask_uri, uri, root + "/" + MASKS_DIR + "/"))
-    except ValueError:
-        fs, path = _storage.open_url(mask_uri, storage_options)
+    fs, path = locate_mask(mask_uri, uri, output, storage_options)
     mask = read_label_png(_storage.retry(fs.cat_file, path, what=f"read {path}"), f"mask {path}")
     ids, counts = np.unique(mask, return_counts=True)
     order = np.argsort(-counts)
