@@ -114,17 +114,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from segbatch.evaluate import EvalError, evaluate, write_json
+    from segbatch.evaluate import EvalError, default_json_url, evaluate, write_json
 
     storage_options = dict(args.storage_options or [])
     try:
-        result = evaluate(args.output, args.ground_truth, storage_options, address=args.address)
+        result = evaluate(args.output, args.ground_truth, storage_options, address=args.address, worst=args.worst)
     except EvalError as exc:
         print(f"segbatch: {exc}", file=sys.stderr)
         return EXIT_INPUT
     print(result)
-    if args.json:
-        write_json(result, args.json, storage_options)
+    target = args.json or default_json_url(args.output)
+    try:
+        write_json(result, target, storage_options)
+    except Exception as exc:
+        if args.json:
+            raise
+        # The metrics are printed already; an OUTPUT one may read but not write must not fail the eval.
+        print(f"segbatch: could not write {target} ({type(exc).__name__}: {exc}); use --json PATH", file=sys.stderr)
     return 0
 
 
@@ -161,6 +167,8 @@ def _add_export_parser(sub: Any) -> None:
 
 
 def _add_results_parsers(sub: Any) -> None:
+    from segbatch.evaluate import DEFAULT_WORST
+
     report_p = sub.add_parser("report", help="write OUTPUT/report.html: runs, class chart, sample overlays, errors")
     report_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     report_p.add_argument("--samples", type=int, default=12, help="overlays in the gallery (default 12)")
@@ -170,7 +178,9 @@ def _add_results_parsers(sub: Any) -> None:
     eval_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     eval_p.add_argument("--ground-truth", required=True, metavar="GT",
                         help="folder or URL prefix mirroring INPUT: <relative path with .png>, 255 = ignore")
-    eval_p.add_argument("--json", help="also write the metrics to this file (any fsspec URL)")
+    eval_p.add_argument("--json", help="write the metrics JSON here instead of OUTPUT/eval.json (any fsspec URL)")
+    eval_p.add_argument("--worst", type=int, default=DEFAULT_WORST, metavar="K",
+                        help=f"list the K images with the lowest IoU (default {DEFAULT_WORST})")
     eval_p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
     eval_p.set_defaults(func=_cmd_eval)
     for p in (report_p, eval_p):

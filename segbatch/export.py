@@ -529,19 +529,18 @@ def _chunks(table: pa.Table, size: int) -> Iterator[pa.Table]:
 
 def _read_chunk(chunk: pa.Table, output: tuple[Any, str], storage_options: Mapping[str, Any]) -> list[Any]:
     """Each row's mask bytes, or the exception reading it ended with."""
-    fs, root = output
-    masks_prefix = root + "/" + MASKS_DIR + "/"
+    fs = output[0]
     out: list[Any] = [None] * chunk.num_rows
     here: list[tuple[int, str]] = []  # rows whose mask lies below OUTPUT: one batched read
     for i, (uri, mask_uri) in enumerate(zip(chunk["uri"].to_pylist(), chunk["mask_uri"].to_pylist())):
-        located = locate_mask(mask_uri or "", uri, output, storage_options)
-        if located[0] is fs:
-            here.append((i, located[1]))
-        else:
-            try:
-                out[i] = _storage.retry(located[0].cat_file, located[1], what=f"read {mask_uri}")
-            except Exception as exc:
-                out[i] = exc
+        try:
+            mask_fs, path = locate_mask(mask_uri or "", uri, output, storage_options)
+            if mask_fs is fs:
+                here.append((i, path))
+            else:
+                out[i] = _storage.retry(mask_fs.cat_file, path, what=f"read {mask_uri}")
+        except Exception as exc:  # an unreadable mask costs its image, not the export
+            out[i] = exc
     for (i, _), data in zip(here, _storage.read_many(fs, [p for _, p in here])):
         out[i] = data
     return out

@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image, ImageOps
 
-from _helpers import TEST_ARCH, exif_jpeg, photo_like
+from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs
 from segbatch import RunConfig, cli, run
 from segbatch.evaluate import confusion_matrix, metrics
 from segbatch.overlay import background_ids, blend, class_colour, encode_jpeg, overlay_relpath
@@ -29,21 +29,6 @@ from segbatch.sinks import input_relpath, mask_relpath
 VOC_COLOURS = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128),
                5: (128, 0, 128), 6: (0, 128, 128), 7: (128, 128, 128), 8: (64, 0, 0), 9: (192, 0, 0),
                12: (64, 0, 128), 14: (64, 128, 128), 15: (192, 128, 128), 20: (0, 64, 128), 255: (224, 224, 192)}
-
-BROKEN = "broken.jpg"
-
-
-def write_inputs(root: Path) -> list[str]:
-    (root / "sub").mkdir(parents=True)
-    (root / "odd name").mkdir()
-    Image.fromarray(photo_like(64, 48, 11)).save(root / "a.jpg", quality=92)
-    Image.fromarray(photo_like(64, 48, 12)).save(root / "c.png")
-    Image.fromarray(photo_like(56, 40, 13)).save(root / "sub" / "b.png")
-    Image.fromarray(photo_like(48, 64, 14)).convert("L").save(root / "sub" / "gray.png")
-    (root / "rot.jpg").write_bytes(exif_jpeg(photo_like(64, 48, 15), orientation=6))
-    Image.fromarray(photo_like(40, 40, 16)).save(root / "odd name" / "x#1%.png")
-    (root / BROKEN).write_bytes(b"\xff\xd8 not really a jpeg")
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="module")
