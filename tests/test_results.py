@@ -237,6 +237,77 @@ def test_eval_sums_the_reference_confusion_matrix_on_ray(labelled, ground_truth,
     assert f"{miou:.4f}" in printed
 
 
+# Three images with a known confusion, counted by hand below (classes: 0 bg, 1 cat, 2 dog, 3 tree).
+HAND_CLASSES = ["__background__", "cat", "dog", "tree"]
+HAND_IMAGES = {  # rel: (prediction, ground truth); 255 = ignore
+    "a.jpg": ([[0, 0, 1, 1], [0, 0, 1, 1]], [[0, 0, 1, 1], [0, 0, 1, 1]]),  # perfect: IoU 1
+    "b.jpg": ([[2, 2, 2], [0, 0, 0]], [[2, 2, 0], [0, 0, 255]]),  # bg 2/3, dog 2/3: IoU 2/3
+    "c.jpg": ([[3, 3], [3, 3]], [[1, 1], [3, 3]]),  # cat 0/2, tree 2/4: IoU 1/4
+}
+
+
+@pytest.fixture
+def hand_output(tmp_path):
+    from _helpers import write_output
+
+    write_output(tmp_path / "out", [{"rel": rel, "mask": pred} for rel, (pred, _gt) in HAND_IMAGES.items()],
+                 HAND_CLASSES)
+    (tmp_path / "gt").mkdir()
+    for rel, (_pred, gt) in HAND_IMAGES.items():
+        Image.fromarray(np.asarray(gt, dtype=np.uint8), mode="L").save(tmp_path / "gt" / rel.replace(".jpg", ".png"))
+    return tmp_path
+
+
+def test_eval_per_class_iou_confusion_and_worst_images_match_a_hand_computation(ray_local, hand_output, capsys):
+    out, gt = hand_output / "out", hand_output / "gt"
+    assert cli.main(["eval", str(out), "--ground-truth", str(gt), "--worst", "2"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "eval.json").read_text())  # written into OUTPUT when --json is not given
+    # Rows ground truth, columns prediction, summed by hand over a, b and c.
+    matrix = [[6, 0, 1, 0],  # bg: 4 (a) + 2 (b) right, 1 (b) predicted dog
+              [0, 4, 0, 2],  # cat: 4 (a) right, 2 (c) predicted tree
+              [0, 0, 2, 0],  # dog: 2 (b)
+              [0, 0, 0, 2]]  # tree: 2 (c)
+    assert result["confusion_matrix"] == {"rows": "ground truth", "columns": "prediction",
+                                          "classes": HAND_CLASSES, "counts": matrix}
+    iou = [6 / 7, 4 / 6, 2 / 3, 2 / 4]  # diag / (GT pixels + predicted pixels - diag)
+    assert [c["iou"] for c in result["per_class"]] == pytest.approx(iou)
+    assert [c["support"] for c in result["per_class"]] == [7, 6, 2, 2]
+    assert [c["predicted"] for c in result["per_class"]] == [6, 4, 3, 4]
+    assert [c["class"] for c in result["per_class"]] == HAND_CLASSES
+    assert result["miou"] == pytest.approx(sum(iou) / 4)  # the mIoU definition is unchanged
+    assert result["pixel_accuracy"] == pytest.approx(14 / 17)
+    assert [(w["uri"], w["miou"], w["pixel_accuracy"], w["pixels"]) for w in result["worst_images"]] == [
+        ("/in/c.jpg", pytest.approx(1 / 4), pytest.approx(2 / 4), 4),
+        ("/in/b.jpg", pytest.approx(2 / 3), pytest.approx(4 / 5), 5)]
+    assert "worst 2 images by IoU" in printed and "0.2500  0.5000  /in/c.jpg" in printed
+
+    # The report shows them, from OUTPUT/eval.json.
+    assert cli.main(["report", str(out), "--samples", "0"]) == 0
+    html = (out / "report.html").read_text()
+    section = html[html.index('id="evaluation"'):html.index('id="gallery"')]
+    assert f"{sum(iou) / 4:.4f}" in section and f"{14 / 17:.4f}" in section
+    worst = section[section.index('id="worst"'):section.index('id="confusion"')]
+    assert worst.index("/in/c.jpg") < worst.index("/in/b.jpg") and "/in/a.jpg" not in worst
+    per_class = section[section.index('id="per-class"'):section.index('id="worst"')]
+    for name, value, support in zip(HAND_CLASSES, iou, [7, 6, 2, 2]):
+        assert re.search(rf"{name}</td>\s*<td class=\"n\">{value:.4f}</td><td class=\"n\">{support}</td>", per_class)
+    confusion = section[section.index('id="confusion"'):]
+    cells = [int(v) for v in re.findall(r'<td class="n">(\d+)</td>', confusion)]
+    assert cells == [v for row in matrix for v in row]
+
+
+def test_eval_json_goes_where_json_says_and_report_skips_evaluation_without_it(ray_local, hand_output, tmp_path):
+    out = hand_output / "out"
+    target = tmp_path / "elsewhere" / "m.json"
+    assert cli.main(["eval", str(out), "--ground-truth", str(hand_output / "gt"), "--worst", "0",
+                     "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["worst_images"] == []
+    assert not (out / "eval.json").exists()
+    assert cli.main(["report", str(out), "--samples", "0"]) == 0
+    assert 'id="evaluation"' not in (out / "report.html").read_text()
+
+
 def test_eval_refuses_an_output_without_summary(tmp_path, capsys):
     (tmp_path / "gt").mkdir()
     assert cli.main(["eval", str(tmp_path / "nothing"), "--ground-truth", str(tmp_path / "gt")]) == cli.EXIT_INPUT
