@@ -18,13 +18,14 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
+# The formats' own reference readers (the `test` extra installs them).
+import pycocotools.mask as pycocotools_mask
+from label_studio_converter.brush import decode_rle
+from pycocotools.coco import COCO
+
 from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs, write_output
 from segbatch import RunConfig, cli, run
 from segbatch.export import ExportError, brush_rle, coco_bbox, coco_rle, export, formats, get_exporter
-
-pycocotools_mask = pytest.importorskip("pycocotools.mask")
-from pycocotools.coco import COCO  # noqa: E402
-from label_studio_converter.brush import decode_rle  # noqa: E402
 
 CLASSES = ["__background__", "cat", "dog", "tree"]  # the hand-made OUTPUTs' classes
 
