@@ -64,6 +64,10 @@ class ExportError(ValueError):
     """Nothing can be exported: no summary, no ok rows, an unknown format, or DEST is in use."""
 
 
+class _SkipImage(Exception):
+    """This image cannot go into the export (listed as failed); the rest can."""
+
+
 @dataclass(frozen=True)
 class ExportImage:
     """One input's newest ok result, with its mask decoded."""
@@ -218,6 +222,7 @@ class Exporter:
         raise NotImplementedError
 
     def write(self, image: ExportImage, prepared: Any) -> None:
+        """Add one image to the open shard; raise _SkipImage to leave it out (it is listed as failed)."""
         raise NotImplementedError
 
     def close_shard(self, index: int) -> str:
@@ -416,7 +421,7 @@ class CvatExporter(Exporter):
     def write(self, image: ExportImage, prepared: Any) -> None:
         name = posixpath.splitext(image.name)[0]
         if name in self._names:
-            raise ValueError(f"its CVAT name {name!r} is taken by another input in this shard "
+            raise _SkipImage(f"its CVAT name {name!r} is taken by another input in this shard "
                              f"(CVAT names drop the extension)")
         self._names.add(name)
         # The mask PNG as it is: palette indices are the class ids and its palette is the labelmap's colours.
@@ -440,12 +445,6 @@ class CvatExporter(Exporter):
         self._put(index, self.LIST_PATH, listing)
         self._put(index, self.LABELMAP, self._labelmap)
         return part or "."
-
-    def add(self, image: ExportImage, prepared: Any) -> None:
-        try:
-            super().add(image, prepared)
-        except ValueError as exc:
-            raise _SkipImage(str(exc)) from exc
 
 
 @register
@@ -501,10 +500,6 @@ class LabelStudioExporter(Exporter):
         _storage.write_atomic(self.fs, _storage.join_path(self.root, self.CONFIG_NAME), config.encode())
         where = _storage.join_url(self.dest, self.CONFIG_NAME)
         return [f"Label Studio labeling config (Settings > Labeling Interface > Code), also in {where}:", config]
-
-
-class _SkipImage(Exception):
-    """This image cannot go into the export; the rest can."""
 
 
 # -- the export ---------------------------------------------------------------------------------------
