@@ -150,12 +150,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export_parser(sub: Any) -> None:
-    from segbatch.export import DEFAULT_SHARD_SIZE, formats
+    from segbatch.export import DEFAULT_SHARD_SIZE, formats, get_exporter
 
     p = sub.add_parser("export", help="OUTPUT's masks as COCO JSON, CVAT Segmentation mask 1.1 or Label Studio tasks")
     p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     p.add_argument("dest", help="folder or URL prefix to write to (cvat: also NAME.zip)")
-    p.add_argument("--format", required=True, help=f"one of: {', '.join(formats())}")
+    p.add_argument("--format", required=True,
+                   help="; ".join(f"{name}: {get_exporter(name).description}" for name in formats()))
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
                    help=f"images per output file (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--from-name", help="label-studio: the BrushLabels tag's name (default tag)")
