@@ -387,6 +387,8 @@ figure.chart { margin: 0; } figure.chart svg { max-width: 100%; height: auto; }
 .swatch { display: inline-block; width: 14px; height: 14px; border: 1px solid #444; vertical-align: -2px;
           margin-right: 5px; }
 .bad { color: #b00020; }
+#evaluation table { width: auto; min-width: 50%; } #evaluation h3 { font-size: 15px; margin: 18px 0 6px; }
+#confusion td.diag { font-weight: bold; background: #eef6ee; }
 </style></head><body>
 <h1>segbatch report</h1>
 <p class="muted"><code>{{ d.output }}</code> &middot; generated {{ d.generated_at }}</p>
@@ -438,7 +440,7 @@ Right: the share of the {{ d.ok_images }} ok images in which the class appears a
 {% endfor %}</tbody></table>{% endif %}
 {% if view.matrix %}<h3>Confusion matrix</h3>
 <table id="confusion"><thead><tr><th>ground truth ↓ / predicted →</th>{% for c in view.matrix_classes %}<th class="n">{{ c['class'] }}</th>{% endfor %}</tr></thead><tbody>
-{% for row in view.matrix %}{% set gt = view.matrix_classes[loop.index0] %}<tr><th>{{ gt['class'] }}</th>{% for v in row %}<td class="n">{{ v }}</td>{% endfor %}</tr>
+{% for row in view.matrix %}{% set r = loop.index0 %}<tr><th>{{ view.matrix_classes[r]['class'] }}</th>{% for v in row %}<td class="n{{ ' diag' if loop.index0 == r }}">{{ v }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table>
 {% if view.matrix_cut %}<p class="muted">{{ view.matrix_cut }} more classes with pixels are left out of the matrix; eval.json has all of it.</p>{% endif %}{% endif %}
 <p class="muted">From <code>eval.json</code> in OUTPUT (<code>segbatch eval</code>). Support: ground-truth pixels of the class;
