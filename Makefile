@@ -29,7 +29,7 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
 bench-data: $(STAMP)
-	$(PY) -m segbatch.bench_data bench-data/jpeg640 --count 128
+	$(PY) benchmarks/bench_data.py bench-data/jpeg640 --count 128
 
 bench: bench-data
 	$(PY) -m segbatch bench bench-data/jpeg640 --model deeplabv3_mobilenet_v3_large --weights random --batch-size 4 --json bench-data/result.json

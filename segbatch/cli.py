@@ -10,12 +10,9 @@ from typing import Any, Sequence
 import yaml
 
 from segbatch import __version__
-from segbatch.config import ConfigError, RunConfig, load_config_file
-
-EXIT_CONFIG = 2  # bad flags or settings: nothing ran
-EXIT_ERROR_BUDGET = 3  # --max-error-rate was passed: the run stopped, its rows stay valid
-EXIT_INPUT = 4  # INPUT, OUTPUT or weights unusable: nothing ran
-EXIT_PARTIAL = 5  # export: written, but some ok rows' masks could not be exported (listed)
+from segbatch.architectures import available_models
+from segbatch.config import RunConfig, load_config_file
+from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, exit_status
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -31,7 +28,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", nargs="?", help="folder or URL prefix for masks/ and summary/")
     p.add_argument("--config", help="YAML or TOML file of the same settings as these flags (flags win)")
     p.add_argument("--manifest", help="text, CSV or Parquet file of image URLs, instead of INPUT")
-    p.add_argument("--model", help="deeplabv3_resnet101 (default), deeplabv3_resnet50, deeplabv3_mobilenet_v3_large")
+    p.add_argument("--model", help=f"torchvision model: {', '.join(available_models())} (default "
+                   f"{RunConfig.model})")
     p.add_argument("--weights", help="default | random | PATH_OR_URL of a state_dict")
     p.add_argument("--weights-sha256", help="refuse a weights file whose sha256 differs")
     p.add_argument("--classes", help="file of class names (one per line, or a JSON list)")
@@ -76,20 +74,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from segbatch.listing import InputNotFoundError
-    from segbatch.model import WeightsError
-    from segbatch.pipeline import ErrorBudgetExceeded, run
+    from segbatch.pipeline import run
 
-    config = build_config(args)
-    try:
-        report = run(config)
-    except ErrorBudgetExceeded as exc:
-        print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_ERROR_BUDGET
-    except (InputNotFoundError, WeightsError) as exc:
-        print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    print(report)
+    print(run(build_config(args)))
     return 0
 
 
@@ -98,30 +85,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     result = status.collect(args.output, dict(args.storage_options or []))
     print(result)
-    return 0 if result.runs else EXIT_INPUT
+    return 0 if result.runs else EXIT_STATUS[InputError]
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from segbatch.report import write_report
 
-    try:
-        where = write_report(args.output, dict(args.storage_options or []), samples=args.samples, out=args.out)
-    except FileNotFoundError as exc:
-        print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_INPUT
+    where = write_report(args.output, dict(args.storage_options or []), samples=args.samples, out=args.out)
     print(f"segbatch report: wrote {where}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from segbatch.evaluate import EvalError, default_json_url, evaluate, write_json
+    from segbatch.evaluate import default_json_url, evaluate, write_json
 
     storage_options = dict(args.storage_options or [])
-    try:
-        result = evaluate(args.output, args.ground_truth, storage_options, address=args.address, worst=args.worst)
-    except EvalError as exc:
-        print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_INPUT
+    result = evaluate(args.output, args.ground_truth, storage_options, address=args.address, worst=args.worst)
     print(result)
     target = args.json or default_json_url(args.output)
     try:
@@ -135,18 +114,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from segbatch.export import ExportError, export
+    from segbatch.errors import ExportIncomplete
+    from segbatch.export import export
 
     # Format-specific flags go through only when given, so a format that has no use for one can say so.
     options = {k: v for k, v in (("from_name", args.from_name), ("to_name", args.to_name)) if v is not None}
-    try:
-        result = export(args.output, args.format, args.dest, storage_options=dict(args.storage_options or []),
-                        shard_size=args.shard_size, progress=args.progress, **options)
-    except ExportError as exc:
-        print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_INPUT
+    result = export(args.output, args.format, args.dest, storage_options=dict(args.storage_options or []),
+                    shard_size=args.shard_size, progress=args.progress, **options)
     print(result)
-    return EXIT_PARTIAL if result.failed else 0
+    if result.failed:
+        raise ExportIncomplete(f"{len(result.failed)} ok rows could not be exported (listed above); "
+                               f"the other {result.images} images were")
+    return 0
 
 
 def _add_export_parser(sub: Any) -> None:
@@ -217,9 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except SegbatchError as exc:
         print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exit_status(exc)
 
 
 if __name__ == "__main__":

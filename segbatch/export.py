@@ -39,10 +39,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segbatch import __version__, _storage, summary
-from segbatch.evaluate import locate_mask, mask_name, read_label_png
+from segbatch.contract import MASKS_DIR, input_relpath, mask_name
+from segbatch.errors import ConfigError, InputError
+from segbatch.evaluate import locate_mask, read_label_png
 from segbatch.manifest import manifest_rel
 from segbatch.overlay import background_ids, class_colour
-from segbatch.sinks import MASKS_DIR, input_relpath
 
 DEFAULT_SHARD_SIZE = 10_000  # images per shard file: a COCO shard of 10^4 images is tens of MB of JSON
 READ_CHUNK = 64  # masks read (concurrently, on object stores) and encoded per step
@@ -60,8 +61,8 @@ BRUSH_CHANNELS = 4  # Label Studio's brush masks are RGBA, every channel carryin
 T = TypeVar("T")
 
 
-class ExportError(ValueError):
-    """Nothing can be exported: no summary, no ok rows, an unknown format, or DEST is in use."""
+class ExportError(InputError):
+    """Nothing can be exported: OUTPUT has no summary or no ok rows, or DEST is in use."""
 
 
 class _SkipImage(Exception):
@@ -194,8 +195,8 @@ class Exporter:
                  shard_size: int = DEFAULT_SHARD_SIZE, total: int = 0, source: str = "", **options: Any):
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            raise ExportError(f"format {self.name} takes no option {', '.join(unknown)}"
-                              f" (it takes: {', '.join(self.options) or 'none'})")
+            raise ConfigError(unknown[0], f"format {self.name} takes no option {', '.join(unknown)}",
+                              f"it takes: {', '.join(self.options) or 'none'}")
         self.settings = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         self.dest = _storage.absolute_url(dest)
         self.fs, self.root = _storage.open_url(dest, storage_options)
@@ -297,7 +298,8 @@ def get_exporter(name: str) -> type[Exporter]:
     try:
         return _EXPORTERS[name]
     except KeyError:
-        raise ExportError(f"unknown export format {name!r}: choose one of {', '.join(formats())}") from None
+        raise ConfigError("format", f"unknown export format {name!r}",
+                          f"choose one of {', '.join(formats())}") from None
 
 
 class _JsonArrayWriter:
@@ -489,9 +491,11 @@ class LabelStudioExporter(Exporter):
         return name
 
     def labeling_config(self) -> str:
-        labels = "\n".join(f"    <Label value={quoteattr(name)} background=\"#%02x%02x%02x\"/>" % class_colour(i)
+        colour = lambda i: "#%02x%02x%02x" % class_colour(i)  # noqa: E731
+        labels = "\n".join(f"    <Label value={quoteattr(name)} background=\"{colour(i)}\"/>"
                            for i, name in enumerate(self.classes))
-        return (f"<View>\n  <Image name={quoteattr(self.settings['to_name'])} value=\"${self.DATA_KEY}\" zoom=\"true\"/>\n"
+        image = quoteattr(self.settings["to_name"])
+        return (f"<View>\n  <Image name={image} value=\"${self.DATA_KEY}\" zoom=\"true\"/>\n"
                 f"  <BrushLabels name={quoteattr(self.settings['from_name'])} "
                 f"toName={quoteattr(self.settings['to_name'])}>\n{labels}\n  </BrushLabels>\n</View>\n")
 
@@ -585,7 +589,7 @@ def export(output: str, format: str, dest: str, *, storage_options: Mapping[str,
     """
     cls = get_exporter(format)
     if shard_size < 1:
-        raise ExportError(f"--shard-size must be 1 or more, got {shard_size}")
+        raise ConfigError("shard_size", f"must be 1 or more, got {shard_size}")
     storage_options = dict(storage_options or {})
     classes = summary.classes(output, storage_options)
     if classes is None:

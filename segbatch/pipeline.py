@@ -14,22 +14,21 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from segbatch import _ray, _storage, listing, manifest, model, overlay, runs, summary
-from segbatch.config import ConfigError, RunConfig
+from segbatch import _ray, _storage, listing, manifest, model, runs
+from segbatch.config import RunConfig
 from segbatch.decode import DecodeImages, Limits, ResizeSpec
-from segbatch.sinks import MASKS_DIR, SUMMARY_DIR, WriteOutputs
+from segbatch.contract import MASKS_DIR, SUMMARY_DIR
+from segbatch.errors import BudgetError, ConfigError
+from segbatch.inputs import Inputs
+from segbatch.sinks import WriteOutputs
+from segbatch.writers import WriterContext
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_BLOCKS = 10_000  # blocks the listing is cut into; more only adds scheduling overhead
 SUMMARY_ROWS_PER_FILE = 64  # most rows per summary Parquet file; also how many masks one write task holds
 MIN_SUMMARY_FILES = 16  # small runs still write in this many steps, not all at the end
 DECODE_TASK_MEMORY = 640 * 1024**2  # bytes; a decode worker imports torch for the resize: Ray measured ~600 MiB
-MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run, so one early error can't
-
-
-class ErrorBudgetExceeded(RuntimeError):
-    """More images failed than --max-error-rate allows; the rows written so far stay valid."""
+MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run: one early error is no rate
 
 
 @dataclass
@@ -73,23 +72,9 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_inputs(config: RunConfig) -> tuple[pa.Table | manifest.ManifestInputs, int]:
-    """The inputs this run must process, and how many were listed in all. A manifest is only checked
-    here; Ray reads it during the run, and counts it as it goes."""
-    if config.manifest:
-        listing.check_output(config.output, config.storage_options)
-        return manifest.ManifestInputs(config), 0
-    listed = listing.list_inputs(config.input, config.storage_options, config.extensions)
-    listing.check_output(config.output, config.storage_options)
-    if config.redo_all:
-        return listed, listed.num_rows
-    done = summary.done_keys(config.output, config.storage_options)
-    return listing.drop_done(listed, done, config.redo_changed), listed.num_rows
-
-
-def _row_count(todo: pa.Table | manifest.ManifestInputs) -> int:
-    """Rows to do; a manifest's count is known only once Ray has read it, so it counts as unbounded."""
-    return todo.num_rows if isinstance(todo, pa.Table) else sys.maxsize
+def plan_inputs(config: RunConfig) -> Inputs:
+    """The inputs this run must process: a listed INPUT, or a manifest that Ray reads during the run."""
+    return manifest.ManifestInputs(config) if config.manifest else listing.ListedInputs(config)
 
 
 def _pool_size(config: RunConfig, gpus_per_actor: float) -> tuple[int, int]:
@@ -100,9 +85,8 @@ def _pool_size(config: RunConfig, gpus_per_actor: float) -> tuple[int, int]:
     return n, n
 
 
-def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_id: str):
+def build_dataset(config: RunConfig, spec: model.ModelSpec, inputs: Inputs, run_id: str):
     """The lazy Ray Dataset of a run; iterating it does the work and yields (uri, status, error) rows."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     gpus_per_actor = config.gpus_per_actor
@@ -111,16 +95,10 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
     min_actors, max_actors = _pool_size(config, gpus_per_actor)
     cpus_per_actor = config.cpus_per_actor if config.cpus_per_actor is not None else 1.0
     _check_cpus_left_for_tasks(config, max_actors, cpus_per_actor)
-    transforms = model.default_transforms(spec.arch)
+    transforms = spec.architecture.transforms()
     limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
 
-    if isinstance(todo, manifest.ManifestInputs):
-        ds = todo.dataset()
-    else:
-        rows_per_block = max(config.batch_size, math.ceil(todo.num_rows / MAX_INPUT_BLOCKS))
-        blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
-        ds = ray.data.from_arrow(blocks)
-
+    ds = inputs.dataset(config.batch_size)
     ds = ds.map_batches(
         DecodeImages(config.input, config.storage_options, ResizeSpec.from_transforms(transforms), limits),
         batch_size=None,  # one listing block per task
@@ -141,12 +119,13 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
         # and its batches retried, so a lost worker costs time, not images (tests/test_faults.py).
     )
+    context = WriterContext(config.output, config.storage_options, input_url=config.input or "",
+                            classes=spec.classes, limits=limits, png_compress_level=config.png_compress_level)
+    # A manifest's row count is known only once Ray has read it: it counts as unbounded here.
+    pending = inputs.pending if inputs.pending is not None else sys.maxsize
     ds = ds.map_batches(
-        WriteOutputs(config.output, config.storage_options, run_id=run_id, model=spec.arch,
-                     weights=spec.identity, classes=spec.classes, compress_level=config.png_compress_level,
-                     extra_writers=overlay.writers(config, spec.classes, limits)),
-        batch_size=min(SUMMARY_ROWS_PER_FILE,
-                       max(config.batch_size, math.ceil(_row_count(todo) / MIN_SUMMARY_FILES))),
+        WriteOutputs(context, config.writers, run_id=run_id, model=spec.arch, weights=spec.identity),
+        batch_size=min(SUMMARY_ROWS_PER_FILE, max(config.batch_size, math.ceil(pending / MIN_SUMMARY_FILES))),
         batch_format="pyarrow",
         num_cpus=config.decode_cpus,
     )
@@ -173,11 +152,10 @@ def run(config: RunConfig) -> RunReport:
     spec = model.resolve(config.model, config.weights, classes_url=config.classes, sha256=config.weights_sha256,
                          storage_options=config.storage_options)
     run_id = config.run_id or new_run_id()
-    todo, listed = plan_inputs(config)
-    pending = todo.num_rows if isinstance(todo, pa.Table) else None  # None: a manifest, counted as read
-    report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output), listed=listed,
-                       skipped=listed - (pending or 0))
-    if pending == 0:
+    inputs = plan_inputs(config)
+    report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output))
+    report.listed, report.skipped = inputs.counts()
+    if inputs.pending == 0:
         log.info("nothing to do: every listed input already has an ok row")
         report.seconds = time.monotonic() - started
         runs.finish(config, report, completed=True)
@@ -187,15 +165,14 @@ def run(config: RunConfig) -> RunReport:
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = config.progress
-        ds = build_dataset(config, spec, todo, run_id)
+        ds = build_dataset(config, spec, inputs, run_id)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 _tally(report, batch)
                 _check_error_budget(config, report)
         finally:
             report.seconds = time.monotonic() - started
-            if pending is None:
-                report.listed, report.skipped = todo.counts()
+            report.listed, report.skipped = inputs.counts()
             # The record and the redo cleanup run even when the run stops early (sys.exc_info() is set then).
             runs.finish(config, report, completed=sys.exc_info()[0] is None)
     return report
@@ -221,4 +198,4 @@ def _check_error_budget(config: RunConfig, report: RunReport) -> None:
             f"{config.max_error_rate:.1%}; rows written so far stay valid, rerun to resume"
         )
         print(report, file=sys.stderr)
-        raise ErrorBudgetExceeded(report.stopped_early)
+        raise BudgetError(report.stopped_early)

@@ -1,4 +1,5 @@
-"""Shared test helpers: seeded checkpoints, test images, hand-made OUTPUTs, and the reference mask of DESIGN.md."""
+"""Shared test helpers: seeded checkpoints, test images, hand-made OUTPUTs, and the reference mask
+(docs/output-contract.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.models import get_model_builder, get_model_weights
+
+from segbatch.architectures import get_architecture
 
 TEST_ARCH = "deeplabv3_mobilenet_v3_large"  # the smallest architecture: fast enough for CI on 2 cores
 
@@ -24,8 +27,8 @@ def make_checkpoint(path: Path, arch: str = TEST_ARCH, num_classes: int = 21, se
     test with it can fail (padding drops agreement to well under 99%).
     """
     torch.manual_seed(seed)
-    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes,
-                                    aux_loss=with_aux)
+    aux = {"aux_loss": with_aux} if get_architecture(arch).has_aux else {}
+    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes, **aux)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the calibration batches
@@ -75,16 +78,19 @@ def exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
 
 
 def load_model(checkpoint: Path, arch: str = TEST_ARCH) -> torch.nn.Module:
+    """The checkpoint in a plain torchvision model, the auxiliary head dropped: the reference's model."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    num_classes = state["classifier.4.weight"].shape[0]
-    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    architecture = get_architecture(arch)
+    num_classes = state[architecture.head_key].shape[0]
+    aux = {"aux_loss": False} if architecture.has_aux else {}
+    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes, **aux)
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("aux_classifier.")})
     return model.eval()
 
 
 @torch.inference_mode()
 def reference_mask(data: bytes, model: torch.nn.Module, arch: str = TEST_ARCH) -> np.ndarray:
-    """DESIGN.md's reference, literally, for one image on its own."""
+    """The output contract's reference mask, literally, for one image on its own."""
     image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     if image.mode.startswith("I;16"):
         image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).astype(np.uint8), mode="L")
@@ -140,7 +146,8 @@ def write_output(out: Path, rows: list[dict], classes: list[str], input_root: st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from segbatch.sinks import SUMMARY_DIR, SUMMARY_SCHEMA, encode_png, mask_relpath, summary_metadata
+    from segbatch.contract import SUMMARY_DIR, SUMMARY_SCHEMA, mask_relpath, summary_metadata
+    from segbatch.writers import encode_png
 
     (out / SUMMARY_DIR).mkdir(parents=True, exist_ok=True)
     for i, row in enumerate(rows):

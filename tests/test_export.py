@@ -25,6 +25,7 @@ from pycocotools.coco import COCO
 
 from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs, write_output
 from segbatch import RunConfig, cli, run
+from segbatch.errors import EXIT_STATUS, ConfigError, ExportIncomplete, InputError
 from segbatch.export import ExportError, brush_rle, coco_bbox, coco_rle, export, formats, get_exporter
 
 CLASSES = ["__background__", "cat", "dog", "tree"]  # the hand-made OUTPUTs' classes
@@ -304,34 +305,38 @@ def test_a_missing_mask_costs_its_image_and_the_exit_code(tmp_path, capsys):
     (tmp_path / "out" / "masks" / f"{gone}.png").unlink()
     code = cli.main(["export", str(tmp_path / "out"), str(tmp_path / "ls"), "--format", "label-studio",
                      "--no-progress"])
-    assert code == cli.EXIT_PARTIAL
-    printed = capsys.readouterr().out
+    assert code == EXIT_STATUS[ExportIncomplete]
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "2 images were" in captured.err
     assert f"failed: /in/{gone}: cannot read mask" in printed
     got = read_label_studio(tmp_path / "ls", CLASSES)
     assert sorted(got) == sorted(f"/in/{r}" for r in masks if r != gone)
 
 
 def test_unknown_format_lists_the_valid_ones(tmp_path, capsys):
-    assert cli.main(["export", str(tmp_path), str(tmp_path / "d"), "--format", "yolo"]) == cli.EXIT_INPUT
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "d"), "--format", "yolo"]) == EXIT_STATUS[ConfigError]
     err = capsys.readouterr().err
     assert "unknown export format 'yolo'" in err and "coco, cvat, label-studio" in err
-    with pytest.raises(ExportError, match="coco, cvat, label-studio"):
+    with pytest.raises(ConfigError, match="coco, cvat, label-studio"):
         get_exporter("voc")
 
 
 def test_an_empty_output_says_so(tmp_path, capsys):
-    assert cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "d"), "--format", "coco"]) == cli.EXIT_INPUT
+    code = cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "d"), "--format", "coco"])
+    assert code == EXIT_STATUS[InputError]
     assert "has no summary, so there is nothing to export" in capsys.readouterr().err
     write_output(tmp_path / "errors-only", [{"rel": "a.jpg", "error": "boom"}, {"rel": "b.jpg", "error": "boom"}],
                  CLASSES)
-    assert cli.main(["export", str(tmp_path / "errors-only"), str(tmp_path / "d"), "--format", "coco"]) == cli.EXIT_INPUT
+    code = cli.main(["export", str(tmp_path / "errors-only"), str(tmp_path / "d"), "--format", "coco"])
+    assert code == EXIT_STATUS[InputError]
     assert "has no ok rows to export (2 error rows)" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 
 def test_options_and_dest_are_checked(tmp_path):
     write_output(tmp_path / "out", [{"rel": "a.jpg", "mask": np.zeros((2, 2), int)}], CLASSES)
-    with pytest.raises(ExportError, match="takes no option from_name"):
+    with pytest.raises(ConfigError, match="takes no option from_name"):
         export(str(tmp_path / "out"), "coco", str(tmp_path / "d"), from_name="x")
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "old.json").write_text("{}")

@@ -94,7 +94,7 @@ def test_redo_all_redoes_everything_and_supersedes_every_older_ok_row(history):
     assert set(counts.values()) == {1}
     ok = table.filter(pc.equal(table["status"], "ok"))
     assert set(ok["run_id"].to_pylist()) == {"r3-all"}
-    # Error rows of earlier runs may stay (DESIGN.md); they are never rewritten away.
+    # Error rows of earlier runs may stay (docs/output-contract.md); they are never rewritten away.
     errors = table.filter(pc.equal(table["status"], "error"))
     assert errors["run_id"].to_pylist() == ["r1-first"]
     # The changed image's row and mask are the new ones: its displayed size is now 80x60.
@@ -146,7 +146,7 @@ def test_status_of_an_empty_output_says_so(tmp_path, capsys):
 def test_drop_superseded_finishes_an_interrupted_cleanup(tmp_path):
     """A crash between writing a redo's rows and dropping the older ones leaves two ok rows; the next
     cleanup keeps the newest and rewrites only the file holding the older one."""
-    from segbatch.sinks import SUMMARY_SCHEMA, summary_metadata
+    from segbatch.contract import SUMMARY_SCHEMA, summary_metadata
 
     out = tmp_path / "out"
     (out / "summary").mkdir(parents=True)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from _helpers import TEST_ARCH, photo_like
 from segbatch import RunConfig, cli, summary
-from segbatch.config import ConfigError
+from segbatch.errors import ConfigError
 from segbatch.listing import LISTING_SCHEMA
 from segbatch.manifest import ManifestInputs
 

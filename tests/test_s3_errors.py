@@ -9,7 +9,8 @@ from PIL import Image
 
 from _helpers import TEST_ARCH, photo_like
 from segbatch import RunConfig, cli, model, pipeline, summary
-from segbatch.listing import InputNotFoundError, list_inputs
+from segbatch.errors import InputError
+from segbatch.listing import list_inputs
 
 
 def _fast(*args: str) -> list[str]:
@@ -24,7 +25,7 @@ def test_missing_bucket_stops_the_run_at_the_start(s3_bucket, tmp_path, capsys):
 
 
 def test_missing_prefix_stops_the_run_at_the_start(s3_bucket, tmp_path, capsys):
-    with pytest.raises(InputNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         list_inputs(f"s3://{s3_bucket}/nothing-here/", {}, ["jpg"])
     assert cli.main(_fast(f"s3://{s3_bucket}/nothing-here/", str(tmp_path / "out"))) == cli.EXIT_INPUT
     assert f"INPUT s3://{s3_bucket}/nothing-here/ does not exist" in capsys.readouterr().err
