@@ -20,7 +20,6 @@ import functools
 import os
 import platform
 import resource
-import sys
 import time
 
 from _moto import start_server

@@ -274,8 +274,8 @@ def evaluate(output_url: str, ground_truth_url: str, storage_options: Mapping[st
 def _accumulate(result: EvalResult, batch: pa.Table) -> None:
     n = len(result.classes)
     scored = []
-    for kind, uri, error, matrix, images, miou, acc, pixels in zip(*(batch[c].to_pylist()
-                                                                     for c in _BATCH_SCHEMA.names)):
+    columns = [batch[c].to_pylist() for c in _BATCH_SCHEMA.names]
+    for kind, uri, error, matrix, images, miou, acc, pixels in zip(*columns, strict=True):
         if kind == "worst":
             scored.append((miou, uri, acc, pixels))
         elif kind == "matrix":

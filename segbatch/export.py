@@ -29,9 +29,10 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Iterator, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -97,9 +98,11 @@ class ExportResult:
     def __str__(self) -> str:
         n = len(self.shards)
         names = ", ".join(s["path"] for s in self.shards[:3]) + (", ..." if n > 3 else "")
-        lines = [f"segbatch export: {self.images} images as {self.format} into {self.dest}",
-                 f"  {n} shard{'s' if n != 1 else ''} of up to {self.shard_size} images: {names}",
-                 f"  skipped: {self.error_rows} error rows; {len(self.failed)} ok rows could not be exported"]
+        lines = [
+            f"segbatch export: {self.images} images as {self.format} into {self.dest}",
+            f"  {n} shard{'s' if n != 1 else ''} of up to {self.shard_size} images: {names}",
+            f"  skipped: {self.error_rows} error rows; {len(self.failed)} ok rows could not be exported",
+        ]
         lines += [f"  failed: {uri}: {why}" for uri, why in self.failed[:10]]
         if len(self.failed) > 10:
             lines.append(f"  ... {len(self.failed) - 10} more failed")
@@ -107,6 +110,7 @@ class ExportResult:
 
 
 # -- mask encodings -----------------------------------------------------------------------------------
+
 
 def coco_rle(binary: np.ndarray) -> dict[str, Any]:
     """COCO's compressed RLE of a 2-D boolean mask, as ``pycocotools.mask.encode`` writes it.
@@ -179,6 +183,7 @@ def brush_rle(binary: np.ndarray) -> list[int]:
 
 # -- exporters ----------------------------------------------------------------------------------------
 
+
 class Exporter:
     """Writes a stream of :class:`ExportImage` to DEST in one format, shard by shard.
 
@@ -191,12 +196,24 @@ class Exporter:
     description: ClassVar[str] = ""
     options: ClassVar[Mapping[str, Any]] = {}  # format-specific settings and their defaults
 
-    def __init__(self, dest: str, *, classes: list[str], storage_options: Mapping[str, Any] | None = None,
-                 shard_size: int = DEFAULT_SHARD_SIZE, total: int = 0, source: str = "", **options: Any):
+    def __init__(
+        self,
+        dest: str,
+        *,
+        classes: list[str],
+        storage_options: Mapping[str, Any] | None = None,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        total: int = 0,
+        source: str = "",
+        **options: Any,
+    ):
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            raise ConfigError(unknown[0], f"format {self.name} takes no option {', '.join(unknown)}",
-                              f"it takes: {', '.join(self.options) or 'none'}")
+            raise ConfigError(
+                unknown[0],
+                f"format {self.name} takes no option {', '.join(unknown)}",
+                f"it takes: {', '.join(self.options) or 'none'}",
+            )
         self.settings = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         self.dest = _storage.absolute_url(dest)
         self.fs, self.root = _storage.open_url(dest, storage_options)
@@ -253,11 +270,18 @@ class Exporter:
         notes = self.write_extras()
         root = self.index_root()
         if root is not None:
-            index = {"format": self.name, "source": self.source, "segbatch": __version__,
-                     "images": sum(s["images"] for s in self.shards), "shard_size": self.shard_size,
-                     "shards": self.shards, "classes": self.classes}
-            _storage.write_atomic(self.fs, _storage.join_path(root, INDEX_NAME),
-                                  (json.dumps(index, indent=1) + "\n").encode())
+            index = {
+                "format": self.name,
+                "source": self.source,
+                "segbatch": __version__,
+                "images": sum(s["images"] for s in self.shards),
+                "shard_size": self.shard_size,
+                "shards": self.shards,
+                "classes": self.classes,
+            }
+            _storage.write_atomic(
+                self.fs, _storage.join_path(root, INDEX_NAME), (json.dumps(index, indent=1) + "\n").encode()
+            )
         self._tmp.cleanup()
         return notes
 
@@ -298,8 +322,9 @@ def get_exporter(name: str) -> type[Exporter]:
     try:
         return _EXPORTERS[name]
     except KeyError:
-        raise ConfigError("format", f"unknown export format {name!r}",
-                          f"choose one of {', '.join(formats())}") from None
+        raise ConfigError(
+            "format", f"unknown export format {name!r}", f"choose one of {', '.join(formats())}"
+        ) from None
 
 
 class _JsonArrayWriter:
@@ -337,24 +362,47 @@ class CocoExporter(Exporter):
         out = []
         for class_id in np.unique(image.mask).tolist():
             binary = image.mask == class_id
-            out.append({"category_id": class_id, "segmentation": coco_rle(binary), "area": int(binary.sum()),
-                        "bbox": coco_bbox(binary), "iscrowd": 0})
+            out.append(
+                {
+                    "category_id": class_id,
+                    "segmentation": coco_rle(binary),
+                    "area": int(binary.sum()),
+                    "bbox": coco_bbox(binary),
+                    "iscrowd": 0,
+                }
+            )
         return out
 
     def open_shard(self, index: int) -> None:
         self._local = self.local(self.shard_name(self.STEM, index, ".json"))
-        info = {"description": f"segbatch export of {self.source}", "version": __version__,
-                "date_created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        head = ('{"info":' + json.dumps(info) + ',"licenses":[],"categories":' + json.dumps(self._categories)
-                + ',"annotations":[')
+        info = {
+            "description": f"segbatch export of {self.source}",
+            "version": __version__,
+            "date_created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        head = (
+            '{"info":'
+            + json.dumps(info)
+            + ',"licenses":[],"categories":'
+            + json.dumps(self._categories)
+            + ',"annotations":['
+        )
         # COCO's images are small records; the annotations, where the RLE is, stream to the file.
         self._annotations = _JsonArrayWriter(self._local, head=head)
         self._images: list[dict[str, Any]] = []
 
     def write(self, image: ExportImage, prepared: list[dict[str, Any]]) -> None:
         image_id = image.index + 1  # COCO ids start at 1 by convention
-        self._images.append({"id": image_id, "file_name": image.name, "width": image.width,
-                             "height": image.height, "coco_url": image.uri, "segbatch_uri": image.uri})
+        self._images.append(
+            {
+                "id": image_id,
+                "file_name": image.name,
+                "width": image.width,
+                "height": image.height,
+                "coco_url": image.uri,
+                "segbatch_uri": image.uri,
+            }
+        )
         for annotation in prepared:
             self._annotation_id += 1
             self._annotations.add({"id": self._annotation_id, "image_id": image_id, **annotation})
@@ -401,7 +449,7 @@ class CvatExporter(Exporter):
 
     def _zip_name(self, index: int) -> str:
         base = posixpath.basename(self.root)
-        return base if self.shards_planned == 1 else self.shard_name(base[:-len(".zip")], index, ".zip")
+        return base if self.shards_planned == 1 else self.shard_name(base[: -len(".zip")], index, ".zip")
 
     def _part(self, index: int) -> str:
         return "" if self.shards_planned == 1 else self.shard_name("part", index, "")
@@ -417,14 +465,16 @@ class CvatExporter(Exporter):
         if self.zipped:
             self._zip.writestr(relpath, data)  # PNGs are compressed already
         else:
-            _storage.write_atomic(self.fs, _storage.join_path(self.root, posixpath.join(self._part(index), relpath)),
-                                  data)
+            _storage.write_atomic(
+                self.fs, _storage.join_path(self.root, posixpath.join(self._part(index), relpath)), data
+            )
 
     def write(self, image: ExportImage, prepared: Any) -> None:
         name = posixpath.splitext(image.name)[0]
         if name in self._names:
-            raise _SkipImage(f"its CVAT name {name!r} is taken by another input in this shard "
-                             f"(CVAT names drop the extension)")
+            raise _SkipImage(
+                f"its CVAT name {name!r} is taken by another input in this shard (CVAT names drop the extension)"
+            )
         self._names.add(name)
         # The mask PNG as it is: palette indices are the class ids and its palette is the labelmap's colours.
         self._put(image.index // self.shard_size, f"{self.CLASS_DIR}/{name}.png", image.png)
@@ -464,13 +514,22 @@ class LabelStudioExporter(Exporter):
     def prepare(self, image: ExportImage) -> list[dict[str, Any]]:
         results = []
         for class_id in np.unique(image.mask).tolist():
-            results.append({
-                "id": f"class-{class_id}", "type": "brushlabels",  # unique within the task, as Label Studio asks
-                "from_name": self.settings["from_name"], "to_name": self.settings["to_name"],
-                "original_width": image.width, "original_height": image.height, "image_rotation": 0,
-                "value": {"format": "rle", "rle": brush_rle(image.mask == class_id),
-                          "brushlabels": [self._class_name(class_id)]},
-            })
+            results.append(
+                {
+                    "id": f"class-{class_id}",
+                    "type": "brushlabels",  # unique within the task, as Label Studio asks
+                    "from_name": self.settings["from_name"],
+                    "to_name": self.settings["to_name"],
+                    "original_width": image.width,
+                    "original_height": image.height,
+                    "image_rotation": 0,
+                    "value": {
+                        "format": "rle",
+                        "rle": brush_rle(image.mask == class_id),
+                        "brushlabels": [self._class_name(class_id)],
+                    },
+                }
+            )
         return results
 
     def _class_name(self, class_id: int) -> str:
@@ -481,8 +540,12 @@ class LabelStudioExporter(Exporter):
         self._tasks = _JsonArrayWriter(self._local)
 
     def write(self, image: ExportImage, prepared: list[dict[str, Any]]) -> None:
-        self._tasks.add({"data": {self.DATA_KEY: image.uri, "segbatch_name": image.name},
-                         "predictions": [{"model_version": image.model or "segbatch", "result": prepared}]})
+        self._tasks.add(
+            {
+                "data": {self.DATA_KEY: image.uri, "segbatch_name": image.name},
+                "predictions": [{"model_version": image.model or "segbatch", "result": prepared}],
+            }
+        )
 
     def close_shard(self, index: int) -> str:
         self._tasks.close()
@@ -491,13 +554,16 @@ class LabelStudioExporter(Exporter):
         return name
 
     def labeling_config(self) -> str:
-        colour = lambda i: "#%02x%02x%02x" % class_colour(i)  # noqa: E731
-        labels = "\n".join(f"    <Label value={quoteattr(name)} background=\"{colour(i)}\"/>"
-                           for i, name in enumerate(self.classes))
+        colour = lambda i: "#{:02x}{:02x}{:02x}".format(*class_colour(i))  # noqa: E731
+        labels = "\n".join(
+            f'    <Label value={quoteattr(name)} background="{colour(i)}"/>' for i, name in enumerate(self.classes)
+        )
         image = quoteattr(self.settings["to_name"])
-        return (f"<View>\n  <Image name={image} value=\"${self.DATA_KEY}\" zoom=\"true\"/>\n"
-                f"  <BrushLabels name={quoteattr(self.settings['from_name'])} "
-                f"toName={quoteattr(self.settings['to_name'])}>\n{labels}\n  </BrushLabels>\n</View>\n")
+        return (
+            f'<View>\n  <Image name={image} value="${self.DATA_KEY}" zoom="true"/>\n'
+            f"  <BrushLabels name={quoteattr(self.settings['from_name'])} "
+            f"toName={quoteattr(self.settings['to_name'])}>\n{labels}\n  </BrushLabels>\n</View>\n"
+        )
 
     def write_extras(self) -> list[str]:
         config = self.labeling_config()
@@ -507,6 +573,7 @@ class LabelStudioExporter(Exporter):
 
 
 # -- the export ---------------------------------------------------------------------------------------
+
 
 def latest_ok_rows(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
     """The newest ok row of every input, sorted by uri: what an export holds."""
@@ -531,7 +598,7 @@ def _read_chunk(chunk: pa.Table, output: tuple[Any, str], storage_options: Mappi
     fs = output[0]
     out: list[Any] = [None] * chunk.num_rows
     here: list[tuple[int, str]] = []  # rows whose mask lies below OUTPUT: one batched read
-    for i, (uri, mask_uri) in enumerate(zip(chunk["uri"].to_pylist(), chunk["mask_uri"].to_pylist())):
+    for i, (uri, mask_uri) in enumerate(zip(chunk["uri"].to_pylist(), chunk["mask_uri"].to_pylist(), strict=True)):
         try:
             mask_fs, path = locate_mask(mask_uri or "", uri, output, storage_options)
             if mask_fs is fs:
@@ -540,7 +607,7 @@ def _read_chunk(chunk: pa.Table, output: tuple[Any, str], storage_options: Mappi
                 out[i] = _storage.retry(mask_fs.cat_file, path, what=f"read {mask_uri}")
         except Exception as exc:  # an unreadable mask costs its image, not the export
             out[i] = exc
-    for (i, _), data in zip(here, _storage.read_many(fs, [p for _, p in here])):
+    for (i, _), data in zip(here, _storage.read_many(fs, [p for _, p in here]), strict=True):
         out[i] = data
     return out
 
@@ -564,8 +631,16 @@ def _load(row: dict[str, Any], data: Any, num_classes: int, root: str) -> Export
         raise _SkipImage(f"mask is {mask.shape[1]}x{mask.shape[0]}, its row says {row['width']}x{row['height']}")
     if mask.size and int(mask.max()) >= num_classes:
         raise _SkipImage(f"mask holds class id {int(mask.max())} but there are {num_classes} classes")
-    return ExportImage(index=-1, uri=row["uri"], name=_input_name(row["uri"], row["mask_uri"] or "", root),
-                       width=row["width"], height=row["height"], model=row.get("model"), png=data, mask=mask)
+    return ExportImage(
+        index=-1,
+        uri=row["uri"],
+        name=_input_name(row["uri"], row["mask_uri"] or "", root),
+        width=row["width"],
+        height=row["height"],
+        model=row.get("model"),
+        png=data,
+        mask=mask,
+    )
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -574,15 +649,25 @@ def _progress(total: int, desc: str, enabled: bool):
     except ImportError:  # tqdm is a dependency; a trimmed install still exports, silently
         enabled = False
     if not enabled:
+
         class _Quiet:
             def update(self, n: int = 1) -> None: ...
             def close(self) -> None: ...
+
         return _Quiet()
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
 
 
-def export(output: str, format: str, dest: str, *, storage_options: Mapping[str, Any] | None = None,
-           shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True, **options: Any) -> ExportResult:
+def export(
+    output: str,
+    format: str,
+    dest: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: bool = True,
+    **options: Any,
+) -> ExportResult:
     """Export OUTPUT's newest ok mask of every input to DEST in ``format``; see the module docstring.
 
     ``options`` are the format's own settings (label-studio: ``from_name``, ``to_name``).
@@ -593,16 +678,24 @@ def export(output: str, format: str, dest: str, *, storage_options: Mapping[str,
     storage_options = dict(storage_options or {})
     classes = summary.classes(output, storage_options)
     if classes is None:
-        raise ExportError(f"OUTPUT {output} has no summary, so there is nothing to export: "
-                          f"run `segbatch run` into it first")
+        raise ExportError(
+            f"OUTPUT {output} has no summary, so there is nothing to export: run `segbatch run` into it first"
+        )
     rows = latest_ok_rows(output, storage_options)
     ds = summary.dataset(output, storage_options)
     error_rows = ds.count_rows(filter=pc.field("status") != "ok") if ds is not None else 0
     if rows.num_rows == 0:
         raise ExportError(f"OUTPUT {output} has no ok rows to export ({error_rows} error rows): nothing written")
 
-    exporter = cls(dest, classes=classes, storage_options=storage_options, shard_size=shard_size,
-                   total=rows.num_rows, source=_storage.absolute_url(output), **options)
+    exporter = cls(
+        dest,
+        classes=classes,
+        storage_options=storage_options,
+        shard_size=shard_size,
+        total=rows.num_rows,
+        source=_storage.absolute_url(output),
+        **options,
+    )
     exporter.check_dest()
     result = ExportResult(format=cls.name, dest=exporter.dest, shard_size=shard_size, error_rows=error_rows)
     out_fs_root = _storage.open_url(output, storage_options)
@@ -627,7 +720,8 @@ def export(output: str, format: str, dest: str, *, storage_options: Mapping[str,
                 if n + 1 < len(chunks):
                     pending = reader.submit(_read_chunk, chunks[n + 1], out_fs_root, storage_options)
                 chunk_rows = chunk.to_pylist()
-                for row, (image, prepared) in zip(chunk_rows, workers.map(load_and_prepare, zip(chunk_rows, data))):
+                loaded = workers.map(load_and_prepare, zip(chunk_rows, data, strict=True))
+                for row, (image, prepared) in zip(chunk_rows, loaded, strict=True):
                     if image is None:
                         result.failed.append((row["uri"], prepared))
                     else:
@@ -645,5 +739,18 @@ def export(output: str, format: str, dest: str, *, storage_options: Mapping[str,
     return result
 
 
-__all__ = ["DEFAULT_SHARD_SIZE", "ExportError", "ExportImage", "ExportResult", "Exporter", "brush_rle",
-           "coco_bbox", "coco_rle", "export", "formats", "get_exporter", "latest_ok_rows", "register"]
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "ExportError",
+    "ExportImage",
+    "ExportResult",
+    "Exporter",
+    "brush_rle",
+    "coco_bbox",
+    "coco_rle",
+    "export",
+    "formats",
+    "get_exporter",
+    "latest_ok_rows",
+    "register",
+]

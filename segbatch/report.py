@@ -431,20 +431,25 @@ Right: the share of the {{ d.ok_images }} ok images in which the class appears a
 </div>
 <table id="per-class"><thead><tr><th>class</th><th class="n">IoU</th><th class="n">support (GT pixels)</th>
 <th class="n">predicted pixels</th></tr></thead><tbody>
-{% for c in view.classes %}<tr><td><span class="swatch" style="background: {{ colour(c.id) }}"></span>{{ c['class'] }}</td>
+{% for c in view.classes %}<tr>
+<td><span class="swatch" style="background: {{ colour(c.id) }}"></span>{{ c['class'] }}</td>
 <td class="n">{{ num(c.iou) }}</td><td class="n">{{ c.support }}</td><td class="n">{{ c.predicted }}</td></tr>
 {% endfor %}</tbody></table>
 {% if view.worst %}<h3>Worst images by IoU</h3>
-<table id="worst"><thead><tr><th class="n">IoU</th><th class="n">pixel accuracy</th><th>image</th></tr></thead><tbody>
-{% for w in view.worst %}<tr><td class="n">{{ num(w.miou) }}</td><td class="n">{{ num(w.pixel_accuracy) }}</td><td><code>{{ w.uri }}</code></td></tr>
+<table id="worst"><thead><tr><th class="n">IoU</th><th class="n">pixel accuracy</th><th>image</th></tr></thead>
+<tbody>{% for w in view.worst %}<tr><td class="n">{{ num(w.miou) }}</td>
+<td class="n">{{ num(w.pixel_accuracy) }}</td><td><code>{{ w.uri }}</code></td></tr>
 {% endfor %}</tbody></table>{% endif %}
 {% if view.matrix %}<h3>Confusion matrix</h3>
-<table id="confusion"><thead><tr><th>ground truth ↓ / predicted →</th>{% for c in view.matrix_classes %}<th class="n">{{ c['class'] }}</th>{% endfor %}</tr></thead><tbody>
-{% for row in view.matrix %}{% set r = loop.index0 %}<tr><th>{{ view.matrix_classes[r]['class'] }}</th>{% for v in row %}<td class="n{{ ' diag' if loop.index0 == r }}">{{ v }}</td>{% endfor %}</tr>
+<table id="confusion"><thead><tr><th>ground truth ↓ / predicted →</th>
+{% for c in view.matrix_classes %}<th class="n">{{ c['class'] }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in view.matrix %}{% set r = loop.index0 %}<tr><th>{{ view.matrix_classes[r]['class'] }}</th>
+{% for v in row %}<td class="n{{ ' diag' if loop.index0 == r }}">{{ v }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table>
-{% if view.matrix_cut %}<p class="muted">{{ view.matrix_cut }} more classes with pixels are left out of the matrix; eval.json has all of it.</p>{% endif %}{% endif %}
-<p class="muted">From <code>eval.json</code> in OUTPUT (<code>segbatch eval</code>). Support: ground-truth pixels of the class;
-an image's IoU is the mean IoU over the classes in its own ground truth or prediction.</p>
+{% if view.matrix_cut %}<p class="muted">{{ view.matrix_cut }} more classes with pixels are left out of the
+matrix; eval.json has all of it.</p>{% endif %}{% endif %}
+<p class="muted">From <code>eval.json</code> in OUTPUT (<code>segbatch eval</code>). Support: ground-truth pixels
+of the class; an image's IoU is the mean IoU over the classes in its own ground truth or prediction.</p>
 </section>
 {% endif %}
 

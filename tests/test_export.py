@@ -15,23 +15,25 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
-import pytest
-from PIL import Image
 
 # The formats' own reference readers (the `test` extra installs them).
 import pycocotools.mask as pycocotools_mask
+import pytest
 from label_studio_converter.brush import decode_rle
+from PIL import Image
 from pycocotools.coco import COCO
 
-from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs, write_output
 from segbatch import RunConfig, cli, run
 from segbatch.errors import EXIT_STATUS, ConfigError, ExportIncomplete, InputError
 from segbatch.export import ExportError, brush_rle, coco_bbox, coco_rle, export, formats, get_exporter
+
+from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs, write_output
 
 CLASSES = ["__background__", "cat", "dog", "tree"]  # the hand-made OUTPUTs' classes
 
 
 # -- reading each format back -------------------------------------------------------------------------
+
 
 def read_coco(dest: Path) -> dict[str, np.ndarray]:
     """uri -> class-id mask, from every COCO shard, checking that each pixel is covered exactly once."""
@@ -80,8 +82,9 @@ def read_cvat(dest: Path) -> dict[str, np.ndarray]:
     return masks
 
 
-def read_label_studio(dest: Path, classes: list[str], from_name: str = "tag",
-                      to_name: str = "image") -> dict[str, np.ndarray]:
+def read_label_studio(
+    dest: Path, classes: list[str], from_name: str = "tag", to_name: str = "image"
+) -> dict[str, np.ndarray]:
     """uri -> class-id mask, decoding each brushlabels result with Label Studio's own decoder."""
     masks = {}
     for path in sorted(dest.glob("tasks-*.json")):
@@ -118,18 +121,22 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
 
 
 def cvat_name(uri: str, input_root: str) -> str:
-    return uri[len(input_root) + 1:].rsplit(".", 1)[0]
+    return uri[len(input_root) + 1 :].rsplit(".", 1)[0]
 
 
 # -- the encodings against the reference libraries ------------------------------------------------------
+
 
 def test_coco_rle_is_byte_identical_to_pycocotools():
     rng = np.random.default_rng(5)
     for trial in range(150):
         h, w = (int(v) for v in rng.integers(1, 50, 2))
-        binary = [rng.random((h, w)) < 0.5, np.zeros((h, w), bool), np.ones((h, w), bool),
-                  np.pad(np.ones((max(1, h // 2), max(1, w // 3)), bool), ((h - max(1, h // 2), 0),
-                                                                           (0, w - max(1, w // 3))))][trial % 4]
+        binary = [
+            rng.random((h, w)) < 0.5,
+            np.zeros((h, w), bool),
+            np.ones((h, w), bool),
+            np.pad(np.ones((max(1, h // 2), max(1, w // 3)), bool), ((h - max(1, h // 2), 0), (0, w - max(1, w // 3)))),
+        ][trial % 4]
         want = pycocotools_mask.encode(np.asfortranarray(binary.astype(np.uint8)))
         got = coco_rle(binary)
         assert got == {"size": [int(v) for v in want["size"]], "counts": want["counts"].decode()}
@@ -150,13 +157,22 @@ def test_brush_rle_decodes_with_label_studios_decoder():
 
 # -- round trips on a real OUTPUT ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory, ray_local, checkpoint):
     """One real run: six small images and one broken file (an error row)."""
     root = tmp_path_factory.mktemp("export")
     rels = write_inputs(root / "in")
-    report = run(RunConfig(input=str(root / "in"), output=str(root / "out"), model=TEST_ARCH,
-                           weights=str(checkpoint), batch_size=4, progress=False))
+    report = run(
+        RunConfig(
+            input=str(root / "in"),
+            output=str(root / "out"),
+            model=TEST_ARCH,
+            weights=str(checkpoint),
+            batch_size=4,
+            progress=False,
+        )
+    )
     assert (report.ok, report.errors) == (len(rels) - 1, 1)
     classes = json.loads(pads.dataset(root / "out" / "summary", format="parquet").schema.metadata[b"segbatch.classes"])
     return root, classes, output_masks(root / "out")
@@ -198,8 +214,23 @@ def test_cvat_round_trip_as_folder_and_zip(labelled, tmp_path):
 def test_label_studio_round_trip_with_config(labelled, tmp_path, capsys):
     root, classes, want = labelled
     dest = tmp_path / "ls"
-    assert cli.main(["export", str(root / "out"), str(dest), "--format", "label-studio", "--no-progress",
-                     "--from-name", "brush", "--to-name", "photo"]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                str(root / "out"),
+                str(dest),
+                "--format",
+                "label-studio",
+                "--no-progress",
+                "--from-name",
+                "brush",
+                "--to-name",
+                "photo",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert_same(read_label_studio(dest, classes, "brush", "photo"), want)
     config = (dest / "labeling-config.xml").read_text()
@@ -221,8 +252,12 @@ def test_round_trip_on_s3(s3_bucket, s3_server, ray_local, checkpoint, tmp_path,
         Image.fromarray(photo_like(*size, 40 + i)).save(local / f"img{i}.jpg", quality=90)
     s3_server.upload_dir(local, f"s3://{s3_bucket}/in")
     out = f"s3://{s3_bucket}/out"
-    assert cli.main(["run", f"s3://{s3_bucket}/in", out, "--model", TEST_ARCH, "--weights", str(checkpoint),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            ["run", f"s3://{s3_bucket}/in", out, "--model", TEST_ARCH, "--weights", str(checkpoint), "--no-progress"]
+        )
+        == 0
+    )
     for fmt, dest in (("coco", "coco"), ("label-studio", "ls"), ("cvat", "cvat.zip")):
         assert cli.main(["export", out, f"s3://{s3_bucket}/export/{dest}", "--format", fmt, "--no-progress"]) == 0
     clear_s3fs_cache()
@@ -230,11 +265,14 @@ def test_round_trip_on_s3(s3_bucket, s3_server, ray_local, checkpoint, tmp_path,
     fs.get(f"{s3_bucket}/out", str(tmp_path / "out"), recursive=True)
     fs.get(f"{s3_bucket}/export", str(tmp_path / "export"), recursive=True)
     rows = pads.dataset(tmp_path / "out" / "summary", format="parquet").to_table().to_pylist()
-    want = {r["uri"]: np.asarray(Image.open(tmp_path / "out" / r["mask_uri"].split("/out/", 1)[1])).astype(np.int64)
-            for r in rows}
+    want = {
+        r["uri"]: np.asarray(Image.open(tmp_path / "out" / r["mask_uri"].split("/out/", 1)[1])).astype(np.int64)
+        for r in rows
+    }
     assert sorted(want) == [f"s3://{s3_bucket}/in/img{i}.jpg" for i in range(3)]
-    classes = json.loads(pads.dataset(tmp_path / "out" / "summary", format="parquet").schema.metadata[
-        b"segbatch.classes"])
+    classes = json.loads(
+        pads.dataset(tmp_path / "out" / "summary", format="parquet").schema.metadata[b"segbatch.classes"]
+    )
     assert_same(read_coco(tmp_path / "export" / "coco"), want)
     assert_same(read_label_studio(tmp_path / "export" / "ls", classes), want)
     with zipfile.ZipFile(tmp_path / "export" / "cvat.zip") as z:
@@ -243,6 +281,7 @@ def test_round_trip_on_s3(s3_bucket, s3_server, ray_local, checkpoint, tmp_path,
 
 
 # -- hand-made OUTPUTs: sharding, newest rows, failures -------------------------------------------------
+
 
 def known_masks(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -284,10 +323,13 @@ def test_sharding_puts_every_image_in_exactly_one_shard(tmp_path):
 
 def test_error_rows_are_skipped_and_the_newest_ok_row_wins(tmp_path, capsys):
     old, new, late = np.zeros((4, 5), int), np.full((6, 7), 2), np.full((3, 3), 1)
-    rows = [{"rel": "x.jpg", "mask": old, "written_at": 1_000}, {"rel": "x.jpg", "mask": new, "written_at": 3_000},
-            {"rel": "y.jpg", "error": "cannot decode"},
-            {"rel": "z.jpg", "error": "cannot decode", "written_at": 1_000},
-            {"rel": "z.jpg", "mask": late, "written_at": 2_000}]
+    rows = [
+        {"rel": "x.jpg", "mask": old, "written_at": 1_000},
+        {"rel": "x.jpg", "mask": new, "written_at": 3_000},
+        {"rel": "y.jpg", "error": "cannot decode"},
+        {"rel": "z.jpg", "error": "cannot decode", "written_at": 1_000},
+        {"rel": "z.jpg", "mask": late, "written_at": 2_000},
+    ]
     # The older x row's mask file is overwritten by the newer one (same name), like a real rerun: picking
     # the older row would find a 7x6 mask where its row says 5x4, and fail the image.
     write_output(tmp_path / "out", rows, CLASSES)
@@ -303,8 +345,9 @@ def test_a_missing_mask_costs_its_image_and_the_exit_code(tmp_path, capsys):
     write_output(tmp_path / "out", [{"rel": rel, "mask": m} for rel, m in masks.items()], CLASSES)
     gone = sorted(masks)[1]
     (tmp_path / "out" / "masks" / f"{gone}.png").unlink()
-    code = cli.main(["export", str(tmp_path / "out"), str(tmp_path / "ls"), "--format", "label-studio",
-                     "--no-progress"])
+    code = cli.main(
+        ["export", str(tmp_path / "out"), str(tmp_path / "ls"), "--format", "label-studio", "--no-progress"]
+    )
     assert code == EXIT_STATUS[ExportIncomplete]
     captured = capsys.readouterr()
     printed = captured.out
@@ -326,8 +369,9 @@ def test_an_empty_output_says_so(tmp_path, capsys):
     code = cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "d"), "--format", "coco"])
     assert code == EXIT_STATUS[InputError]
     assert "has no summary, so there is nothing to export" in capsys.readouterr().err
-    write_output(tmp_path / "errors-only", [{"rel": "a.jpg", "error": "boom"}, {"rel": "b.jpg", "error": "boom"}],
-                 CLASSES)
+    write_output(
+        tmp_path / "errors-only", [{"rel": "a.jpg", "error": "boom"}, {"rel": "b.jpg", "error": "boom"}], CLASSES
+    )
     code = cli.main(["export", str(tmp_path / "errors-only"), str(tmp_path / "d"), "--format", "coco"])
     assert code == EXIT_STATUS[InputError]
     assert "has no ok rows to export (2 error rows)" in capsys.readouterr().err

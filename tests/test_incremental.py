@@ -16,8 +16,9 @@ from PIL import Image
 
 from _helpers import TEST_ARCH, photo_like
 from segbatch import RunConfig, run, runs, status
-from segbatch.cli import EXIT_INPUT, main
+from segbatch.cli import main
 from segbatch.pipeline import plan_inputs
+from segbatch.errors import EXIT_STATUS, InputError
 
 
 def summary_table(out: Path) -> pa.Table:
@@ -139,7 +140,7 @@ def test_status_counts_runs_and_totals(history, capsys):
 
 
 def test_status_of_an_empty_output_says_so(tmp_path, capsys):
-    assert main(["status", str(tmp_path / "nothing")]) == EXIT_INPUT
+    assert main(["status", str(tmp_path / "nothing")]) == EXIT_STATUS[InputError]
     assert "no runs yet" in capsys.readouterr().out
 
 

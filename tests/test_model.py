@@ -103,6 +103,7 @@ def reference_images():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", available_models())
 def test_registered_architecture_meets_the_reference(arch, tmp_path, reference_images):
     """The inference path segbatch's actors run (Predictor: the weights' resize, batched forward of

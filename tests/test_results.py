@@ -18,12 +18,13 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image, ImageOps
 
-from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs
 from segbatch import RunConfig, cli, run
 from segbatch.contract import input_relpath, mask_name, mask_relpath, overlay_relpath
 from segbatch.errors import EXIT_STATUS, InputError
 from segbatch.evaluate import confusion_matrix, metrics
 from segbatch.overlay import background_ids, blend, class_colour, encode_jpeg
+
+from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs
 
 # PASCAL VOC's colours as the devkit's VOClabelcolormap lists them (class id -> RGB), written out here
 # rather than computed, so the palette code is checked against the published values.
@@ -290,7 +291,7 @@ def test_eval_per_class_iou_confusion_and_worst_images_match_a_hand_computation(
     worst = section[section.index('id="worst"'):section.index('id="confusion"')]
     assert worst.index("/in/c.jpg") < worst.index("/in/b.jpg") and "/in/a.jpg" not in worst
     per_class = section[section.index('id="per-class"'):section.index('id="worst"')]
-    for name, value, support in zip(HAND_CLASSES, iou, [7, 6, 2, 2]):
+    for name, value, support in zip(HAND_CLASSES, iou, [7, 6, 2, 2], strict=True):
         assert re.search(rf"{name}</td>\s*<td class=\"n\">{value:.4f}</td><td class=\"n\">{support}</td>", per_class)
     confusion = section[section.index('id="confusion"'):]
     cells = [int(v) for v in re.findall(r'<td class="n(?: diag)?">(\d+)</td>', confusion)]
