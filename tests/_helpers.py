@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -112,6 +113,22 @@ def wait_for_masks(proc, out: Path, count: int, timeout: float) -> None:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before the fault could be injected; give it more images"
+
+
+def summary_table(out: Path) -> pa.Table:
+    """Every row of a local OUTPUT's summary, with its schema metadata (class names)."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(out / "summary", format="parquet").to_table()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on loopback now (the tests bind everything they start to 127.0.0.1)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -25,7 +25,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _INTEGRATION_FIXTURES & set(item.fixturenames) or item.module.__name__ in _INTEGRATION_MODULES:
             item.add_marker(pytest.mark.integration)
-from _s3 import S3Endpoint, clear_s3fs_cache, configure_environment, free_port  # noqa: E402
+from _helpers import free_port  # noqa: E402
+from _s3 import S3Endpoint, clear_s3fs_cache, configure_environment  # noqa: E402
 
 # S3 credentials and endpoint go into the environment now, before any Ray starts: Ray workers inherit
 # the driver's environment at ray.init and never see a later change. The server starts on first use.

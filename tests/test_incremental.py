@@ -9,20 +9,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _helpers import TEST_ARCH, photo_like
+from _helpers import summary_table, TEST_ARCH, photo_like
 from segbatch import RunConfig, run, runs, status
 from segbatch.cli import main
 from segbatch.pipeline import plan_inputs
 from segbatch.errors import EXIT_STATUS, InputError
-
-
-def summary_table(out: Path) -> pa.Table:
-    return pads.dataset(out / "summary", format="parquet").to_table()
 
 
 def ok_rows_per_input(table: pa.Table) -> dict[str, int]:

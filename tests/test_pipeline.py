@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from _helpers import TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask
+from _helpers import summary_table, TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask
 from segbatch import RunConfig, run
 from segbatch.contract import SUMMARY_SCHEMA
 
@@ -56,10 +55,6 @@ def labelled(tmp_path_factory, ray_local, checkpoint):
                        weights=str(checkpoint), batch_size=4, progress=False)
     report = run(config)
     return root, sizes, config, report
-
-
-def summary_table(out: Path) -> pa.Table:
-    return pads.dataset(out / "summary", format="parquet").to_table()
 
 
 def test_every_image_gets_one_ok_row_and_a_report(labelled):
