@@ -160,7 +160,6 @@ def write_output(out: Path, rows: list[dict], classes: list[str], input_root: st
     Each row is ``{"rel": ..., "mask": 2-D class ids}`` (an ok row) or ``{"rel": ..., "error": ...}``,
     optionally with ``"written_at"`` (ms since the epoch); each row list item becomes one summary file.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from segbatch.contract import SUMMARY_DIR, SUMMARY_SCHEMA, mask_relpath, summary_metadata

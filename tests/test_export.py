@@ -14,7 +14,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 
 # The formats' own reference readers (the `test` extra installs them).
 import pycocotools.mask as pycocotools_mask
@@ -24,10 +23,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from segbatch import RunConfig, cli, run
+from segbatch.contract import CLASSES_METADATA_KEY
 from segbatch.errors import EXIT_STATUS, ConfigError, ExportIncomplete, InputError
 from segbatch.export import ExportError, brush_rle, coco_bbox, coco_rle, export, formats, get_exporter
 
-from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs, write_output
+from _helpers import BROKEN, TEST_ARCH, photo_like, summary_table, write_inputs, write_output
 
 CLASSES = ["__background__", "cat", "dog", "tree"]  # the hand-made OUTPUTs' classes
 
@@ -109,7 +109,7 @@ def read_label_studio(
 
 def output_masks(out: Path) -> dict[str, np.ndarray]:
     """uri -> the mask OUTPUT holds, for its ok rows."""
-    rows = pads.dataset(out / "summary", format="parquet").to_table().to_pylist()
+    rows = summary_table(out).to_pylist()
     return {r["uri"]: np.asarray(Image.open(r["mask_uri"])).astype(np.int64) for r in rows if r["status"] == "ok"}
 
 
@@ -174,7 +174,7 @@ def labelled(tmp_path_factory, ray_local, checkpoint):
         )
     )
     assert (report.ok, report.errors) == (len(rels) - 1, 1)
-    classes = json.loads(pads.dataset(root / "out" / "summary", format="parquet").schema.metadata[b"segbatch.classes"])
+    classes = json.loads(summary_table(root / "out").schema.metadata[CLASSES_METADATA_KEY])
     return root, classes, output_masks(root / "out")
 
 
@@ -264,15 +264,14 @@ def test_round_trip_on_s3(s3_bucket, s3_server, ray_local, checkpoint, tmp_path,
     fs = fsspec.filesystem("s3")
     fs.get(f"{s3_bucket}/out", str(tmp_path / "out"), recursive=True)
     fs.get(f"{s3_bucket}/export", str(tmp_path / "export"), recursive=True)
-    rows = pads.dataset(tmp_path / "out" / "summary", format="parquet").to_table().to_pylist()
+    table = summary_table(tmp_path / "out")
+    rows = table.to_pylist()
     want = {
         r["uri"]: np.asarray(Image.open(tmp_path / "out" / r["mask_uri"].split("/out/", 1)[1])).astype(np.int64)
         for r in rows
     }
     assert sorted(want) == [f"s3://{s3_bucket}/in/img{i}.jpg" for i in range(3)]
-    classes = json.loads(
-        pads.dataset(tmp_path / "out" / "summary", format="parquet").schema.metadata[b"segbatch.classes"]
-    )
+    classes = json.loads(table.schema.metadata[CLASSES_METADATA_KEY])
     assert_same(read_coco(tmp_path / "export" / "coco"), want)
     assert_same(read_label_studio(tmp_path / "export" / "ls", classes), want)
     with zipfile.ZipFile(tmp_path / "export" / "cvat.zip") as z:
@@ -386,3 +385,10 @@ def test_options_and_dest_are_checked(tmp_path):
     (tmp_path / "used" / "old.json").write_text("{}")
     with pytest.raises(ExportError, match="not empty"):
         export(str(tmp_path / "out"), "coco", str(tmp_path / "used"), progress=False)
+
+
+def test_progress_bar_counts_images_on_stderr(tmp_path, capsys):
+    write_output(tmp_path / "out", [{"rel": f"i{i}.jpg", "mask": np.eye(3, dtype=int)} for i in range(4)], CLASSES)
+    export(str(tmp_path / "out"), "coco", str(tmp_path / "coco"), progress=True)
+    err = capsys.readouterr().err
+    assert "export coco" in err and "4/4" in err
