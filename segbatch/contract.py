@@ -16,6 +16,7 @@ from fsspec.core import strip_protocol
 __all__ = [
     "CLASSES_METADATA_KEY",
     "CONFIDENCE_DIR",
+    "EVAL_NAME",
     "MASKS_DIR",
     "OVERLAYS_DIR",
     "PALETTE",
@@ -41,6 +42,7 @@ RUNS_DIR = "runs"  # one JSON record per run
 OVERLAYS_DIR = "overlays"  # `run --overlays`: one JPEG per ok input
 CONFIDENCE_DIR = "confidence"  # `run --confidence`: one 8-bit PNG per ok input, probability x 255
 REPORT_NAME = "report.html"  # `segbatch report`
+EVAL_NAME = "eval.json"  # `segbatch eval` (unless --json), shown by `segbatch report`
 CLASSES_METADATA_KEY = b"segbatch.classes"  # summary schema metadata: JSON list of class names
 
 #: The summary's columns: the contract's first, then segbatch's documented extensions.

@@ -1,7 +1,9 @@
 """`segbatch report OUTPUT`: one self-contained HTML page of what the runs into OUTPUT produced.
 
 The page holds per-run counts and throughput, a class chart (matplotlib, inlined as SVG), a gallery of
-sample overlays (inlined as JPEG data URIs) and the error rows grouped by message. It fetches nothing:
+sample overlays (inlined as JPEG data URIs) and the error rows grouped by message; when OUTPUT holds an
+``eval.json`` from `segbatch eval`, also its mIoU, per-class IoU and support, the worst images and the
+confusion matrix. It fetches nothing:
 no scripts, fonts or images from anywhere, so it opens offline and from an object store's console.
 
 The summary is read one record batch at a time, only the columns the page needs; memory stays bounded
@@ -25,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from segbatch import _storage, overlay, runs, summary
-from segbatch.contract import MASKS_DIR, REPORT_NAME, mask_name
+from segbatch import _storage, evaluate, overlay, runs, summary
+from segbatch.contract import EVAL_NAME, REPORT_NAME
 from segbatch.errors import ConfigError, InputError
-from segbatch.evaluate import read_label_png
+from segbatch.evaluate import locate_mask, read_label_png
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ SHOWN_ERROR_GROUPS = 25  # groups shown on the page, most frequent first
 ERROR_EXAMPLES = 3  # example URIs per error message
 MAX_RESOLVE_URIS = 100_000  # error URIs checked for a later ok row; beyond it the check is skipped
 SAMPLE_THREADS = 8  # samples read and drawn at once; they are object-store reads, mostly waiting
+MAX_CONFUSION_CLASSES = 20  # confusion matrix rows/columns shown (classes with most GT + predicted pixels)
 
 COLUMNS = ["uri", "status", "error", "mask_uri", "pixel_counts", "run_id", "model", "weights", "device",
            "written_at", "mean_confidence"]
@@ -108,6 +111,7 @@ class ReportData:
     resolved_checked: bool
     samples: list[Sample]
     least_confident: list[Sample] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # OUTPUT/eval.json, as `segbatch eval` wrote it
 
     def class_name(self, class_id: int) -> str:
         return self.classes[class_id] if class_id < len(self.classes) else f"class {class_id}"
@@ -242,11 +246,7 @@ def _thumbnail(uri: str, mask_uri: str, output: tuple[Any, str], storage_options
     from segbatch.config import RunConfig
     from segbatch.decode import Limits, decode_image
 
-    fs, root = output
-    try:  # the mask as it lies in this OUTPUT, even when OUTPUT was copied or moved since the run
-        path = _storage.join_path(root, mask_name(mask_uri, uri, root + "/" + MASKS_DIR + "/"))
-    except ValueError:
-        fs, path = _storage.open_url(mask_uri, storage_options)
+    fs, path = locate_mask(mask_uri, uri, output, storage_options)
     mask = read_label_png(_storage.retry(fs.cat_file, path, what=f"read {path}"), f"mask {path}")
     ids, counts = np.unique(mask, return_counts=True)
     order = np.argsort(-counts)
@@ -315,7 +315,33 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
         error_groups=groups[:SHOWN_ERROR_GROUPS], other_errors=collector.other_errors + sum(
             g.count for g in groups[SHOWN_ERROR_GROUPS:]),
         resolved_checked=resolved_checked, samples=[s for s in picked if s is not None],
-        least_confident=[s for s in least_confident if s is not None])
+        least_confident=[s for s in least_confident if s is not None],
+        evaluation=_read_evaluation(output_url, storage_options))
+
+
+def _read_evaluation(output_url: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
+    try:
+        return evaluate.read_json(output_url, storage_options)
+    except Exception as exc:  # a damaged eval.json costs its section, not the report
+        log.warning("report: cannot read %s: %s", EVAL_NAME, exc)
+        return None
+
+
+def evaluation_view(ev: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows of an eval JSON: classes seen in GT or prediction, the worst images, and the
+    confusion matrix cut to the classes with most pixels."""
+    per_class = ev.get("per_class")
+    if per_class is None:  # written before per_class existed: rebuild it from the older keys
+        iou, gt, pred = ev.get("per_class_iou", {}), ev.get("ground_truth_pixels", {}), ev.get("predicted_pixels", {})
+        per_class = [{"id": i, "class": name, "iou": iou[name], "support": gt.get(name, 0),
+                      "predicted": pred.get(name, 0)} for i, name in enumerate(iou)]
+    seen = [c for c in per_class if c["support"] or c["predicted"]]
+    matrix = (ev.get("confusion_matrix") or {}).get("counts")
+    shown = sorted(seen, key=lambda c: -(c["support"] + c["predicted"]))[:MAX_CONFUSION_CLASSES]
+    shown = sorted(shown, key=lambda c: c["id"])
+    rows = [[matrix[a["id"]][b["id"]] for b in shown] for a in shown] if matrix else []
+    return {"classes": seen, "worst": ev.get("worst_images", []), "matrix_classes": shown, "matrix": rows,
+            "matrix_cut": len(seen) - len(shown)}
 
 
 def _try_thumbnail(row: tuple[str, str], output: tuple[Any, str], storage_options: Mapping[str, Any],
@@ -386,6 +412,8 @@ figure.chart { margin: 0; } figure.chart svg { max-width: 100%; height: auto; }
 .swatch { display: inline-block; width: 14px; height: 14px; border: 1px solid #444; vertical-align: -2px;
           margin-right: 5px; }
 .bad { color: #b00020; }
+#evaluation table { width: auto; min-width: 50%; } #evaluation h3 { font-size: 15px; margin: 18px 0 6px; }
+#confusion td.diag { font-weight: bold; background: #eef6ee; }
 </style></head><body>
 <h1>segbatch report</h1>
 <p class="muted"><code>{{ d.output }}</code> &middot; generated {{ d.generated_at }}</p>
@@ -417,6 +445,38 @@ one, else over the span between its first and last summary write (hover a number
 Right: the share of the {{ d.ok_images }} ok images in which the class appears at all.</p>
 {% else %}<p class="muted">No ok images yet.</p>{% endif %}
 </section>
+
+{% if d.evaluation %}{% set ev = d.evaluation %}{% set view = evaluation_view(ev) %}
+<section id="evaluation"><h2>Evaluation</h2>
+<div class="totals">
+<div><b>{{ num(ev.miou) }}</b>mIoU</div>
+<div><b>{{ num(ev.pixel_accuracy) }}</b>pixel accuracy</div>
+<div><b>{{ ev.images }}</b>images compared</div>
+<div><b>{{ ev.missing_ground_truth }}</b>without ground truth</div>
+</div>
+<table id="per-class"><thead><tr><th>class</th><th class="n">IoU</th><th class="n">support (GT pixels)</th>
+<th class="n">predicted pixels</th></tr></thead><tbody>
+{% for c in view.classes %}<tr>
+<td><span class="swatch" style="background: {{ colour(c.id) }}"></span>{{ c['class'] }}</td>
+<td class="n">{{ num(c.iou) }}</td><td class="n">{{ c.support }}</td><td class="n">{{ c.predicted }}</td></tr>
+{% endfor %}</tbody></table>
+{% if view.worst %}<h3>Worst images by IoU</h3>
+<table id="worst"><thead><tr><th class="n">IoU</th><th class="n">pixel accuracy</th><th>image</th></tr></thead>
+<tbody>{% for w in view.worst %}<tr><td class="n">{{ num(w.miou) }}</td>
+<td class="n">{{ num(w.pixel_accuracy) }}</td><td><code>{{ w.uri }}</code></td></tr>
+{% endfor %}</tbody></table>{% endif %}
+{% if view.matrix %}<h3>Confusion matrix</h3>
+<table id="confusion"><thead><tr><th>ground truth ↓ / predicted →</th>
+{% for c in view.matrix_classes %}<th class="n">{{ c['class'] }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in view.matrix %}{% set r = loop.index0 %}<tr><th>{{ view.matrix_classes[r]['class'] }}</th>
+{% for v in row %}<td class="n{{ ' diag' if loop.index0 == r }}">{{ v }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>
+{% if view.matrix_cut %}<p class="muted">{{ view.matrix_cut }} more classes with pixels are left out of the
+matrix; eval.json has all of it.</p>{% endif %}{% endif %}
+<p class="muted">From <code>eval.json</code> in OUTPUT (<code>segbatch eval</code>). Support: ground-truth pixels
+of the class; an image's IoU is the mean IoU over the classes in its own ground truth or prediction.</p>
+</section>
+{% endif %}
 
 <section id="gallery"><h2>Sample overlays</h2>
 {% if d.samples %}
@@ -462,7 +522,8 @@ def render(data: ReportData) -> str:
     untinted_note = ("; " + ", ".join(data.class_name(i) for i in untinted) + " is left untinted") if untinted else ""
     return env.from_string(_TEMPLATE).render(
         d=data, chart=class_chart_svg(data), legend=legend, untinted_note=untinted_note,
-        colour=lambda cid: "#%02x%02x%02x" % overlay.class_colour(cid))
+        colour=lambda cid: "#%02x%02x%02x" % overlay.class_colour(cid), evaluation_view=evaluation_view,
+        num=lambda v: "-" if v is None else f"{v:.4f}")
 
 
 def write_report(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
