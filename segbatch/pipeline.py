@@ -130,6 +130,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
     ds = ds.map_batches(
         inference.Segmenter,
         fn_constructor_kwargs={"spec": spec, "precision": config.precision, "upsample": config.upsample,
+                               "min_confidence": config.min_confidence if config.confidence else None,
                                "max_batch": size.batch_size, "threads": size.threads},
         compute=ActorPoolStrategy(min_size=size.min_actors, max_size=size.max_actors),
         # After the batcher, a block is one or more single-shape batches: take it whole. A manifest run
