@@ -44,7 +44,7 @@ bench-data: $(STAMP)
 	$(PY) benchmarks/bench_data.py bench-data/jpeg640 --count 128
 
 bench: bench-data
-	$(PY) -m segbatch bench bench-data/jpeg640 --model deeplabv3_mobilenet_v3_large --weights random --batch-size 4 --json bench-data/result.json
+	$(PY) -m segbatch bench bench-data/jpeg640 --model deeplabv3_mobilenet_v3_large --weights random --json bench-data/result.json
 
 clean:
 	rm -rf $(DEMO_OUT) bench-data .pytest_cache
