@@ -7,10 +7,8 @@ import logging
 import sys
 from typing import Any, Sequence
 
-import yaml
-
 from segbatch import __version__
-from segbatch.config import ConfigError, RunConfig, load_config_file
+from segbatch.config import ConfigError, RunConfig, load_config_file, parse_storage_value
 
 EXIT_CONFIG = 2  # bad flags or settings: nothing ran
 EXIT_ERROR_BUDGET = 3  # --max-error-rate was passed: the run stopped, its rows stay valid
@@ -20,9 +18,10 @@ EXIT_INPUT = 4  # INPUT, OUTPUT or weights unusable: nothing ran
 def _storage_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    # Values read as YAML scalars, so `anon=true` and `default_block_size=5242880` get their types.
-    return key, yaml.safe_load(value) if value else value
+        # Never echo the text: it may be a secret given without its key.
+        raise argparse.ArgumentTypeError("expected KEY=VALUE (the value is not shown: it may be a secret)")
+    # Values are JSON scalars (true, false, null, numbers), else strings (docs/recurring-runs.md).
+    return key, parse_storage_value(value)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

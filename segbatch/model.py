@@ -58,7 +58,9 @@ class ModelSpec:
 def weights_enum(arch: str):
     """torchvision's weights enum for ``arch``, or a WeightsError listing the valid names."""
     if arch not in MODELS:
-        raise WeightsError(f"model: unknown {arch!r}; valid models: {', '.join(MODELS)}")
+        from segbatch.config import ConfigError  # a bad setting (exit 2), not unusable weights
+
+        raise ConfigError("model", f"unknown {arch!r}", f"valid models: {', '.join(MODELS)}")
     return get_model_weights(arch)
 
 
@@ -134,16 +136,34 @@ def resolve(
             )
         state = _load_checkpoint(data, weights)
         num = int(state[_HEAD_KEY].shape[0])
+        check_loads(arch, state, num, weights)
         identity, names = digest, tuple(f"class_{i}" for i in range(num))
         if classes_url is None and num == len(categories):
             names = categories
     if classes_url:
         names = _read_classes(classes_url, storage_options)
-        if weights != "default" and weights != "random" and len(names) != num:
-            raise WeightsError(f"classes: {classes_url} names {len(names)} classes; the checkpoint has {num}")
+        # `random` builds its head with as many classes as named; the others have a fixed head.
+        expected = None if weights == "random" else len(categories) if weights == "default" else num
+        if expected is not None and len(names) != expected:
+            what = f"--weights default of {arch}" if weights == "default" else "the checkpoint"
+            raise WeightsError(f"classes: {classes_url} names {len(names)} classes; {what} has {expected}")
     if len(names) > MAX_CLASSES:
         raise WeightsError(f"weights: {len(names)} classes; PNG masks hold at most {MAX_CLASSES} class ids")
     return ModelSpec(arch, weights, identity, tuple(names), storage_options)
+
+
+def check_loads(arch: str, state: Mapping[str, torch.Tensor], num_classes: int, source: str) -> None:
+    """Load ``state`` into ``arch`` strictly on the meta device (no memory, no compute): a missing,
+    unexpected or wrong-shaped tensor fails here, in the driver, instead of killing every actor."""
+    builder = get_model_builder(arch)
+    with torch.device("meta"):
+        net = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    try:
+        net.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
+        raise WeightsError(f"weights: {source} does not load into {arch}: {detail}") from None
 
 
 def ensure_default_weights(arch: str) -> str:
