@@ -180,11 +180,15 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     fs.makedirs(parent, exist_ok=True)
     # A leading dot keeps pyarrow's dataset discovery and most listings from seeing the temporary.
     tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    retry(fs.pipe_file, tmp, data, what=f"write {tmp}")
     try:
+        retry(fs.pipe_file, tmp, data, what=f"write {tmp}")
         retry(fs.mv, tmp, path, what=f"rename {tmp}")
-    except Exception:
-        fs.rm(tmp)
+    except BaseException:
+        # A full disk leaves a partial temporary behind; nothing ever reads it, so it goes now.
+        try:
+            fs.rm(tmp)
+        except Exception:
+            pass
         raise
 
 

@@ -215,17 +215,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-node", type=int, default=96)
 
 
+def _usage_error(message: str) -> int:
+    print(f"usage: segbatch bench INPUT [options]\nsegbatch bench: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
 
     from segbatch import listing, model
 
+    from segbatch.config import ConfigError
+
     skip = set(filter(None, args.skip.split(",")))
-    paths = listing.list_inputs(args.input, {}, ("jpg", "jpeg", "png"))["path"].to_pylist()[: args.limit]
-    if not paths:
-        raise SystemExit(f"segbatch bench: no images in {args.input}")
-    batch_sizes = sorted({1, *(int(b) for b in args.batch_size.split(","))})
-    device = _device(args.device)
-    spec = model.resolve(args.model, args.weights)
+    if skip - {"a", "b", "c"}:
+        return _usage_error(f"--skip takes a comma-separated list of a, b, c; got {args.skip!r}")
+    try:
+        batch_sizes = sorted({1, *(int(b) for b in args.batch_size.split(","))})
+    except ValueError:
+        return _usage_error(f"--batch-size takes comma-separated positive integers, got {args.batch_size!r}")
+    if batch_sizes[0] < 1 or (args.limit is not None and args.limit < 1):
+        return _usage_error("--batch-size and --limit must be positive")
+    try:
+        model.weights_enum(args.model)
+    except ConfigError as exc:
+        return _usage_error(str(exc))
+    try:
+        paths = listing.list_inputs(args.input, {}, ("jpg", "jpeg", "png"))["path"].to_pylist()[: args.limit]
+        spec = model.resolve(args.model, args.weights)
+    except (listing.InputNotFoundError, model.WeightsError) as exc:
+        print(f"segbatch bench: {exc}", file=sys.stderr)
+        return 4
+    try:
+        device = _device(args.device)
+    except RuntimeError as exc:
+        return _usage_error(f"--device: {exc}")
     transforms = model.default_transforms(args.model)
     net = model.build(spec).to(device)
     from PIL import Image, ImageOps

@@ -13,6 +13,34 @@ from segbatch.config import ConfigError, RunConfig, load_config_file, parse_stor
 EXIT_CONFIG = 2  # bad flags or settings: nothing ran
 EXIT_ERROR_BUDGET = 3  # --max-error-rate was passed: the run stopped, its rows stay valid
 EXIT_INPUT = 4  # INPUT, OUTPUT or weights unusable: nothing ran
+EXIT_SIGINT = 130  # stopped by Ctrl-C: rows written so far stay valid
+EXIT_SIGTERM = 143  # stopped by SIGTERM: rows written so far stay valid
+
+
+def _install_stop_handlers() -> None:
+    """SIGINT and SIGTERM raise RunInterrupted in the driver once; a second signal while the run stops
+    cleanly (writing its record, releasing its lease) is ignored rather than printing a traceback."""
+    import signal
+
+    from segbatch.pipeline import RunInterrupted
+
+    def handler(signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise RunInterrupted(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A storage endpoint that cannot be reached (after retries): a message and exit 4, not a traceback."""
+    from segbatch import _storage
+
+    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                         "ConnectionError", "ConnectionRefusedError", "NoCredentialsError",
+                         "ServerDisconnectedError"}) or (_storage.is_transient(exc) and isinstance(exc, OSError))
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -78,7 +106,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from segbatch.model import WeightsError
     from segbatch.pipeline import ErrorBudgetExceeded, run
 
+    from segbatch._lease import LeaseLostError
+    from segbatch.pipeline import RunInterrupted
+
     config = build_config(args)
+    _install_stop_handlers()
     try:
         report = run(config)
     except ErrorBudgetExceeded as exc:
@@ -86,6 +118,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_ERROR_BUDGET
     except (InputNotFoundError, WeightsError) as exc:
         print(f"segbatch: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except LeaseLostError as exc:
+        print(f"segbatch: stopped: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RunInterrupted as exc:
+        print(f"segbatch: stopped by {exc.name}; rows written so far stay valid, the run record says how many; "
+              "rerun to resume", file=sys.stderr)
+        return EXIT_SIGTERM if exc.name == "SIGTERM" else EXIT_SIGINT
+    except ConfigError:
+        raise
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        print(f"segbatch: cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and "
+              "credentials); nothing was done", file=sys.stderr)
         return EXIT_INPUT
     print(report)
     return 0

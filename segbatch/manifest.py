@@ -65,6 +65,7 @@ class ManifestInputs:
         self._bytes = int(_storage.retry(fs.du, path, what=f"size of {self.url}") or 0)
         self._is_dir = _storage.retry(fs.isdir, path, what=f"check {self.url}")
         self._tally = None
+        self.relabel_since: float | None = None  # set by the pipeline from OUTPUT's identity binding
 
     def _format(self) -> str:
         name = self._path.lower()
@@ -110,6 +111,11 @@ class ManifestInputs:
         if not _storage.retry(fs.exists, path, what=f"check {path}"):
             return None
         rows = ray.data.read_parquet(path, filesystem=_storage.to_pyarrow_fs(fs), file_extensions=["parquet"])
+        since = getattr(self, "relabel_since", None)
+        if since is not None:  # only rows of OUTPUT's current model count as done (identity.py)
+            rows = rows.select_columns([URI_COLUMN, "status", "written_at"])
+            return rows.map_batches(_ok_keys, fn_kwargs={"since_ms": int(since * 1000)}, batch_format="pyarrow",
+                                    batch_size=None)
         rows = rows.select_columns([URI_COLUMN, "status"])
         return rows.map_batches(_ok_keys, batch_format="pyarrow", batch_size=None)
 
@@ -137,8 +143,12 @@ def _manifest_keys(batch: pa.Table, base_url: str) -> pa.Table:
     return pa.table([pa.array(uris, pa.string()), pa.array([0] * len(uris), pa.int8())], schema=_KEYS)
 
 
-def _ok_keys(batch: pa.Table) -> pa.Table:
-    ok = batch.filter(pc.equal(batch["status"], "ok"))
+def _ok_keys(batch: pa.Table, since_ms: int | None = None) -> pa.Table:
+    keep = pc.equal(batch["status"], "ok")
+    if since_ms is not None:
+        written = pc.cast(batch["written_at"], pa.int64())
+        keep = pc.and_(keep, pc.fill_null(pc.greater_equal(written, since_ms), False))
+    ok = batch.filter(keep)
     return pa.table([ok[URI_COLUMN].cast(pa.string()), pa.array([1] * ok.num_rows, pa.int8())], schema=_KEYS)
 
 

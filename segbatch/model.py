@@ -118,6 +118,9 @@ def resolve(
     if weights == "default":
         if sha256:
             raise WeightsError("weights_sha256: pins a checkpoint file; it does not apply to --weights default")
+        if classes_url and len(_read_classes(classes_url, storage_options)) != len(categories):
+            raise WeightsError(f"classes: {classes_url} names {len(_read_classes(classes_url, storage_options))} "
+                               f"classes; --weights default of {arch} has {len(categories)}")
         ensure_default_weights(arch)
         identity, names = f"{enum.DEFAULT}", categories
     elif weights == "random":

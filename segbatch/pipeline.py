@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 import uuid
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from segbatch import _ray, _storage, listing, manifest, model, overlay, runs, summary
+from segbatch import _lease, _ray, _storage, identity, listing, manifest, model, overlay, preflight, runs, summary
 from segbatch.config import ConfigError, RunConfig
 from segbatch.decode import DecodeImages, Limits, ResizeSpec
 from segbatch.sinks import MASKS_DIR, SUMMARY_DIR, WriteOutputs
@@ -30,6 +31,33 @@ MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run
 
 class ErrorBudgetExceeded(RuntimeError):
     """More images failed than --max-error-rate allows; the rows written so far stay valid."""
+
+
+class RunInterrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM reached the driver; raised by the CLI's signal handler. A BaseException,
+    like KeyboardInterrupt, so no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+
+def _fatal_write_error(exc: BaseException) -> BaseException | None:
+    """The OSError behind a failed run (Ray wraps task errors) that no retry can fix, if there is one."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if preflight.is_fatal_write_error(e):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 @dataclass
@@ -73,17 +101,21 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_inputs(config: RunConfig) -> tuple[pa.Table | manifest.ManifestInputs, int]:
+def plan_inputs(config: RunConfig, relabel_since: float | None = None) -> tuple[pa.Table | manifest.ManifestInputs, int]:
     """The inputs this run must process, and how many were listed in all. A manifest is only checked
-    here; Ray reads it during the run, and counts it as it goes."""
+    here; Ray reads it during the run, and counts it as it goes. Ok rows written before
+    ``relabel_since`` (an earlier model's, see identity.py) do not count as done."""
     if config.manifest:
         listing.check_output(config.output, config.storage_options)
-        return manifest.ManifestInputs(config), 0
-    listed = listing.list_inputs(config.input, config.storage_options, config.extensions)
+        inputs = manifest.ManifestInputs(config)
+        inputs.relabel_since = relabel_since
+        return inputs, 0
+    listed = listing.list_inputs(config.input, config.storage_options, config.extensions,
+                                 exclude_output=config.output)
     listing.check_output(config.output, config.storage_options)
     if config.redo_all:
         return listed, listed.num_rows
-    done = summary.done_keys(config.output, config.storage_options)
+    done = summary.done_keys(config.output, config.storage_options, since=relabel_since)
     return listing.drop_done(listed, done, config.redo_changed), listed.num_rows
 
 
@@ -167,38 +199,101 @@ def _check_cpus_left_for_tasks(config: RunConfig, actors: int, cpus_per_actor: f
 
 
 def run(config: RunConfig) -> RunReport:
-    """Label every input of ``config`` that has no ok row in its OUTPUT yet."""
+    """Label every input of ``config`` that has no ok row in its OUTPUT yet.
+
+    Before any work: settings, OUTPUT's existence and writability, and the weights are checked; then the
+    OUTPUT's lease is taken (one writer at a time) and the run's model identity is checked against the
+    one OUTPUT is bound to (docs/recurring-runs.md)."""
     config.check_runnable()
     started = time.monotonic()
+    listing.check_output(config.output, config.storage_options)
+    preflight.probe_output(config.output, config.storage_options)
     spec = model.resolve(config.model, config.weights, classes_url=config.classes, sha256=config.weights_sha256,
                          storage_options=config.storage_options)
     run_id = config.run_id or new_run_id()
-    todo, listed = plan_inputs(config)
+    with _lease.Lease(config.output, config.storage_options, run_id) as lease:
+        return _run_holding_lease(config, spec, run_id, lease, started)
+
+
+def _run_holding_lease(config: RunConfig, spec: model.ModelSpec, run_id: str, lease: _lease.Lease,
+                       started: float) -> RunReport:
+    binding = identity.bind(config, spec, run_id)
+    report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output))
+    cleanup = binding.relabel_since is not None  # rows of an earlier model may need dropping afterwards
+    try:
+        todo, listed = plan_inputs(config, binding.relabel_since)
+    except RunInterrupted as exc:
+        report.stopped_early = f"interrupted by {exc.name} while listing INPUT; nothing was labelled"
+        report.seconds = time.monotonic() - started
+        runs.finish(config, report, completed=False, cleanup=False)
+        raise
     pending = todo.num_rows if isinstance(todo, pa.Table) else None  # None: a manifest, counted as read
-    report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output), listed=listed,
-                       skipped=listed - (pending or 0))
+    report.listed, report.skipped = listed, listed - (pending or 0)
     if pending == 0:
         log.info("nothing to do: every listed input already has an ok row")
         report.seconds = time.monotonic() - started
-        runs.finish(config, report, completed=True)
+        runs.finish(config, report, completed=True, cleanup=cleanup)
         return report
 
+    failure: BaseException | None = None
     with _ray.session(config.address):
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = config.progress
-        ds = build_dataset(config, spec, todo, run_id)
         try:
+            ds = build_dataset(config, spec, todo, run_id)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 _tally(report, batch)
+                lease.check()
                 _check_error_budget(config, report)
+        except (RunInterrupted, KeyboardInterrupt) as exc:
+            exc = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
+            report.stopped_early = (f"interrupted by {exc.name}; rows written so far stay valid, rerun to "
+                                    "resume")
+            failure = exc
+        except (ErrorBudgetExceeded, _lease.LeaseLostError) as exc:
+            report.stopped_early = report.stopped_early or str(exc)
+            failure = exc
+        except Exception as exc:
+            fatal = _fatal_write_error(exc)
+            if fatal is None:
+                failure = exc
+                report.stopped_early = f"failed: {type(exc).__name__}"
+            else:
+                report.stopped_early = (f"writing OUTPUT failed: {preflight.describe_write_error(fatal)}; rows "
+                                        "written so far stay valid, fix OUTPUT and rerun to resume")
+                failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
         finally:
-            report.seconds = time.monotonic() - started
             if pending is None:
-                report.listed, report.skipped = todo.counts()
-            # The record and the redo cleanup run even when the run stops early (sys.exc_info() is set then).
-            runs.finish(config, report, completed=sys.exc_info()[0] is None)
+                try:
+                    report.listed, report.skipped = todo.counts()
+                except Exception:
+                    pass
+    # Ray is stopped (or detached) here: no task writes any more, so the summary's rows of this run are
+    # final and the record's counts can be taken from them.
+    report.seconds = time.monotonic() - started
+    if failure is not None:
+        _recount(config, report)
+    runs.finish(config, report, completed=failure is None, cleanup=cleanup)
+    if failure is not None:
+        raise failure
     return report
+
+
+def _recount(config: RunConfig, report: RunReport) -> None:
+    """ok/error of a stopped run from its summary rows: batches written but not yet seen by the driver
+    count too, so the run record matches the summary."""
+    import pyarrow.compute as pc
+
+    try:
+        rows = summary.read(config.output, config.storage_options, columns=["status"],
+                            filter=pc.field("run_id") == report.run_id)
+    except Exception as exc:
+        log.warning("could not recount the rows of %s (%s); the record counts what the driver saw",
+                    report.run_id, exc)
+        return
+    ok = pc.sum(pc.equal(rows["status"], "ok")).as_py() or 0
+    report.ok, report.errors = ok, rows.num_rows - ok
 
 
 def _tally(report: RunReport, batch: pa.Table) -> None:

@@ -182,6 +182,8 @@ class WriteOutputs:
         return _storage.join_url(self._output_url, relpath)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from segbatch.preflight import is_fatal_write_error
+
         self._output.open()
         rows = batch.to_pylist()
 
@@ -194,6 +196,8 @@ class WriteOutputs:
                 for writer in self._extra_writers:
                     writer(self, row, mask)
             except Exception as exc:  # a failed write costs this image's row, not the batch
+                if is_fatal_write_error(exc):
+                    raise  # a full disk or read-only OUTPUT: every row would fail; the run stops instead
                 row["error"] = f"cannot write mask: {type(exc).__name__}: {exc}"
             return row
 
