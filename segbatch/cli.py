@@ -17,22 +17,6 @@ EXIT_SIGINT = 130  # stopped by Ctrl-C: rows written so far stay valid
 EXIT_SIGTERM = 143  # stopped by SIGTERM: rows written so far stay valid
 
 
-def _install_stop_handlers() -> None:
-    """SIGINT and SIGTERM raise RunInterrupted in the driver once; a second signal while the run stops
-    cleanly (writing its record, releasing its lease) is ignored rather than printing a traceback."""
-    import signal
-
-    from segbatch.pipeline import RunInterrupted
-
-    def handler(signum, _frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise RunInterrupted(signum)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _unreachable(exc: BaseException) -> bool:
     """A storage endpoint that cannot be reached (after retries): a message and exit 4, not a traceback."""
     from segbatch import _storage
@@ -107,10 +91,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from segbatch.pipeline import ErrorBudgetExceeded, run
 
     from segbatch._lease import LeaseLostError
-    from segbatch.pipeline import RunInterrupted
+    from segbatch.pipeline import RunInterrupted, install_stop_handlers
 
     config = build_config(args)
-    _install_stop_handlers()
+    install_stop_handlers()
     try:
         report = run(config)
     except ErrorBudgetExceeded as exc:

@@ -239,6 +239,7 @@ def _run_holding_lease(config: RunConfig, spec: model.ModelSpec, run_id: str, le
     with _ray.session(config.address):
         from ray.data import DataContext
 
+        _restore_python_signal_handlers()
         DataContext.get_current().enable_progress_bars = config.progress
         try:
             ds = build_dataset(config, spec, todo, run_id)
@@ -278,6 +279,36 @@ def _run_holding_lease(config: RunConfig, spec: model.ModelSpec, run_id: str, le
     if failure is not None:
         raise failure
     return report
+
+
+_stop_handler = None  # set by install_stop_handlers (the CLI); None for library callers
+
+
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM raise RunInterrupted in the driver once; a second signal while the run stops
+    cleanly (writing its record, releasing its lease) is ignored rather than printing a traceback."""
+    global _stop_handler
+
+    def handler(signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise RunInterrupted(signum)
+
+    _stop_handler = handler
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_python_signal_handlers() -> None:
+    """ray.init replaces the SIGTERM handler (with one that exits with status 15, or a native one that
+    aborts): put the CLI's clean-stop handlers back."""
+    import threading
+
+    if _stop_handler is None or threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _stop_handler)
 
 
 def _recount(config: RunConfig, report: RunReport) -> None:
