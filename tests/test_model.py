@@ -10,7 +10,9 @@ from segbatch import model
 
 
 def test_unknown_model_lists_the_valid_ones():
-    with pytest.raises(model.WeightsError) as err:
+    from segbatch.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:  # a bad setting (exit 2), not unusable weights
         model.resolve("fcn_resnet50", "random")
     assert all(name in str(err.value) for name in model.MODELS)
 
