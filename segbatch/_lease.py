@@ -4,8 +4,9 @@ A run takes the lease before any work, renews it from a background thread of the
 at the end. Taking it is an exclusive create: ``O_CREAT | O_EXCL`` on a local filesystem, a conditional
 PUT (``If-None-Match: *``) on S3. A second run finds the file, reads who holds it, and stops (exit 2).
 
-A lease whose last renewal is older than its timeout is stale: its run died without releasing it. The
-next run takes it over, with a warning, by replacing exactly the stale copy it read (S3: ``If-Match``
+A lease whose last renewal is older than its timeout is stale: its run died without releasing it. So is
+a lease whose holder ran on this same host and whose process no longer exists. The next run takes it
+over, with a warning, by replacing exactly the stale copy it read (S3: ``If-Match``
 on its ETag; local: rename it aside, check that what was renamed is the copy that was read, then
 create anew), so two runs that find the same stale lease cannot both take it.
 """
@@ -88,6 +89,20 @@ class Holder:
     def describe(self, now: float) -> str:
         return (f"run {self.run_id} (host {self.host}, pid {self.pid}), last renewed {_iso(self.renewed_at)} "
                 f"({max(0.0, now - self.renewed_at):.0f}s ago)")
+
+
+def _holder_is_dead(holder: Holder) -> bool:
+    """The holder ran on this host and its process is gone (killed with -9, or its machine rebooted
+    under it): its lease need not wait for the timeout."""
+    if holder.host != socket.gethostname() or holder.pid <= 0 or holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _is_local(fs) -> bool:
@@ -241,16 +256,21 @@ class Lease:
             now = time.time()
             age = now - current.renewed_at
             timeout = max(self.timeout_s, current.timeout_s)
-            if age <= timeout:
+            dead = _holder_is_dead(current)
+            if age <= timeout and not dead:
                 raise LeaseHeldError(
                     f"another run is writing this OUTPUT: {current.describe(now)}",
                     f"wait for it to finish, or use another OUTPUT; a lease not renewed for {timeout:.0f}s "
                     f"is stale and is taken over ({LEASE_NAME} in OUTPUT)")
             if self._replace_stale(raw, etag, data):
                 self.took_over = current
-                log.warning("!! taking over a STALE lease of OUTPUT: %s; its run stopped renewing it more than "
-                            "%.0fs ago. If that run is in fact still writing, stop it now.", current.describe(now),
-                            timeout)
+                if dead:
+                    log.warning("!! taking over the lease of OUTPUT left by a run that is gone: %s; its process no "
+                                "longer exists on this host", current.describe(now))
+                else:
+                    log.warning("!! taking over a STALE lease of OUTPUT: %s; its run stopped renewing it more "
+                                "than %.0fs ago. If that run is in fact still writing, stop it now.",
+                                current.describe(now), timeout)
                 self._start_renewing()
                 return self
         current, _, _ = self._read()

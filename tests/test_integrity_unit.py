@@ -235,6 +235,22 @@ def test_stale_local_lease_is_taken_over_loudly(tmp_path, caplog):
     lease.release()
 
 
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    fresh = {"host": socket.gethostname(), "pid": gone.pid, "run_id": "killed-run", "token": "t",
+             "acquired_at": time.time(), "renewed_at": time.time(), "timeout_s": 120}
+    (out / _lease.LEASE_NAME).write_text(json.dumps(fresh))
+    lease = _lease.Lease(str(out), {}, "next", timeout_s=120).acquire()
+    assert lease.took_over.run_id == "killed-run" and "is gone" in caplog.text
+    lease.release()
+
+
 def test_a_lease_taken_over_is_noticed_by_its_old_holder(tmp_path):
     out = str(tmp_path / "out")
     mine = _lease.Lease(out, {}, "slow", timeout_s=60).acquire()
@@ -295,3 +311,27 @@ def test_unreachable_endpoint_is_a_message_and_exit_4(tmp_path, capsys, monkeypa
                    "random", "--storage-option", "endpoint_url=http://127.0.0.1:9"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_INPUT and "cannot reach storage" in err, err
+
+
+def test_a_full_disk_mid_run_is_found_behind_rays_wrapping_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from segbatch.pipeline import _fatal_write_error
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("task failed") from inner
+    except RuntimeError as outer:
+        assert _fatal_write_error(outer).errno == errno.ENOSPC
+    assert _fatal_write_error(RuntimeError("a bug")) is None
+
+    fs, root = _storage.open_url(str(tmp_path))
+
+    def partial_then_full(path, data, **kwargs):
+        Path(path).write_bytes(data[:1])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fs, "pipe_file", partial_then_full)
+    with pytest.raises(OSError):
+        _storage.write_atomic(fs, f"{root}/masks/a.png", b"data")
+    assert [p.name for p in (tmp_path / "masks").iterdir()] == []
