@@ -5,7 +5,7 @@
 The inputs are zero-byte `.jpg` files: each becomes an error row ("empty file"), so the run goes through
 listing, the input blocks, decode tasks, the inference actor pool (which skips error rows), the summary writes
 and the driver's tally exactly as a real run does, without hours of CPU inference. The driver is a fresh
-`python -m segbatch run` process; its RSS is sampled every 0.1 s with psutil.
+`python -m segbatch run` process; its RSS is sampled with psutil (segbatch/_rss.py).
 """
 
 from __future__ import annotations
@@ -15,34 +15,20 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-import psutil
+from segbatch._rss import PeakRSS
 
 
 def peak_rss(cmd: list[str]) -> tuple[float, float, str]:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0]
-
-    def sample():
-        p = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                peak[0] = max(peak[0], p.memory_info().rss)
-            except psutil.Error:
-                break
-            time.sleep(0.1)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    out, _ = proc.communicate()
-    t.join()
+    with PeakRSS(proc.pid) as rss:
+        out, _ = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(out[-3000:])
     report = next((line for line in out.splitlines() if line.startswith("segbatch run")), "")
-    return peak[0] / 2**20, time.perf_counter() - start, report
+    return rss.mib(), time.perf_counter() - start, report
 
 
 def main() -> None:

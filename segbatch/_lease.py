@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from segbatch import _storage
-from segbatch.config import ConfigError
+from segbatch.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,11 @@ class LeaseHeldError(ConfigError):
         super().__init__("output", problem, fix)
 
 
-class LeaseLostError(RuntimeError):
-    """This run's lease was taken over (it stalled past the timeout): it must stop writing."""
+class LeaseLostError(ConfigError):
+    """This run's lease was taken over (it stalled past the timeout): it stops writing (exit 2)."""
+
+    def __init__(self, problem: str):
+        super().__init__("output", problem, "another run now writes this OUTPUT; rerun once it is done")
 
 
 def lease_timeout() -> float:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segbatch import listing, summary
-from segbatch.sinks import SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata
+from segbatch.contract import SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata
 
 ROWS_PER_FILE = 64  # what pipeline.SUMMARY_ROWS_PER_FILE writes per summary file
 NEW_FRACTION = 0.1  # share of listed inputs that are new since the last run

@@ -8,23 +8,12 @@ import sys
 from typing import Any, Sequence
 
 from segbatch import __version__
-from segbatch.config import ConfigError, RunConfig, load_config_file, parse_storage_value
+from segbatch.architectures import available_models
+from segbatch.config import RunConfig, load_config_file, parse_storage_value
+from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, StorageError, exit_status
 
-EXIT_CONFIG = 2  # bad flags or settings: nothing ran
-EXIT_ERROR_BUDGET = 3  # --max-error-rate was passed: the run stopped, its rows stay valid
-EXIT_INPUT = 4  # INPUT, OUTPUT or weights unusable: nothing ran
 EXIT_SIGINT = 130  # stopped by Ctrl-C: rows written so far stay valid
 EXIT_SIGTERM = 143  # stopped by SIGTERM: rows written so far stay valid
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """A storage endpoint that cannot be reached (after retries): a message and exit 4, not a traceback."""
-    from segbatch import _storage
-
-    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
-    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
-                         "ConnectionError", "ConnectionRefusedError", "NoCredentialsError",
-                         "ServerDisconnectedError"}) or (_storage.is_transient(exc) and isinstance(exc, OSError))
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -41,7 +30,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", nargs="?", help="folder or URL prefix for masks/ and summary/")
     p.add_argument("--config", help="YAML or TOML file of the same settings as these flags (flags win)")
     p.add_argument("--manifest", help="text, CSV or Parquet file of image URLs, instead of INPUT")
-    p.add_argument("--model", help="deeplabv3_resnet101 (default), deeplabv3_resnet50, deeplabv3_mobilenet_v3_large")
+    p.add_argument("--model", help=f"torchvision model: {', '.join(available_models())} (default "
+                   f"{RunConfig.model})")
     p.add_argument("--weights", help="default | random | PATH_OR_URL of a state_dict")
     p.add_argument("--weights-sha256", help="refuse a weights file whose sha256 differs")
     p.add_argument("--classes", help="file of class names (one per line, or a JSON list)")
@@ -85,39 +75,34 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from segbatch.listing import InputNotFoundError
-    from segbatch.model import WeightsError
-    from segbatch.pipeline import ErrorBudgetExceeded, run
+def _unreachable(exc: BaseException) -> bool:
+    """A storage endpoint that cannot be reached (after retries): a message and exit 4, not a traceback."""
+    from segbatch import _storage
 
-    from segbatch._lease import LeaseLostError
-    from segbatch.pipeline import RunInterrupted, install_stop_handlers
+    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                         "ConnectionError", "ConnectionRefusedError", "NoCredentialsError",
+                         "ServerDisconnectedError"}) or (_storage.is_transient(exc) and isinstance(exc, OSError))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from segbatch.pipeline import RunInterrupted, install_stop_handlers, run
 
     config = build_config(args)
     install_stop_handlers()
     try:
         report = run(config)
-    except ErrorBudgetExceeded as exc:
-        print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_ERROR_BUDGET
-    except (InputNotFoundError, WeightsError) as exc:
-        print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except LeaseLostError as exc:
-        print(f"segbatch: stopped: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     except RunInterrupted as exc:
         print(f"segbatch: stopped by {exc.name}; rows written so far stay valid, the run record says how many; "
               "rerun to resume", file=sys.stderr)
         return EXIT_SIGTERM if exc.name == "SIGTERM" else EXIT_SIGINT
-    except ConfigError:
+    except SegbatchError:
         raise
     except Exception as exc:
         if not _unreachable(exc):
             raise
-        print(f"segbatch: cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and "
-              "credentials); nothing was done", file=sys.stderr)
-        return EXIT_INPUT
+        raise StorageError(f"cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and "
+                           "credentials); nothing was done") from None
     print(report)
     return 0
 
@@ -127,30 +112,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     result = status.collect(args.output, dict(args.storage_options or []))
     print(result)
-    return 0 if result.runs else EXIT_INPUT
+    return 0 if result.runs else EXIT_STATUS[InputError]
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from segbatch.report import write_report
 
-    try:
-        where = write_report(args.output, dict(args.storage_options or []), samples=args.samples, out=args.out)
-    except FileNotFoundError as exc:
-        print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_INPUT
+    where = write_report(args.output, dict(args.storage_options or []), samples=args.samples, out=args.out)
     print(f"segbatch report: wrote {where}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from segbatch.evaluate import EvalError, evaluate, write_json
+    from segbatch.evaluate import evaluate, write_json
 
     storage_options = dict(args.storage_options or [])
-    try:
-        result = evaluate(args.output, args.ground_truth, storage_options, address=args.address)
-    except EvalError as exc:
-        print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_INPUT
+    result = evaluate(args.output, args.ground_truth, storage_options, address=args.address)
     print(result)
     if args.json:
         write_json(result, args.json, storage_options)
@@ -202,9 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except SegbatchError as exc:
         print(f"segbatch: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exit_status(exc)
 
 
 if __name__ == "__main__":

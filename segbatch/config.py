@@ -14,7 +14,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-#: File extensions picked from a listed INPUT, matched case-insensitively (DESIGN.md).
+from segbatch.errors import ConfigError
+
+#: File extensions picked from a listed INPUT, matched case-insensitively (docs/output-contract.md).
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -33,17 +35,6 @@ _NUMBER_FIELDS = ("gpus_per_actor", "cpus_per_actor", "decode_cpus", "max_error_
 _BOOL_FIELDS = ("redo_changed", "redo_all", "overlays", "progress")
 _OPTIONAL = ("manifest", "weights_sha256", "classes", "address", "actors", "run_id", "gpus_per_actor",
              "cpus_per_actor", "max_error_rate")
-
-
-class ConfigError(ValueError):
-    """A setting is wrong. The message names the field and says how to fix it."""
-
-    def __init__(self, field_name: str, problem: str, fix: str = ""):
-        self.field = field_name
-        msg = f"{field_name}: {problem}"
-        if fix:
-            msg += f" ({fix})"
-        super().__init__(msg)
 
 
 def _parse_actors(value: str | int | None) -> tuple[int, int] | None:
@@ -68,7 +59,7 @@ _EXAMPLES = {"batch_size": "8", "png_compress_level": "1", "max_error_rate": "0.
 
 @dataclass(frozen=True)
 class RunConfig:
-    """All settings of one ``segbatch run``; see README.md for each field."""
+    """All settings of one ``segbatch run``; docs/cli.md describes each field."""
 
     input: str = ""
     output: str = ""
@@ -141,6 +132,11 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     # -- derived views --------------------------------------------------------------------------------
+    @property
+    def writers(self) -> tuple[str, ...]:
+        """The output writers (segbatch.writers) this run uses: the mask always, then what was asked for."""
+        return ("mask",) + (("overlay",) if self.overlays else ())
+
     @property
     def actor_bounds(self) -> tuple[int, int] | None:
         return _parse_actors(self.actors)

@@ -8,7 +8,6 @@ Nothing here raises for one bad file.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -21,6 +20,9 @@ from segbatch import _storage
 # Multi-frame formats (GIF, TIFF, WebP) open on their first frame; that is the frame we label.
 # Truncated files must fail, not decode as grey: never let PIL pad them.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# PIL's decompression-bomb guard is one process-wide number; segbatch's own per-run limit
+# (max_image_pixels, checked from the header before any pixel is decoded) replaces it, set once here.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class ImageError(ValueError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Displayed orientation, 8-bit RGB (DESIGN.md step 1)."""
+    """Displayed orientation, 8-bit RGB (step 1 of the reference, docs/output-contract.md)."""
     image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -79,26 +81,18 @@ def decode_image(data: bytes, limits: "Limits") -> Image.Image:
         raise ImageError("empty file (0 bytes)")
     if len(data) > limits.max_file_bytes:
         raise ImageError(f"file is {len(data)} bytes, over max_file_bytes={limits.max_file_bytes}")
-    # PIL's own guard (which raises past twice its limit, at open) follows ours.
-    Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > limits.max_image_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, over max_image_pixels="
-                    f"{limits.max_image_pixels}; refused before decoding"
-                )
-            image.load()
-            return to_rgb(image)
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > limits.max_image_pixels:
+            raise ImageError(
+                f"image is {width}x{height} = {width * height} pixels, over max_image_pixels="
+                f"{limits.max_image_pixels}; refused before decoding"
+            )
+        image.load()
+        return to_rgb(image)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(
-            f"image is over max_image_pixels={limits.max_image_pixels}; refused before decoding ({exc})"
-        ) from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image PIL can identify (unknown format or corrupt header)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
@@ -154,7 +148,7 @@ class DecodeImages:
             return None, 0, 0, f"cannot decode image: {type(exc).__name__}: {exc}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from segbatch.sinks import UnsafePathError, mask_relpath
+        from segbatch.contract import UnsafePathError, mask_relpath
 
         errors: list[str | None] = []
         for rel in batch["rel"].to_pylist():

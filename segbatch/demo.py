@@ -12,7 +12,8 @@ import sys
 from importlib import resources
 
 from segbatch import RunConfig, run
-from segbatch.model import WeightsError, ensure_default_weights
+from segbatch.errors import WeightsError
+from segbatch.model import ensure_default_weights
 
 BANNER = "=" * 78
 

@@ -12,20 +12,18 @@ from __future__ import annotations
 import io
 import json
 import math
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from fsspec.core import strip_protocol
 from PIL import Image
 
 from segbatch import _ray, _storage, summary
-from segbatch.sinks import MASKS_DIR, input_relpath
+from segbatch.contract import MASKS_DIR, ground_truth_relpath, input_relpath, mask_name
+from segbatch.errors import InputError
 
-IGNORE_INDEX = 255  # the VOC convention for "void" / unlabelled pixels in ground truth
 EVAL_BATCH_ROWS = 64  # images per Ray task: enough reads in flight to hide object-store latency
 MAX_LISTED = 1000  # missing or failed images named in the result; the counts stay exact beyond it
 MAX_BLOCKS = 10_000  # blocks the image table is cut into; more only adds scheduling overhead
@@ -37,10 +35,6 @@ _BATCH_SCHEMA = pa.schema([
     ("matrix", pa.binary()),  # int64 (n, n) confusion matrix of the task's images, row-major
     ("images", pa.int64()),
 ])
-
-
-class EvalError(ValueError):
-    """OUTPUT or GT cannot be evaluated at all (no summary, no class names)."""
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -72,35 +66,6 @@ def read_label_png(data: bytes, what: str) -> np.ndarray:
         raise ValueError(f"{what} is mode {image.mode}: expected single-channel class ids (mode L or P, "
                          f"like VOC SegmentationClass PNGs)")
     return np.asarray(image).astype(np.int64)
-
-
-def mask_name(mask_uri: str, uri: str, masks_prefix: str) -> str:
-    """The mask's name below OUTPUT (``masks/...png``), checked against the input's uri.
-
-    A mask of this OUTPUT starts with ``<OUTPUT>/masks/``. When OUTPUT was moved or copied since the run
-    (its rows still name the old place), every ``/masks/`` in the URI is tried, and the one whose input
-    name the input's uri ends with wins.
-    """
-    path = strip_protocol(mask_uri)
-    if path.startswith(masks_prefix):
-        return MASKS_DIR + "/" + path[len(masks_prefix):]
-    marker = "/" + MASKS_DIR + "/"
-    start = path.find(marker)
-    while start >= 0:
-        candidate = path[start + 1:]
-        try:
-            rel = input_relpath(candidate)
-        except ValueError:
-            rel = None
-        if rel is not None and (uri == rel or uri.endswith("/" + rel)):
-            return candidate
-        start = path.find(marker, start + 1)
-    raise ValueError(f"mask {mask_uri} is not below {masks_prefix} and does not match its input's name")
-
-
-def ground_truth_relpath(rel: str) -> str:
-    """``dir/name.jpg`` -> ``dir/name.png``: where the ground truth of an input sits below GT."""
-    return posixpath.splitext(rel)[0] + ".png"
 
 
 class ConfusionBatch:
@@ -221,10 +186,10 @@ def evaluate(output_url: str, ground_truth_url: str, storage_options: Mapping[st
     storage_options = dict(storage_options or {})
     classes = summary.classes(output_url, storage_options)
     if classes is None:
-        raise EvalError(f"OUTPUT {output_url} has no summary with class names: run `segbatch run` into it first")
+        raise InputError(f"OUTPUT {output_url} has no summary with class names: run `segbatch run` into it first")
     gt_fs, gt_root = _storage.open_url(ground_truth_url, storage_options)
     if not _storage.retry(gt_fs.exists, gt_root, what=f"check {ground_truth_url}"):
-        raise EvalError(f"ground truth {ground_truth_url} does not exist")
+        raise InputError(f"ground truth {ground_truth_url} does not exist")
     table = summary.read(output_url, storage_options, columns=["uri", "mask_uri"],
                          filter=pc.field("status") == "ok")
     result = EvalResult(classes=list(classes), matrix=np.zeros((len(classes),) * 2, dtype=np.int64))
@@ -267,4 +232,4 @@ def write_json(result: EvalResult, url: str, storage_options: Mapping[str, Any] 
     _storage.write_atomic(fs, path, (json.dumps(result.as_dict(), indent=1) + "\n").encode())
 
 
-__all__ = ["EvalError", "EvalResult", "IGNORE_INDEX", "confusion_matrix", "evaluate", "metrics", "write_json"]
+__all__ = ["EvalResult", "confusion_matrix", "evaluate", "metrics", "write_json"]

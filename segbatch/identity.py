@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import pyarrow.compute as pc
 
 from segbatch import _storage
-from segbatch.config import ConfigError
+from segbatch.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,15 @@ of earlier runs by reading only its key columns.
 from __future__ import annotations
 
 import logging
+import math
 import posixpath
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segbatch import _storage
+from segbatch import _storage, summary
+from segbatch.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,36 @@ LISTING_SCHEMA = pa.schema(
 
 
 LISTING_BATCH_ROWS = 65_536  # rows held as Python objects before they move into an Arrow batch
+MAX_INPUT_BLOCKS = 10_000  # blocks the listing is cut into; more only adds scheduling overhead
 
 
-class InputNotFoundError(FileNotFoundError):
-    """INPUT does not exist or holds no images; the run stops before doing anything."""
+class ListedInputs:
+    """The inputs of a listed INPUT (:class:`segbatch.inputs.Inputs`): listed in the driver, less the
+    ones with an ok row in OUTPUT (all of them with ``redo_all``)."""
+
+    def __init__(self, config: Any, relabel_since: float | None = None):
+        listed = list_inputs(config.input, config.storage_options, config.extensions, exclude_output=config.output)
+        check_output(config.output, config.storage_options)
+        self.listed = listed.num_rows
+        if not config.redo_all:
+            # Ok rows written before relabel_since are an earlier model's (identity.py): not done.
+            done = summary.done_keys(config.output, config.storage_options, since=relabel_since)
+            listed = drop_done(listed, done, config.redo_changed)
+        self.todo = listed
+
+    @property
+    def pending(self) -> int:
+        return self.todo.num_rows
+
+    def counts(self) -> tuple[int, int]:
+        return self.listed, self.listed - self.todo.num_rows
+
+    def dataset(self, batch_size: int):
+        import ray
+
+        n = self.todo.num_rows
+        rows_per_block = max(batch_size, math.ceil(n / MAX_INPUT_BLOCKS))
+        return ray.data.from_arrow([self.todo.slice(i, rows_per_block) for i in range(0, n, rows_per_block)])
 
 
 def require_exists(fs, path: str, label: str) -> None:
@@ -42,9 +70,9 @@ def require_exists(fs, path: str, label: str) -> None:
     try:
         exists = _storage.retry(fs.exists, path, what=f"check {label}")
     except PermissionError as exc:
-        raise InputNotFoundError(f"{label}: access denied ({exc})") from None
+        raise InputError(f"{label}: access denied ({exc})") from None
     if not exists:
-        raise InputNotFoundError(f"{label} does not exist (check the path, bucket name and credentials)")
+        raise InputError(f"{label} does not exist (check the path, bucket name and credentials)")
 
 
 def _wanted(name: str, extensions: frozenset[str]) -> bool:
@@ -109,7 +137,7 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
     require_exists(fs, root, f"INPUT {url}")
     looked_for = ", ".join(f".{e}" for e in sorted(wanted))
     if _storage.retry(fs.isfile, root, what=f"check {url}"):
-        raise InputNotFoundError(f"INPUT {url} is a file, not a folder: pass the folder that holds it, or list "
+        raise InputError(f"INPUT {url} is a file, not a folder: pass the folder that holds it, or list "
                                  "it in a --manifest file")
     excluded = excluded_prefixes(fs, root, exclude_output, storage_options)
     links_skipped = 0
@@ -165,7 +193,7 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
     if not_utf8:
         log.warning("INPUT %s: %d file name(s) are not valid UTF-8; each gets an error row", url, not_utf8)
     if table.num_rows == 0:
-        raise InputNotFoundError(f"INPUT {url}: no images found (looked for files ending in {looked_for}, "
+        raise InputError(f"INPUT {url}: no images found (looked for files ending in {looked_for}, "
                                  "case-insensitive, hidden files skipped; change the list with --extensions)")
     return table.sort_by("uri")
 
@@ -179,11 +207,11 @@ def check_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
         while path and not _storage.retry(fs.exists, path, what=f"check {url}"):
             parent = fs._parent(path)
             if not parent or parent == path:
-                raise InputNotFoundError(f"OUTPUT {url}: {path or url} does not exist (check the bucket name "
+                raise InputError(f"OUTPUT {url}: {path or url} does not exist (check the bucket name "
                                          "and credentials)")
             path = parent
     except PermissionError as exc:
-        raise InputNotFoundError(f"OUTPUT {url}: access denied ({exc})") from None
+        raise InputError(f"OUTPUT {url}: access denied ({exc})") from None
 
 
 def drop_done(listing: pa.Table, done: pa.Table, redo_changed: bool) -> pa.Table:

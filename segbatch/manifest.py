@@ -36,9 +36,10 @@ import pyarrow.compute as pc
 from fsspec.core import split_protocol, url_to_fs
 
 from segbatch import _ray, _storage
-from segbatch.config import ConfigError, RunConfig
-from segbatch.listing import LISTING_SCHEMA, require_exists
-from segbatch.sinks import SUMMARY_DIR
+from segbatch.config import RunConfig
+from segbatch.contract import SUMMARY_DIR
+from segbatch.errors import ConfigError
+from segbatch.listing import LISTING_SCHEMA, check_output, require_exists
 
 URI_COLUMN = "uri"
 COMMENT = "#"
@@ -49,12 +50,14 @@ _KEYS = pa.schema([(URI_COLUMN, pa.string()), ("done", pa.int8())])
 
 
 class ManifestInputs:
-    """The inputs of a manifest run: checked in the driver, read lazily by Ray inside the session."""
+    """The inputs of a manifest run (:class:`segbatch.inputs.Inputs`): checked in the driver, read lazily
+    by Ray inside the session."""
 
     def __init__(self, config: RunConfig):
         if config.redo_changed:
             raise ConfigError("redo_changed", "needs a listed INPUT; manifest rows carry no size/ETag/mtime",
                               "use --redo-all, or list INPUT instead")
+        check_output(config.output, config.storage_options)
         self.url = config.manifest
         self._options = dict(config.storage_options)
         self._output = config.output
@@ -75,7 +78,9 @@ class ManifestInputs:
             return "csv"
         return "text"
 
-    def dataset(self):
+    pending = None  # known only once Ray has read the manifest
+
+    def dataset(self, batch_size: int):
         """The Ray Dataset of listing rows (``LISTING_SCHEMA``) still to do. Needs a running Ray."""
         import ray
         from ray.data.aggregate import Max

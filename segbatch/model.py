@@ -1,4 +1,4 @@
-"""Stage 3, the model: the registry of architectures, weights resolution, and the inference actor.
+"""Stage 3, the model: weights resolution and the inference actor (the registry: segbatch.architectures).
 
 Weights are resolved once in the driver (:func:`resolve`), which also pins their identity (name or
 sha256) and class names, so a bad checkpoint fails the run before any image is touched. Each actor of
@@ -19,22 +19,14 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 import torch
-from torchvision.models import get_model_builder, get_model_weights
-
 from segbatch import _storage, postprocess
+from segbatch.architectures import Architecture, get_architecture
+from segbatch.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
-#: Architectures segbatch runs, by torchvision's builder name.
-MODELS = ("deeplabv3_resnet101", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large")
 RANDOM_SEED = 0  # `--weights random` is seeded so every actor, and every run, builds the same model
 MAX_CLASSES = 256  # masks are 8-bit PNGs: one byte per class id
-
-_HEAD_KEY = "classifier.4.weight"  # DeepLabHead's last 1x1 conv: (num_classes, 256, 1, 1)
-
-
-class WeightsError(ValueError):
-    """The weights cannot be used: missing, wrong architecture, or not the pinned sha256."""
 
 
 @dataclass(frozen=True)
@@ -51,22 +43,12 @@ class ModelSpec:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def architecture(self) -> Architecture:
+        return get_architecture(self.arch)
+
     def __repr__(self) -> str:  # storage options may hold secrets
         return f"ModelSpec(arch={self.arch!r}, weights={self.weights!r}, identity={self.identity!r})"
-
-
-def weights_enum(arch: str):
-    """torchvision's weights enum for ``arch``, or a WeightsError listing the valid names."""
-    if arch not in MODELS:
-        from segbatch.config import ConfigError  # a bad setting (exit 2), not unusable weights
-
-        raise ConfigError("model", f"unknown {arch!r}", f"valid models: {', '.join(MODELS)}")
-    return get_model_weights(arch)
-
-
-def default_transforms(arch: str):
-    """The weights' own preprocessing (resize, normalise). Checkpoints of an architecture share it."""
-    return weights_enum(arch).DEFAULT.transforms()
 
 
 def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -80,19 +62,16 @@ def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ..
     return tuple(names)
 
 
-def _load_checkpoint(data: bytes, source: str) -> dict[str, torch.Tensor]:
+def _load_checkpoint(data: bytes, source: str, architecture: Architecture) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(f"weights: {source} is not a loadable state_dict ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # torchvision's reference training scripts save {"model": ...}
-    if not isinstance(state, dict) or _HEAD_KEY not in state:
-        raise WeightsError(
-            f"weights: {source} is not a DeepLabV3 state_dict (no {_HEAD_KEY!r}); save one with "
-            "torch.save(model.state_dict(), path)"
-        )
-    return {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights: {source} holds a {type(state).__name__}, not a state_dict")
+    return architecture.check_state_dict(state, source)
 
 
 def _fetch(url: str, storage_options: Mapping[str, Any]) -> bytes:
@@ -112,17 +91,19 @@ def resolve(
     storage_options: Mapping[str, Any] | None = None,
 ) -> ModelSpec:
     """Check the weights in the driver and pin what the actors will load."""
-    enum = weights_enum(arch)
+    architecture = get_architecture(arch)
     storage_options = dict(storage_options or {})
-    categories = tuple(enum.DEFAULT.meta["categories"])
+    categories = architecture.categories()
+    num = len(categories)
     if weights == "default":
         if sha256:
             raise WeightsError("weights_sha256: pins a checkpoint file; it does not apply to --weights default")
-        if classes_url and len(_read_classes(classes_url, storage_options)) != len(categories):
-            raise WeightsError(f"classes: {classes_url} names {len(_read_classes(classes_url, storage_options))} "
-                               f"classes; --weights default of {arch} has {len(categories)}")
+        if classes_url:  # before any download: a wrong count is refused even offline
+            named = len(_read_classes(classes_url, storage_options))
+            if named != num:
+                raise WeightsError(f"classes: {classes_url} names {named} classes; the model has {num}")
         ensure_default_weights(arch)
-        identity, names = f"{enum.DEFAULT}", categories
+        identity, names = f"{architecture.weights_enum().DEFAULT}", categories
     elif weights == "random":
         log.warning(
             "\n%s\n!! --weights random: an UNTRAINED model (seed %d). Its masks mean nothing; use it for\n"
@@ -137,41 +118,23 @@ def resolve(
             raise WeightsError(
                 f"weights_sha256: {weights} has sha256 {digest}, not the pinned {sha256.lower()}; refusing it"
             )
-        state = _load_checkpoint(data, weights)
-        num = int(state[_HEAD_KEY].shape[0])
-        check_loads(arch, state, num, weights)
+        state = _load_checkpoint(data, weights, architecture)
+        num = int(state[architecture.head_key].shape[0])
         identity, names = digest, tuple(f"class_{i}" for i in range(num))
         if classes_url is None and num == len(categories):
             names = categories
     if classes_url:
         names = _read_classes(classes_url, storage_options)
-        # `random` builds its head with as many classes as named; the others have a fixed head.
-        expected = None if weights == "random" else len(categories) if weights == "default" else num
-        if expected is not None and len(names) != expected:
-            what = f"--weights default of {arch}" if weights == "default" else "the checkpoint"
-            raise WeightsError(f"classes: {classes_url} names {len(names)} classes; {what} has {expected}")
+        if len(names) != num:
+            raise WeightsError(f"classes: {classes_url} names {len(names)} classes; the model has {num}")
     if len(names) > MAX_CLASSES:
         raise WeightsError(f"weights: {len(names)} classes; PNG masks hold at most {MAX_CLASSES} class ids")
     return ModelSpec(arch, weights, identity, tuple(names), storage_options)
 
 
-def check_loads(arch: str, state: Mapping[str, torch.Tensor], num_classes: int, source: str) -> None:
-    """Load ``state`` into ``arch`` strictly on the meta device (no memory, no compute): a missing,
-    unexpected or wrong-shaped tensor fails here, in the driver, instead of killing every actor."""
-    builder = get_model_builder(arch)
-    with torch.device("meta"):
-        net = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
-    try:
-        net.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
-        raise WeightsError(f"weights: {source} does not load into {arch}: {detail}") from None
-
-
 def ensure_default_weights(arch: str) -> str:
     """Download torchvision's DEFAULT weights into the torch hub cache once; return the cached file."""
-    enum = weights_enum(arch).DEFAULT
+    enum = get_architecture(arch).weights_enum().DEFAULT
     filename = os.path.basename(enum.url)
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
     if os.path.exists(cached):
@@ -190,20 +153,18 @@ def ensure_default_weights(arch: str) -> str:
 
 def build(spec: ModelSpec) -> torch.nn.Module:
     """The model of ``spec`` on the CPU, in eval mode, without the auxiliary head (unused at inference)."""
-    builder = get_model_builder(spec.arch)
+    architecture = spec.architecture
     if spec.weights == "default":
-        model = builder(weights=weights_enum(spec.arch).DEFAULT, progress=False)
+        model = architecture.build(pretrained=True)
     elif spec.weights == "random":
         torch.manual_seed(RANDOM_SEED)
-        model = builder(weights=None, weights_backbone=None, num_classes=spec.num_classes, aux_loss=False)
+        model = architecture.build(spec.num_classes)
     else:
         data = _fetch(spec.weights, spec.storage_options)
         if hashlib.sha256(data).hexdigest() != spec.identity:
             raise WeightsError(f"weights: {spec.weights} changed since the run started; refusing it")
-        state = _load_checkpoint(data, spec.weights)
-        model = builder(weights=None, weights_backbone=None, num_classes=spec.num_classes, aux_loss=False)
-        model.load_state_dict(state, strict=True)
-    model.aux_classifier = None
+        model = architecture.build(spec.num_classes)
+        model.load_state_dict(_load_checkpoint(data, spec.weights, architecture), strict=True)
     return model.eval()
 
 
@@ -213,15 +174,7 @@ def build(spec: ModelSpec) -> torch.nn.Module:
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-INFER_SCHEMA_EXTRA = [
-    ("mask", pa.binary()),  # H*W uint8 class ids, row-major; empty on error
-    ("pixel_counts", pa.list_(pa.int64())),
-    ("node_id", pa.string()),
-    ("device", pa.string()),
-]
-
-
-def pick_device(log_to: logging.Logger = log) -> torch.device:
+def pick_device() -> torch.device:
     """CUDA when this process may use a GPU and torch sees one; otherwise the CPU, said out loud."""
     gpu_ids: list = []
     try:
@@ -234,10 +187,10 @@ def pick_device(log_to: logging.Logger = log) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", 0)
     if gpu_ids:
-        log_to.warning("Ray assigned GPU %s to this actor, but torch sees no CUDA device: running on the CPU",
+        log.warning("Ray assigned GPU %s to this actor, but torch sees no CUDA device: running on the CPU",
                        gpu_ids)
     else:
-        log_to.warning("no GPU for this actor: running inference on the CPU")
+        log.warning("no GPU for this actor: running inference on the CPU")
     return torch.device("cpu")
 
 
@@ -265,12 +218,12 @@ class Predictor:
         self.device = device or pick_device()
         if threads:
             torch.set_num_threads(threads)
-        transforms = default_transforms(spec.arch)
+        transforms = spec.architecture.transforms()
         model = build(spec).to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one shape per group: autotuned kernels pay off
-        # NHWC convolutions: ~35% faster on this project's 2-core CPU (oneDNN), and the tensor-core layout
-        # on GPUs (docs/benchmarks.md).
+        # NHWC convolutions: faster on CPUs with oneDNN and the tensor-core layout on GPUs
+        # (docs/benchmarks.md has the measured gain).
         model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._mean = torch.tensor(transforms.mean, device=self.device).view(1, 3, 1, 1)
@@ -301,7 +254,7 @@ class Predictor:
     def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
         """Forward a batch of equal-shaped uint8 NHWC images.
 
-        Returns the classifier's stride-8 logits and the input size they are to be upsampled to, or, in
+        Returns the head's low-resolution logits and the input size they are to be upsampled to, or, in
         ``bilinear`` mode, the model's own ``out`` and ``None``.
         """
         x = self._normalise(images)
@@ -309,8 +262,8 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             if self.upsample == "bilinear":
                 return self.model(x)["out"].float(), None
-            features = self.model.backbone(x)["out"]
-            return self.model.classifier(features).float(), (x.shape[-2], x.shape[-1])
+            logits = self.spec.architecture.low_res_logits(self.model, x)
+            return logits.float(), (x.shape[-2], x.shape[-1])
 
     @torch.inference_mode()
     def masks(self, images: "torch.Tensor | Staged", sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -344,7 +297,6 @@ class Segmenter:
     def __init__(self, spec: ModelSpec, precision: str = "fp32", upsample: str = "exact"):
         import ray
 
-        logging.basicConfig(level=logging.INFO)
         self.predictor = Predictor(spec, precision=precision, upsample=upsample, threads=_assigned_cpus())
         self.node_id = ray.get_runtime_context().get_node_id()
         device = self.predictor.device
@@ -417,4 +369,4 @@ class Segmenter:
         return out.append_column("device", pa.array([self.device_name] * batch.num_rows, pa.string()))
 
 
-__all__ = ["MODELS", "ModelSpec", "Predictor", "Segmenter", "WeightsError", "build", "resolve"]
+__all__ = ["ModelSpec", "Predictor", "Segmenter", "build", "resolve"]

@@ -15,22 +15,21 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from segbatch import _lease, _ray, _storage, identity, listing, manifest, model, overlay, preflight, runs, summary
-from segbatch.config import ConfigError, RunConfig
+from segbatch import _lease, _ray, _storage, identity, listing, manifest, model, preflight, runs, summary
+from segbatch.config import RunConfig
 from segbatch.decode import DecodeImages, Limits, ResizeSpec
-from segbatch.sinks import MASKS_DIR, SUMMARY_DIR, WriteOutputs
+from segbatch.contract import MASKS_DIR, SUMMARY_DIR
+from segbatch.errors import BudgetError, ConfigError
+from segbatch.inputs import Inputs
+from segbatch.sinks import WriteOutputs
+from segbatch.writers import WriterContext
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_BLOCKS = 10_000  # blocks the listing is cut into; more only adds scheduling overhead
 SUMMARY_ROWS_PER_FILE = 64  # most rows per summary Parquet file; also how many masks one write task holds
 MIN_SUMMARY_FILES = 16  # small runs still write in this many steps, not all at the end
 DECODE_TASK_MEMORY = 640 * 1024**2  # bytes; a decode worker imports torch for the resize: Ray measured ~600 MiB
-MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run, so one early error can't
-
-
-class ErrorBudgetExceeded(RuntimeError):
-    """More images failed than --max-error-rate allows; the rows written so far stay valid."""
+MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run: one early error is no rate
 
 
 class RunInterrupted(BaseException):
@@ -101,27 +100,14 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_inputs(config: RunConfig, relabel_since: float | None = None) -> tuple[pa.Table | manifest.ManifestInputs, int]:
-    """The inputs this run must process, and how many were listed in all. A manifest is only checked
-    here; Ray reads it during the run, and counts it as it goes. Ok rows written before
-    ``relabel_since`` (an earlier model's, see identity.py) do not count as done."""
+def plan_inputs(config: RunConfig, relabel_since: float | None = None) -> Inputs:
+    """The inputs this run must process: a listed INPUT, or a manifest that Ray reads during the run. Ok
+    rows written before ``relabel_since`` (an earlier model's, see identity.py) do not count as done."""
     if config.manifest:
-        listing.check_output(config.output, config.storage_options)
         inputs = manifest.ManifestInputs(config)
         inputs.relabel_since = relabel_since
-        return inputs, 0
-    listed = listing.list_inputs(config.input, config.storage_options, config.extensions,
-                                 exclude_output=config.output)
-    listing.check_output(config.output, config.storage_options)
-    if config.redo_all:
-        return listed, listed.num_rows
-    done = summary.done_keys(config.output, config.storage_options, since=relabel_since)
-    return listing.drop_done(listed, done, config.redo_changed), listed.num_rows
-
-
-def _row_count(todo: pa.Table | manifest.ManifestInputs) -> int:
-    """Rows to do; a manifest's count is known only once Ray has read it, so it counts as unbounded."""
-    return todo.num_rows if isinstance(todo, pa.Table) else sys.maxsize
+        return inputs
+    return listing.ListedInputs(config, relabel_since)
 
 
 def _pool_size(config: RunConfig, gpus_per_actor: float) -> tuple[int, int]:
@@ -132,9 +118,8 @@ def _pool_size(config: RunConfig, gpus_per_actor: float) -> tuple[int, int]:
     return n, n
 
 
-def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_id: str):
+def build_dataset(config: RunConfig, spec: model.ModelSpec, inputs: Inputs, run_id: str):
     """The lazy Ray Dataset of a run; iterating it does the work and yields (uri, status, error) rows."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     gpus_per_actor = config.gpus_per_actor
@@ -143,16 +128,10 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
     min_actors, max_actors = _pool_size(config, gpus_per_actor)
     cpus_per_actor = config.cpus_per_actor if config.cpus_per_actor is not None else 1.0
     _check_cpus_left_for_tasks(config, max_actors, cpus_per_actor)
-    transforms = model.default_transforms(spec.arch)
+    transforms = spec.architecture.transforms()
     limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
 
-    if isinstance(todo, manifest.ManifestInputs):
-        ds = todo.dataset()
-    else:
-        rows_per_block = max(config.batch_size, math.ceil(todo.num_rows / MAX_INPUT_BLOCKS))
-        blocks = [todo.slice(i, rows_per_block) for i in range(0, todo.num_rows, rows_per_block)]
-        ds = ray.data.from_arrow(blocks)
-
+    ds = inputs.dataset(config.batch_size)
     ds = ds.map_batches(
         DecodeImages(config.input, config.storage_options, ResizeSpec.from_transforms(transforms), limits),
         batch_size=None,  # one listing block per task
@@ -173,12 +152,13 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, todo: pa.Table, run_
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
         # and its batches retried, so a lost worker costs time, not images (tests/test_faults.py).
     )
+    context = WriterContext(config.output, config.storage_options, input_url=config.input or "",
+                            classes=spec.classes, limits=limits, png_compress_level=config.png_compress_level)
+    # A manifest's row count is known only once Ray has read it: it counts as unbounded here.
+    pending = inputs.pending if inputs.pending is not None else sys.maxsize
     ds = ds.map_batches(
-        WriteOutputs(config.output, config.storage_options, run_id=run_id, model=spec.arch,
-                     weights=spec.identity, classes=spec.classes, compress_level=config.png_compress_level,
-                     extra_writers=overlay.writers(config, spec.classes, limits)),
-        batch_size=min(SUMMARY_ROWS_PER_FILE,
-                       max(config.batch_size, math.ceil(_row_count(todo) / MIN_SUMMARY_FILES))),
+        WriteOutputs(context, config.writers, run_id=run_id, model=spec.arch, weights=spec.identity),
+        batch_size=min(SUMMARY_ROWS_PER_FILE, max(config.batch_size, math.ceil(pending / MIN_SUMMARY_FILES))),
         batch_format="pyarrow",
         num_cpus=config.decode_cpus,
     )
@@ -221,15 +201,14 @@ def _run_holding_lease(config: RunConfig, spec: model.ModelSpec, run_id: str, le
     report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output))
     cleanup = binding.relabel_since is not None  # rows of an earlier model may need dropping afterwards
     try:
-        todo, listed = plan_inputs(config, binding.relabel_since)
+        inputs = plan_inputs(config, binding.relabel_since)
     except RunInterrupted as exc:
         report.stopped_early = f"interrupted by {exc.name} while listing INPUT; nothing was labelled"
         report.seconds = time.monotonic() - started
         runs.finish(config, report, completed=False, cleanup=False)
         raise
-    pending = todo.num_rows if isinstance(todo, pa.Table) else None  # None: a manifest, counted as read
-    report.listed, report.skipped = listed, listed - (pending or 0)
-    if pending == 0:
+    report.listed, report.skipped = inputs.counts()
+    if inputs.pending == 0:
         log.info("nothing to do: every listed input already has an ok row")
         report.seconds = time.monotonic() - started
         runs.finish(config, report, completed=True, cleanup=cleanup)
@@ -242,7 +221,7 @@ def _run_holding_lease(config: RunConfig, spec: model.ModelSpec, run_id: str, le
         _restore_python_signal_handlers()
         DataContext.get_current().enable_progress_bars = config.progress
         try:
-            ds = build_dataset(config, spec, todo, run_id)
+            ds = build_dataset(config, spec, inputs, run_id)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 _tally(report, batch)
                 lease.check()
@@ -252,7 +231,7 @@ def _run_holding_lease(config: RunConfig, spec: model.ModelSpec, run_id: str, le
             report.stopped_early = (f"interrupted by {exc.name}; rows written so far stay valid, rerun to "
                                     "resume")
             failure = exc
-        except (ErrorBudgetExceeded, _lease.LeaseLostError) as exc:
+        except (BudgetError, _lease.LeaseLostError) as exc:
             report.stopped_early = report.stopped_early or str(exc)
             failure = exc
         except Exception as exc:
@@ -265,11 +244,10 @@ def _run_holding_lease(config: RunConfig, spec: model.ModelSpec, run_id: str, le
                                         "written so far stay valid, fix OUTPUT and rerun to resume")
                 failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
         finally:
-            if pending is None:
-                try:
-                    report.listed, report.skipped = todo.counts()
-                except Exception:
-                    pass
+            try:
+                report.listed, report.skipped = inputs.counts()
+            except Exception:
+                pass
     # Ray is stopped (or detached) here: no task writes any more, so the summary's rows of this run are
     # final and the record's counts can be taken from them.
     report.seconds = time.monotonic() - started
@@ -347,4 +325,4 @@ def _check_error_budget(config: RunConfig, report: RunReport) -> None:
             f"{config.max_error_rate:.1%}; rows written so far stay valid, rerun to resume"
         )
         print(report, file=sys.stderr)
-        raise ErrorBudgetExceeded(report.stopped_early)
+        raise BudgetError(report.stopped_early)

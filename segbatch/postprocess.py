@@ -1,6 +1,6 @@
 """Stage 4, postprocess: logits -> full-size class ids and per-class pixel counts (on the model's device).
 
-The reference (DESIGN.md) resizes the model's ``out`` logits bilinearly to the displayed size and takes
+The reference (docs/output-contract.md) resizes the model's ``out`` logits bilinearly to the displayed size and takes
 the argmax. Done literally that interpolates every class channel at every output pixel, which on a CPU
 costs as much as a third of the model. :func:`labels` gets the same labels for a fraction of the work:
 

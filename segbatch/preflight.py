@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Mapping
 
 from segbatch import _storage
-from segbatch.listing import InputNotFoundError
+from segbatch.errors import InputError
 
 PROBE_PREFIX = "._segbatch-probe-"
 
@@ -21,7 +21,7 @@ FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.E
                                 errno.ENOTDIR, errno.EFBIG})
 
 
-class OutputNotWritableError(InputNotFoundError):
+class OutputNotWritableError(InputError):
     """OUTPUT cannot be written (exit 4); nothing was done."""
 
 

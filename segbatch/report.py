@@ -26,12 +26,12 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from segbatch import _storage, overlay, runs, summary
-from segbatch.evaluate import mask_name, read_label_png
-from segbatch.sinks import MASKS_DIR
+from segbatch.contract import MASKS_DIR, REPORT_NAME, mask_name
+from segbatch.errors import ConfigError, InputError
+from segbatch.evaluate import read_label_png
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "report.html"
 DEFAULT_SAMPLES = 12
 THUMB_SIZE = 320  # px, the longest side of a gallery overlay: sharp in a 4-column grid, ~15 KB each
 THUMB_JPEG_QUALITY = 80  # thumbnails are small; 80 keeps them clean at half the bytes of 95
@@ -206,17 +206,16 @@ class _Collector:
         return sorted((uri, mask_uri) for _key, uri, mask_uri in self._heap)
 
 
-def _resolve_errors(output_url: str, storage_options: Mapping[str, Any], groups: list[ErrorGroup]) -> bool:
+def _resolve_errors(output_url: str, storage_options: Mapping[str, Any], groups: list[ErrorGroup]) -> None:
     """Count, per group, the error rows whose input has an ok row since (a rerun fixed them)."""
     uris = set().union(*(g.uris for g in groups)) if groups else set()
     if not uris:
-        return True
+        return
     ok = summary.read(output_url, storage_options, columns=["uri"],
                       filter=(pc.field("status") == "ok") & pc.field("uri").isin(sorted(uris)))
     fixed = set(ok["uri"].to_pylist())
     for group in groups:
         group.resolved = len(group.uris & fixed)
-    return True
 
 
 def _thumbnail(uri: str, mask_uri: str, output: tuple[Any, str], storage_options: Mapping[str, Any],
@@ -259,7 +258,7 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
     storage_options = dict(storage_options or {})
     ds = summary.dataset(output_url, storage_options)
     if ds is None:
-        raise FileNotFoundError(f"OUTPUT {output_url} has no summary: run `segbatch run` into it first")
+        raise InputError(f"OUTPUT {output_url} has no summary: run `segbatch run` into it first")
     classes = summary.classes(output_url, storage_options) or []
     collector = _Collector(samples)
     for batch in ds.to_batches(columns=COLUMNS):
@@ -436,8 +435,6 @@ def write_report(output_url: str, storage_options: Mapping[str, Any] | None = No
                  samples: int = DEFAULT_SAMPLES, out: str | None = None) -> str:
     """Write the report to ``OUTPUT/report.html`` (or to ``out``) and return where it went."""
     if samples < 0:
-        from segbatch.config import ConfigError
-
         raise ConfigError("samples", f"must be 0 or more, got {samples}")
     html = render(collect(output_url, storage_options, samples=samples)).encode()
     if out is not None:

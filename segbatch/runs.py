@@ -1,10 +1,10 @@
 """What happens after a run: its record in ``OUTPUT/runs/``, and the one-ok-row rule after redo runs.
 
 Skipped inputs write no summary rows, so the summary alone cannot say what a run skipped or when it ran.
-Each run therefore leaves ``OUTPUT/runs/<run_id>.json`` (README "Run records"), which `segbatch status`
+Each run therefore leaves ``OUTPUT/runs/<run_id>.json`` (docs/output-contract.md, "Run records"), which `segbatch status`
 reads beside the summary's key columns.
 
-``--redo-changed`` and ``--redo-all`` give an input a second ok row. DESIGN.md allows one per input, so
+``--redo-changed`` and ``--redo-all`` give an input a second ok row. The output contract allows one per input, so
 :func:`drop_superseded` removes the older ones once the newer ones are written: only the summary files
 that hold superseded rows are rewritten (atomically), and the newer row is always on storage before the
 older one goes, so a crash at any point leaves at least one ok row per input, never none.
@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from segbatch import _storage, summary
+from segbatch.contract import RUNS_DIR
 
 log = logging.getLogger(__name__)
 
-RUNS_DIR = "runs"
 RECORD_VERSION = 1  # bump when a field of the run record changes meaning
 
 _USERINFO = re.compile(r"(?<=://)[^/@]*@")  # user:password@ in a URL never reaches a record
@@ -86,7 +86,7 @@ def drop_superseded(output_url: str, storage_options: Mapping[str, Any] | None =
     """Keep only the newest ok row of every input; returns how many older ok rows were dropped.
 
     Newest means the latest ``written_at``, then the greater ``run_id`` (run ids start with their UTC
-    start time). Error rows are left alone: DESIGN.md lets them remain beside an ok row.
+    start time). Error rows are left alone: the output contract lets them remain beside an ok row.
     """
     ds = summary.dataset(output_url, storage_options)
     if ds is None:
@@ -149,4 +149,4 @@ def finish(config, report, *, completed: bool, cleanup: bool = False) -> None:
                   "--redo-changed run finishes this cleanup", exc)
 
 
-__all__ = ["RUNS_DIR", "drop_superseded", "finish", "read_records", "record"]
+__all__ = ["drop_superseded", "finish", "read_records", "record"]

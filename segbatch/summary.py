@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from segbatch import _storage
-from segbatch.sinks import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
+from segbatch.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
 
 
 def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pads.Dataset | None:

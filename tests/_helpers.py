@@ -1,4 +1,4 @@
-"""Shared test helpers: seeded checkpoints, test images, and the reference mask of DESIGN.md."""
+"""Shared test helpers: seeded checkpoints, test images, and the reference mask (docs/output-contract.md)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.models import get_model_builder, get_model_weights
+
+from segbatch.architectures import get_architecture
 
 TEST_ARCH = "deeplabv3_mobilenet_v3_large"  # the smallest architecture: fast enough for CI on 2 cores
 
@@ -24,8 +27,8 @@ def make_checkpoint(path: Path, arch: str = TEST_ARCH, num_classes: int = 21, se
     test with it can fail (padding drops agreement to well under 99%).
     """
     torch.manual_seed(seed)
-    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes,
-                                    aux_loss=with_aux)
+    aux = {"aux_loss": with_aux} if get_architecture(arch).has_aux else {}
+    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes, **aux)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the calibration batches
@@ -75,16 +78,19 @@ def exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
 
 
 def load_model(checkpoint: Path, arch: str = TEST_ARCH) -> torch.nn.Module:
+    """The checkpoint in a plain torchvision model, the auxiliary head dropped: the reference's model."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    num_classes = state["classifier.4.weight"].shape[0]
-    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    architecture = get_architecture(arch)
+    num_classes = state[architecture.head_key].shape[0]
+    aux = {"aux_loss": False} if architecture.has_aux else {}
+    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes, **aux)
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("aux_classifier.")})
     return model.eval()
 
 
 @torch.inference_mode()
 def reference_mask(data: bytes, model: torch.nn.Module, arch: str = TEST_ARCH) -> np.ndarray:
-    """DESIGN.md's reference, literally, for one image on its own."""
+    """The output contract's reference mask, literally, for one image on its own."""
     image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     if image.mode.startswith("I;16"):
         image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).astype(np.uint8), mode="L")
@@ -106,6 +112,22 @@ def wait_for_masks(proc, out: Path, count: int, timeout: float) -> None:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before the fault could be injected; give it more images"
+
+
+def summary_table(out: Path) -> pa.Table:
+    """Every row of a local OUTPUT's summary, with its schema metadata (class names)."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(out / "summary", format="parquet").to_table()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on loopback now (the tests bind everything they start to 127.0.0.1)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:

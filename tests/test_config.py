@@ -3,7 +3,8 @@
 import pytest
 
 from segbatch.cli import build_config, make_parser
-from segbatch.config import DEFAULT_EXTENSIONS, ConfigError, RunConfig
+from segbatch.config import DEFAULT_EXTENSIONS, RunConfig
+from segbatch.errors import ConfigError
 
 
 def test_defaults_follow_the_design():

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image, ImageOps
 
 from _helpers import exif_jpeg, photo_like
-from segbatch import model
+from segbatch.architectures import get_architecture
 from segbatch.decode import DecodeImages, ImageError, Limits, ResizeSpec, decode_image
 
 LIMITS = Limits(max_image_pixels=50_000_000, max_file_bytes=64 * 1024 * 1024, max_model_pixels=16_000_000)
-TRANSFORMS = model.default_transforms("deeplabv3_mobilenet_v3_large")
+TRANSFORMS = get_architecture("deeplabv3_mobilenet_v3_large").transforms()
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:

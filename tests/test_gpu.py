@@ -11,6 +11,7 @@ from PIL import Image
 
 from _helpers import TEST_ARCH, agreement, load_model, photo_like, reference_mask
 from segbatch import model
+from segbatch.architectures import get_architecture
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,7 +32,7 @@ def _predict(predictor: model.Predictor, data: bytes) -> np.ndarray:
     from segbatch.decode import Limits, ResizeSpec, decode_image
 
     image = decode_image(data, Limits(10**8, 10**9, 10**8))
-    resized = ResizeSpec.from_transforms(model.default_transforms(TEST_ARCH)).apply(image)
+    resized = ResizeSpec.from_transforms(get_architecture(TEST_ARCH).transforms()).apply(image)
     staged = predictor.stage(resized[None])
     assert staged.ready is not None and staged.tensor.device.type == "cuda"  # pinned, async copy
     return predictor.masks(staged, [(image.height, image.width)])[0][0]

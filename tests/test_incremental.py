@@ -9,19 +9,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _helpers import TEST_ARCH, photo_like
+from _helpers import summary_table, TEST_ARCH, photo_like
 from segbatch import RunConfig, run, runs, status
-from segbatch.cli import EXIT_INPUT, main
+from segbatch.cli import main
 from segbatch.pipeline import plan_inputs
-
-
-def summary_table(out: Path) -> pa.Table:
-    return pads.dataset(out / "summary", format="parquet").to_table()
+from segbatch.errors import EXIT_STATUS, InputError
 
 
 def ok_rows_per_input(table: pa.Table) -> dict[str, int]:
@@ -94,7 +90,7 @@ def test_redo_all_redoes_everything_and_supersedes_every_older_ok_row(history):
     assert set(counts.values()) == {1}
     ok = table.filter(pc.equal(table["status"], "ok"))
     assert set(ok["run_id"].to_pylist()) == {"r3-all"}
-    # Error rows of earlier runs may stay (DESIGN.md); they are never rewritten away.
+    # Error rows of earlier runs may stay (docs/output-contract.md); they are never rewritten away.
     errors = table.filter(pc.equal(table["status"], "error"))
     assert errors["run_id"].to_pylist() == ["r1-first"]
     # The changed image's row and mask are the new ones: its displayed size is now 80x60.
@@ -139,14 +135,14 @@ def test_status_counts_runs_and_totals(history, capsys):
 
 
 def test_status_of_an_empty_output_says_so(tmp_path, capsys):
-    assert main(["status", str(tmp_path / "nothing")]) == EXIT_INPUT
+    assert main(["status", str(tmp_path / "nothing")]) == EXIT_STATUS[InputError]
     assert "no runs yet" in capsys.readouterr().out
 
 
 def test_drop_superseded_finishes_an_interrupted_cleanup(tmp_path):
     """A crash between writing a redo's rows and dropping the older ones leaves two ok rows; the next
     cleanup keeps the newest and rewrites only the file holding the older one."""
-    from segbatch.sinks import SUMMARY_SCHEMA, summary_metadata
+    from segbatch.contract import SUMMARY_SCHEMA, summary_metadata
 
     out = tmp_path / "out"
     (out / "summary").mkdir(parents=True)

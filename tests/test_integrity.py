@@ -16,9 +16,11 @@ from PIL import Image
 
 from _helpers import TEST_ARCH, photo_like, wait_for_masks
 from segbatch import RunConfig, _lease, identity, run, status, summary
-from segbatch.cli import EXIT_CONFIG, main
+from segbatch.cli import main
+
+EXIT_CONFIG, EXIT_INPUT = 2, 4  # segbatch.errors.EXIT_STATUS: settings, inputs
 from segbatch.identity import IdentityMismatchError
-from segbatch.sinks import MAX_SEGMENT_BYTES
+from segbatch.contract import MAX_SEGMENT_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +99,7 @@ def test_rows_of_an_earlier_model_do_not_count_as_done(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from segbatch.sinks import SUMMARY_SCHEMA
+    from segbatch.contract import SUMMARY_SCHEMA
 
     since = time.time()
     rows = {name: [None] * 2 for name in SUMMARY_SCHEMA.names}

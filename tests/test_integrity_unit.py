@@ -14,8 +14,11 @@ import torch
 
 from _helpers import TEST_ARCH, make_checkpoint
 from segbatch import _lease, _storage, cli, listing, manifest, model, preflight
-from segbatch.config import ConfigError, RunConfig, parse_storage_value
-from segbatch.sinks import MAX_SEGMENT_BYTES, UnsafePathError, input_relpath, mask_relpath
+from segbatch.config import RunConfig, parse_storage_value
+from segbatch.errors import ConfigError, WeightsError
+from segbatch.contract import MAX_SEGMENT_BYTES, UnsafePathError, input_relpath, mask_relpath
+
+EXIT_CONFIG, EXIT_INPUT = 2, 4  # segbatch.errors.EXIT_STATUS: settings, inputs
 
 
 # -- 12: config file values of the wrong type -----------------------------------------------------------
@@ -32,7 +35,7 @@ def test_config_values_of_the_wrong_type_are_refused_naming_the_field(field, val
 def test_config_file_type_error_exits_2(tmp_path, capsys):
     conf = tmp_path / "run.yaml"
     conf.write_text('redo_all: "false"\nmax_error_rate: "5%"\n')
-    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--config", str(conf)]) == cli.EXIT_CONFIG
+    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--config", str(conf)]) == EXIT_CONFIG
     assert "must be" in capsys.readouterr().err
 
 
@@ -142,21 +145,21 @@ def test_wrong_shaped_and_head_only_checkpoints_are_refused(good_checkpoint, tmp
     torch.save(bad, tmp_path / "shape.pt")
     torch.save({k: v for k, v in state.items() if k.startswith("classifier.")}, tmp_path / "head.pt")
     for name, words in (("shape.pt", "size mismatch"), ("head.pt", "Missing key")):
-        with pytest.raises(model.WeightsError, match="does not load") as err:
+        with pytest.raises(WeightsError, match="does not fit") as err:
             model.resolve(TEST_ARCH, str(tmp_path / name))
         assert words in str(err.value)
         assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--model", TEST_ARCH,
-                         "--weights", str(tmp_path / name)]) == cli.EXIT_INPUT
+                         "--weights", str(tmp_path / name)]) == EXIT_INPUT
 
 
 def test_default_weights_with_the_wrong_number_of_class_names_is_refused(tmp_path):
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
-    with pytest.raises(model.WeightsError, match="names 3 classes"):
+    with pytest.raises(WeightsError, match="names 3 classes"):
         model.resolve(TEST_ARCH, "default", classes_url=str(tmp_path / "classes.txt"))
 
 
 def test_unknown_model_is_a_bad_setting(tmp_path, capsys):
-    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--model", "foo"]) == cli.EXIT_CONFIG
+    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--model", "foo"]) == EXIT_CONFIG
     assert "model: unknown 'foo'" in capsys.readouterr().err
 
 
@@ -169,7 +172,7 @@ def test_input_without_images_says_so(tmp_path, capsys):
     for where, words in ((empty, "no images found"), (texts, "no images found"), (single, "is a file")):
         rc = cli.main(["run", str(where), str(tmp_path / "o"), "--model", TEST_ARCH, "--weights", "random"])
         err = capsys.readouterr().err
-        assert rc == cli.EXIT_INPUT and words in err, err
+        assert rc == EXIT_INPUT and words in err, err
         if words == "no images found":
             assert ".jpg" in err and ".png" in err
 
@@ -183,7 +186,7 @@ def test_unwritable_output_exits_4_before_any_work(tmp_path, capsys, monkeypatch
     afile.write_text("x")
     base = ["run", str(src), "--model", TEST_ARCH, "--weights", "random"]
     for out, words in ((afile, "is a file"), (afile / "below", "is a file")):
-        assert cli.main(base[:2] + [str(out)] + base[2:]) == cli.EXIT_INPUT
+        assert cli.main(base[:2] + [str(out)] + base[2:]) == EXIT_INPUT
         assert words in capsys.readouterr().err
     # A full disk (or read-only mount): the probe's write fails, and no temporary is left behind.
     full = tmp_path / "full"
@@ -196,7 +199,7 @@ def test_unwritable_output_exits_4_before_any_work(tmp_path, capsys, monkeypatch
         return real(fn, *args, **kwargs)
 
     monkeypatch.setattr(_storage, "retry", no_space)
-    assert cli.main(base[:2] + [str(full)] + base[2:]) == cli.EXIT_INPUT
+    assert cli.main(base[:2] + [str(full)] + base[2:]) == EXIT_INPUT
     assert "no space left" in capsys.readouterr().err
     assert [p.name for p in full.rglob("*")] == []
 
@@ -297,12 +300,17 @@ def test_s3_lease_uses_conditional_puts(s3_bucket, s3_server, caplog):
 
 
 # -- 14: bench arguments ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra", [["--batch-size", "x"], ["--skip", "z"], ["--model", "foo"], ["--limit", "0"]])
+@pytest.mark.parametrize("extra", [["--batch-size", "x"], ["--skip", "z"], ["--model", "foo"], ["--limit", "0"],
+                                   ["--device", "nope"]])
 def test_bench_bad_arguments_are_usage_errors(tmp_path, capsys, extra):
     (tmp_path / "a.jpg").write_bytes(b"x")
-    assert cli.main(["bench", str(tmp_path), *extra]) == 2
+    try:
+        rc = cli.main(["bench", str(tmp_path), *extra])
+    except SystemExit as exc:  # argparse's usage error
+        rc = exc.code
     err = capsys.readouterr().err
-    assert "error:" in err and "Traceback" not in err
+    assert rc == 2 and "Traceback" not in err
+    assert "error:" in err or "segbatch: " in err
 
 
 def test_unreachable_endpoint_is_a_message_and_exit_4(tmp_path, capsys, monkeypatch):
@@ -310,7 +318,7 @@ def test_unreachable_endpoint_is_a_message_and_exit_4(tmp_path, capsys, monkeypa
     rc = cli.main(["run", "s3://nowhere-bucket/in", str(tmp_path / "o"), "--model", TEST_ARCH, "--weights",
                    "random", "--storage-option", "endpoint_url=http://127.0.0.1:9"])
     err = capsys.readouterr().err
-    assert rc == cli.EXIT_INPUT and "cannot reach storage" in err, err
+    assert rc == EXIT_INPUT and "cannot reach storage" in err, err
 
 
 def test_a_full_disk_mid_run_is_found_behind_rays_wrapping_and_leaves_no_temporary(tmp_path, monkeypatch):

@@ -7,14 +7,15 @@ import torch
 
 from _helpers import TEST_ARCH, make_checkpoint
 from segbatch import model
+from segbatch.architectures import available_models
+from segbatch.errors import ConfigError, WeightsError
 
 
 def test_unknown_model_lists_the_valid_ones():
-    from segbatch.config import ConfigError
-
-    with pytest.raises(ConfigError) as err:  # a bad setting (exit 2), not unusable weights
-        model.resolve("fcn_resnet50", "random")
-    assert all(name in str(err.value) for name in model.MODELS)
+    with pytest.raises(ConfigError) as err:
+        model.resolve("foo", "random")
+    assert err.value.field == "model"
+    assert all(name in str(err.value) for name in available_models())
 
 
 def test_random_weights_warn_and_use_the_weights_categories(caplog):
@@ -40,13 +41,13 @@ def test_classes_file_names_the_classes(tmp_path):
     names.write_text("sky\nroad\ncar\n")
     assert model.resolve(TEST_ARCH, str(path), classes_url=str(names)).classes == ("sky", "road", "car")
     names.write_text("sky\nroad\n")
-    with pytest.raises(model.WeightsError, match="2 classes"):
+    with pytest.raises(WeightsError, match="2 classes"):
         model.resolve(TEST_ARCH, str(path), classes_url=str(names))
 
 
 def test_sha256_pin_mismatch_is_refused(tmp_path):
     path = make_checkpoint(tmp_path / "w.pt", num_classes=2)
-    with pytest.raises(model.WeightsError, match="not the pinned"):
+    with pytest.raises(WeightsError, match="not the pinned"):
         model.resolve(TEST_ARCH, str(path), sha256="0" * 64)
     good = hashlib.sha256(path.read_bytes()).hexdigest()
     assert model.resolve(TEST_ARCH, str(path), sha256=good).identity == good
@@ -55,9 +56,9 @@ def test_sha256_pin_mismatch_is_refused(tmp_path):
 def test_wrong_file_and_missing_file_are_clear(tmp_path):
     bad = tmp_path / "notweights.pt"
     torch.save({"foo": torch.zeros(1)}, bad)
-    with pytest.raises(model.WeightsError, match="not a DeepLabV3 state_dict"):
+    with pytest.raises(WeightsError, match=f"not a {TEST_ARCH} state_dict"):
         model.resolve(TEST_ARCH, str(bad))
-    with pytest.raises(model.WeightsError, match="does not exist"):
+    with pytest.raises(WeightsError, match="does not exist"):
         model.resolve(TEST_ARCH, str(tmp_path / "missing.pt"))
 
 
@@ -65,7 +66,7 @@ def test_pickled_objects_are_refused(tmp_path):
     """weights_only=True: a checkpoint that needs arbitrary unpickling is not loaded."""
     evil = tmp_path / "evil.pt"
     torch.save({"classifier.4.weight": torch.zeros(2, 256, 1, 1), "x": object()}, evil)
-    with pytest.raises(model.WeightsError, match="not a loadable state_dict"):
+    with pytest.raises(WeightsError, match="not a loadable state_dict"):
         model.resolve(TEST_ARCH, str(evil))
 
 
@@ -76,5 +77,85 @@ def test_default_weights_say_how_to_proceed_offline(tmp_path, monkeypatch):
         raise OSError(f"network is unreachable: {url}")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # as on this machine, on any machine
-    with pytest.raises(model.WeightsError, match="--weights random"):
+    with pytest.raises(WeightsError, match="--weights random"):
         model.resolve(TEST_ARCH, "default")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every registered architecture meets the fidelity contract; a new model is tested by being registered.
+# ---------------------------------------------------------------------------------------------------
+REFERENCE_SIZES = [(64, 48), (64, 48), (48, 70)]  # two of one shape share a forward pass; one odd shape
+
+
+@pytest.fixture(scope="module")
+def reference_images():
+    import io
+
+    from PIL import Image
+
+    from _helpers import photo_like
+
+    out = []
+    for i, (w, h) in enumerate(REFERENCE_SIZES):
+        buf = io.BytesIO()
+        Image.fromarray(photo_like(w, h, 40 + i)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", available_models())
+def test_registered_architecture_meets_the_reference(arch, tmp_path, reference_images):
+    """The inference path segbatch's actors run (Predictor: the weights' resize, batched forward of
+    equal shapes, low-resolution logits, fused upsampling and argmax) agrees with the literal reference
+    on every image, for each model in the registry, with a seeded content-sensitive checkpoint."""
+    import numpy as np
+
+    from _helpers import agreement, load_model, reference_mask
+    from segbatch.decode import Limits, ResizeSpec, decode_image
+
+    path = make_checkpoint(tmp_path / f"{arch}.pt", arch=arch, num_classes=6, with_aux=True)
+    spec = model.resolve(arch, str(path))
+    assert spec.num_classes == 6
+    predictor = model.Predictor(spec, device=torch.device("cpu"))
+    resize = ResizeSpec.from_transforms(spec.architecture.transforms())
+    images = [decode_image(data, Limits(10**8, 10**9, 10**8)) for data in reference_images]
+    resized = [resize.apply(image) for image in images]
+    got = predictor.masks(torch.from_numpy(np.stack(resized[:2])), [(im.height, im.width) for im in images[:2]])
+    got += predictor.masks(torch.from_numpy(resized[2][None]), [(images[2].height, images[2].width)])
+    reference_model = load_model(path, arch)
+    scores = [agreement(mask, reference_mask(data, reference_model, arch))
+              for (mask, *_), data in zip(got, reference_images)]
+    assert min(scores) >= 0.995, scores
+    for (mask, counts, *_), image in zip(got, images):
+        assert mask.shape == (image.height, image.width)
+        assert counts.sum() == image.width * image.height
+        assert len(np.unique(mask)) > 1, "a one-class mask would make agreement meaningless"
+
+
+@pytest.mark.parametrize("arch", available_models())
+def test_checkpoint_for_another_architecture_is_refused(arch, tmp_path):
+    """A state_dict is loaded strictly into the architecture (on the meta device) before any actor."""
+    other = "lraspp_mobilenet_v3_large" if arch != "lraspp_mobilenet_v3_large" else TEST_ARCH
+    path = make_checkpoint(tmp_path / "other.pt", arch=other, num_classes=3)
+    with pytest.raises(WeightsError):
+        model.resolve(arch, str(path))
+
+
+def test_wrong_shaped_or_head_only_checkpoint_is_refused(tmp_path):
+    state = torch.load(make_checkpoint(tmp_path / "w.pt", num_classes=4), weights_only=True)
+    name = next(k for k, v in state.items() if v.ndim == 4 and not k.startswith("classifier"))
+    bad = dict(state, **{name: torch.zeros(1, 1, 1, 1)})
+    torch.save(bad, tmp_path / "shape.pt")
+    with pytest.raises(WeightsError, match="does not fit"):
+        model.resolve(TEST_ARCH, str(tmp_path / "shape.pt"))
+    torch.save({k: v for k, v in state.items() if k.startswith("classifier.")}, tmp_path / "head.pt")
+    with pytest.raises(WeightsError, match="Missing key"):
+        model.resolve(TEST_ARCH, str(tmp_path / "head.pt"))
+
+
+def test_classes_file_must_match_the_default_weights(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\nd\ne\n")
+    with pytest.raises(WeightsError, match="5 classes; the model has 21"):
+        model.resolve(TEST_ARCH, "random", classes_url=str(names))

@@ -1,4 +1,5 @@
-"""End to end on a real local Ray: fidelity to DESIGN.md's reference, the summary contract, resume."""
+"""End to end on a real local Ray: fidelity to the reference mask, the summary contract, resume
+(docs/output-contract.md)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from _helpers import TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask
+from _helpers import summary_table, TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask
 from segbatch import RunConfig, run
-from segbatch.sinks import SUMMARY_SCHEMA
+from segbatch.contract import SUMMARY_SCHEMA
 
 CONTRACT = {
     "uri": pa.string(), "status": pa.string(), "error": pa.string(), "width": pa.int32(),
@@ -57,10 +57,6 @@ def labelled(tmp_path_factory, ray_local, checkpoint):
     return root, sizes, config, report
 
 
-def summary_table(out: Path) -> pa.Table:
-    return pads.dataset(out / "summary", format="parquet").to_table()
-
-
 def test_every_image_gets_one_ok_row_and_a_report(labelled):
     root, sizes, _config, report = labelled
     assert (report.ok, report.errors, report.listed) == (len(sizes), 0, len(sizes))
@@ -97,7 +93,7 @@ def test_summary_satisfies_the_contract(labelled, checkpoint):
 
 
 def test_masks_match_the_reference(labelled, checkpoint):
-    """Every mask against DESIGN.md's per-image computation, over mixed sizes in one job."""
+    """Every mask against the reference's per-image computation, over mixed sizes in one job."""
     root, sizes, _config, _report = labelled
     model = load_model(checkpoint)
     scores = {}
@@ -157,9 +153,9 @@ def test_decoding_runs_in_cpu_tasks_beside_the_actor_pool(ray_local, tmp_path, c
         Image.fromarray(photo_like(24, 18, i)).save(tmp_path / "in" / f"{i}.png")
     config = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=TEST_ARCH,
                        weights=str(checkpoint), batch_size=2, progress=False)
-    todo, _ = pipeline.plan_inputs(config)
+    inputs = pipeline.plan_inputs(config)
     spec = model.resolve(TEST_ARCH, str(checkpoint))
-    ds = pipeline.build_dataset(config, spec, todo, "plan-test")
+    ds = pipeline.build_dataset(config, spec, inputs, "plan-test")
     assert len(ds.take_all()) == 4
     stats = ds.stats()
     assert "MapBatches(DecodeImages)" in stats and "MapBatches(DecodeImages)->" not in stats, stats

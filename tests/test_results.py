@@ -21,8 +21,9 @@ from PIL import Image, ImageOps
 from _helpers import TEST_ARCH, exif_jpeg, photo_like
 from segbatch import RunConfig, cli, run
 from segbatch.evaluate import confusion_matrix, metrics
-from segbatch.overlay import background_ids, blend, class_colour, encode_jpeg, overlay_relpath
-from segbatch.sinks import input_relpath, mask_relpath
+from segbatch.contract import input_relpath, mask_name, mask_relpath, overlay_relpath
+from segbatch.overlay import background_ids, blend, class_colour, encode_jpeg
+from segbatch.errors import EXIT_STATUS, InputError
 
 # PASCAL VOC's colours as the devkit's VOClabelcolormap lists them (class id -> RGB), written out here
 # rather than computed, so the palette code is checked against the published values.
@@ -132,7 +133,6 @@ def test_mask_names_invert_to_input_names():
 # -- evaluation ----------------------------------------------------------------------------------------
 
 def test_masks_are_found_below_the_output_given_even_after_a_move():
-    from segbatch.evaluate import mask_name
 
     assert mask_name("/runs/out/masks/sub/a.jpg.png", "/in/sub/a.jpg", "/runs/out/masks/") == "masks/sub/a.jpg.png"
     assert mask_name("s3://b/out/masks/x%231%25.png.png", "s3://b/in/x#1%.png", "b/out/masks/") == \
@@ -254,7 +254,7 @@ def test_eval_sums_the_reference_confusion_matrix_on_ray(labelled, ground_truth,
 
 def test_eval_refuses_an_output_without_summary(tmp_path, capsys):
     (tmp_path / "gt").mkdir()
-    assert cli.main(["eval", str(tmp_path / "nothing"), "--ground-truth", str(tmp_path / "gt")]) == cli.EXIT_INPUT
+    assert cli.main(["eval", str(tmp_path / "nothing"), "--ground-truth", str(tmp_path / "gt")]) == EXIT_STATUS[InputError]
     assert "no summary" in capsys.readouterr().err
 
 
@@ -305,7 +305,7 @@ def test_report_out_writes_a_local_copy(labelled, tmp_path, capsys):
 
 
 def test_report_refuses_an_output_without_summary(tmp_path, capsys):
-    assert cli.main(["report", str(tmp_path / "nothing")]) == cli.EXIT_INPUT
+    assert cli.main(["report", str(tmp_path / "nothing")]) == EXIT_STATUS[InputError]
     assert "no summary" in capsys.readouterr().err
 
 

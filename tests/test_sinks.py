@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segbatch.sinks import UnsafePathError, encode_png, mask_relpath, voc_palette
+from segbatch.contract import UnsafePathError, mask_relpath, voc_palette
+from segbatch.writers import encode_png
 
 
 def test_mask_names_keep_the_extension_so_stems_never_collide():

@@ -1,0 +1,125 @@
+"""The model registry: which torchvision segmentation models segbatch runs, and how to drive each.
+
+An :class:`Architecture` is a small adapter around one torchvision builder. Everything else comes from
+torchvision itself (imported on first use: the registry's names cost no torch import): the weights enum carries the preprocessing (``weights.transforms()``) and the class
+names (``weights.meta["categories"]``). Adding a model is one entry in :data:`_REGISTRY`, and the tests
+that are parametrised over :func:`available_models` then cover it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from segbatch.errors import ConfigError, WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Architecture", "available_models", "get_architecture"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build one architecture, check a checkpoint for it, and get its low-resolution logits.
+
+    Every torchvision segmentation model computes features, applies a head at a fraction of the input
+    resolution, then resizes the head's output bilinearly to the input size. :meth:`low_res_logits`
+    stops before that resize, so postprocessing can fuse it with the resize to the displayed size.
+    """
+
+    name: str  # torchvision's builder name
+    head_key: str  # a state_dict key whose first dimension is the number of classes
+    has_aux: bool = True  # builds an auxiliary head when asked; segbatch never runs it
+
+    def weights_enum(self):
+        from torchvision.models import get_model_weights
+
+        return get_model_weights(self.name)
+
+    def transforms(self):
+        """The weights' own preprocessing (resize, normalise). Checkpoints of an architecture share it."""
+        return self.weights_enum().DEFAULT.transforms()
+
+    def categories(self) -> tuple[str, ...]:
+        return tuple(self.weights_enum().DEFAULT.meta["categories"])
+
+    def build(self, num_classes: int | None = None, *, pretrained: bool = False) -> torch.nn.Module:
+        """The model without its auxiliary head: pretrained DEFAULT weights, or untrained."""
+        from torchvision.models import get_model_builder
+
+        builder = get_model_builder(self.name)
+        if pretrained:
+            model = builder(weights=self.weights_enum().DEFAULT, progress=False)
+        else:
+            kwargs: dict[str, Any] = {"aux_loss": False} if self.has_aux else {}
+            model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+        if self.has_aux:
+            model.aux_classifier = None
+        return model
+
+    def check_state_dict(self, state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """The state_dict to load, checked against the architecture before any actor sees it.
+
+        It is loaded strictly into a model built on the meta device, so a missing key, an unexpected
+        one or a wrong-shaped tensor is refused here, at no memory cost.
+        """
+        if self.head_key not in state:
+            raise WeightsError(
+                f"weights: {source} is not a {self.name} state_dict (no {self.head_key!r}); save one with "
+                "torch.save(model.state_dict(), path)"
+            )
+        import torch
+
+        state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+        num_classes = int(state[self.head_key].shape[0])
+        with torch.device("meta"):
+            model = self.build(num_classes)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            detail = str(exc).split("\n", 1)[-1].strip()[:600]
+            raise WeightsError(f"weights: {source} does not fit {self.name}: {detail}") from None
+        return state
+
+    def low_res_logits(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The head's logits before the model's own resize to the input size."""
+        return model.classifier(model.backbone(x)["out"])
+
+
+@dataclass(frozen=True)
+class _LRASPP(Architecture):
+    """LR-ASPP's head reads two backbone features (``low`` at stride 8, ``high`` at stride 16)."""
+
+    has_aux: bool = False
+
+    def low_res_logits(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model.classifier(model.backbone(x))
+
+
+_DEEPLAB_HEAD = "classifier.4.weight"  # DeepLabHead's last 1x1 conv: (num_classes, 256, 1, 1)
+_FCN_HEAD = "classifier.4.weight"  # FCNHead's last 1x1 conv: (num_classes, channels // 4, 1, 1)
+
+_REGISTRY: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("deeplabv3_resnet101", _DEEPLAB_HEAD),
+        Architecture("deeplabv3_resnet50", _DEEPLAB_HEAD),
+        Architecture("deeplabv3_mobilenet_v3_large", _DEEPLAB_HEAD),
+        Architecture("fcn_resnet101", _FCN_HEAD),
+        Architecture("fcn_resnet50", _FCN_HEAD),
+        _LRASPP("lraspp_mobilenet_v3_large", "classifier.high_classifier.weight"),
+    )
+}
+
+
+def available_models() -> list[str]:
+    """The names ``--model`` takes, as torchvision's builders name them."""
+    return list(_REGISTRY)
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError("model", f"unknown {name!r}", f"valid models: {', '.join(_REGISTRY)}") from None

@@ -1,0 +1,200 @@
+"""The output contract in code: OUTPUT's layout, the summary schema, and how files are named.
+
+docs/output-contract.md describes it for people. Writers, readers, the report and eval import these
+names; nothing else spells a directory name or a column list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+
+import pyarrow as pa
+from fsspec.core import strip_protocol
+
+__all__ = [
+    "CLASSES_METADATA_KEY",
+    "MASKS_DIR",
+    "MAX_SEGMENT_BYTES",
+    "OVERLAYS_DIR",
+    "PALETTE",
+    "REPORT_NAME",
+    "RUNS_DIR",
+    "SUMMARY_DIR",
+    "SUMMARY_SCHEMA",
+    "UnsafePathError",
+    "ground_truth_relpath",
+    "input_relpath",
+    "mask_name",
+    "mask_relpath",
+    "output_relpath",
+    "overlay_relpath",
+    "summary_metadata",
+    "voc_palette",
+]
+
+MASKS_DIR = "masks"  # one PNG per ok input
+SUMMARY_DIR = "summary"  # Parquet: one row per input per run
+RUNS_DIR = "runs"  # one JSON record per run
+OVERLAYS_DIR = "overlays"  # `run --overlays`: one JPEG per ok input
+REPORT_NAME = "report.html"  # `segbatch report`
+CLASSES_METADATA_KEY = b"segbatch.classes"  # summary schema metadata: JSON list of class names
+
+#: The summary's columns: the contract's first, then segbatch's documented extensions.
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mask_uri", pa.string()),
+        ("pixel_counts", pa.list_(pa.int64())),
+        ("run_id", pa.string()),
+        ("model", pa.string()),
+        ("weights", pa.string()),
+        ("node_id", pa.string()),
+        ("device", pa.string()),
+        # Extensions: the input's identity when it was read, for --redo-changed, and when the row was written.
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("mtime", pa.float64()),
+        ("written_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+def summary_metadata(classes: tuple[str, ...]) -> dict[bytes, bytes]:
+    return {CLASSES_METADATA_KEY: json.dumps(list(classes)).encode()}
+
+
+# Characters that break URLs or common filesystems get %XX escapes; escaping "%" too keeps names unique.
+_ESCAPE = set('%?#\\:*"<>|') | {chr(c) for c in range(32)} | {"\x7f"}
+
+
+class UnsafePathError(ValueError):
+    """An input's relative name would place its mask outside OUTPUT."""
+
+
+#: Longest name segment of a per-input output, in UTF-8 bytes with its suffix; most filesystems allow
+#: 255, and a writer's temporary adds a dot, 12 hex digits and ".tmp". Longer segments are shortened.
+MAX_SEGMENT_BYTES = 200
+SHORTENED_MARK = "%~"  # never produced by escaping ("%" is always followed by two hex digits there)
+_HASH_CHARS = 16
+
+
+def _shorten(segment: str, original: str, limit: int) -> str:
+    """``<head>%~<16 hex of sha256(original)>``: fits ``limit`` bytes, unique per original segment."""
+    digest = hashlib.sha256(original.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
+    budget = limit - len(SHORTENED_MARK) - _HASH_CHARS
+    head = segment
+    while len(head.encode("utf-8")) > budget:
+        head = head[:-1]
+    cut = head.rfind("%", max(0, len(head) - 2))
+    if cut >= 0:  # never split a %XX escape
+        head = head[:cut]
+    return f"{head}{SHORTENED_MARK}{digest}"
+
+
+def output_relpath(rel: str, folder: str, suffix: str) -> str:
+    """``<folder>/<escaped rel><suffix>`` for an input at ``rel`` below INPUT. The input's extension stays
+    in the name, so ``a.jpg`` and ``a.png`` never collide; every per-input output is named this way.
+
+    Unique per input: characters that break URLs or filesystems become ``%XX``; a folder segment ending
+    in ``suffix`` gets that suffix's dot escaped (``x.jpg.png/`` -> ``x.jpg%2Epng/``), so it never meets
+    the output ``x.jpg.png`` of a file ``x.jpg``; a segment longer than :data:`MAX_SEGMENT_BYTES` keeps
+    its head and ends in ``%~`` plus 16 hex digits of its sha256. Shortened names cannot be inverted by
+    :func:`input_relpath`; the summary's ``uri`` and ``mask_uri`` map them back."""
+    if not rel or rel.startswith("/"):
+        raise UnsafePathError(f"input name {rel!r} is absolute or empty; its output would leave OUTPUT")
+    if "\\" in rel:
+        raise UnsafePathError(f"input name {rel!r} holds a backslash (a file name that is not valid UTF-8 "
+                              "shows its bytes as \\xNN); rename the file")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"input name {rel!r} has '', '.' or '..' segments; its output would leave OUTPUT")
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        segment = "".join(f"%{ord(ch):02X}" if ch in _ESCAPE else ch for ch in part)
+        if not last and segment.lower().endswith(suffix.lower()) and suffix.startswith("."):
+            cut = len(segment) - len(suffix)
+            segment = segment[:cut] + "%2E" + segment[cut + 1:]
+        limit = MAX_SEGMENT_BYTES - (len(suffix.encode()) if last else 0)
+        if len(segment.encode("utf-8")) > limit:
+            segment = _shorten(segment, part, limit)
+        out.append(segment)
+    return posixpath.join(folder, "/".join(out) + suffix)
+
+
+def mask_relpath(rel: str) -> str:
+    """``masks/<rel>.png``."""
+    return output_relpath(rel, MASKS_DIR, ".png")
+
+
+def overlay_relpath(rel: str) -> str:
+    """``overlays/<rel>.jpg``: the mask's name (same escaping, same uniqueness) under overlays/."""
+    return output_relpath(rel, OVERLAYS_DIR, ".jpg")
+
+
+def input_relpath(mask_rel: str) -> str:
+    """The inverse of :func:`mask_relpath`: ``masks/<escaped rel>.png`` -> rel. A shortened name
+    (``%~`` in it) raises ValueError: look its input up in the summary by ``mask_uri``."""
+    prefix = MASKS_DIR + "/"
+    if not (mask_rel.startswith(prefix) and mask_rel.endswith(".png")) or len(mask_rel) <= len(prefix) + 4:
+        raise ValueError(f"{mask_rel!r} is not a mask name (masks/<name>.png)")
+    if SHORTENED_MARK in mask_rel:
+        raise ValueError(f"{mask_rel!r} is a shortened mask name; the summary's uri/mask_uri map it to its input")
+    name = mask_rel[len(prefix) :]
+    # Every %XX is one escape: "%" itself is always escaped, and "%~" marks a shortened name (refused above).
+    return re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), name[: -len(".png")])
+
+
+def mask_name(mask_uri: str, uri: str, masks_prefix: str) -> str:
+    """The mask's name below OUTPUT (``masks/...png``), checked against the input's uri.
+
+    A mask of this OUTPUT starts with ``<OUTPUT>/masks/``. When OUTPUT was moved or copied since the run
+    (its rows still name the old place), every ``/masks/`` in the URI is tried, and the one whose input
+    name the input's uri ends with wins.
+    """
+    path = strip_protocol(mask_uri)
+    if path.startswith(masks_prefix):
+        return MASKS_DIR + "/" + path[len(masks_prefix) :]
+    marker = "/" + MASKS_DIR + "/"
+    start = path.find(marker)
+    while start >= 0:
+        candidate = path[start + 1 :]
+        try:
+            rel = input_relpath(candidate)
+        except ValueError:
+            rel = None
+        if rel is not None and (uri == rel or uri.endswith("/" + rel)):
+            return candidate
+        start = path.find(marker, start + 1)
+    raise ValueError(f"mask {mask_uri} is not below {masks_prefix} and does not match its input's name")
+
+
+def ground_truth_relpath(rel: str) -> str:
+    """``dir/name.jpg`` -> ``dir/name.png``: where the ground truth of an input sits below GT."""
+    return posixpath.splitext(rel)[0] + ".png"
+
+
+def voc_palette(num_colors: int = 256) -> list[int]:
+    """The PASCAL VOC colour map (bit-interleaved class id), flattened RGB for ``Image.putpalette``."""
+    palette = []
+    for i in range(num_colors):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+#: The masks' palette, flattened RGB: masks, overlays, exports and the report's legend share it.
+PALETTE = voc_palette()
