@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from _helpers import TEST_ARCH, photo_like, wait_for_masks
-from segbatch import RunConfig, _lease, identity, run, status, summary
+from segbatch import RunConfig, _lease, identity, run, summary
+from segbatch.status import collect as collect_status
 from segbatch.cli import main
 
 EXIT_CONFIG, EXIT_INPUT = 2, 4  # segbatch.errors.EXIT_STATUS: settings, inputs
@@ -77,7 +78,7 @@ def test_redo_all_relabels_everything_with_the_new_model(model_change):
     bound = identity.read(out)
     assert bound["identity"]["weights"] == "random:seed=0" and bound["bound_by_run"] == "b-redo"
     assert bound["relabel_since"] is not None
-    assert "labelled by: model=deeplabv3_mobilenet_v3_large, weights=random:seed=0" in str(status.collect(out))
+    assert "labelled by: model=deeplabv3_mobilenet_v3_large, weights=random:seed=0" in str(collect_status(out))
 
 
 def test_the_cli_exits_2_on_a_model_change(model_change, checkpoint, capsys):
@@ -107,8 +108,8 @@ def test_rows_of_an_earlier_model_do_not_count_as_done(tmp_path):
                 written_at=[int((since - 60) * 1000), int((since + 1) * 1000)])
     pq.write_table(pa.table(rows, schema=SUMMARY_SCHEMA), out / "summary" / "part-x.parquet")
     config = RunConfig(input=str(src), output=str(out))
-    assert plan_inputs(config)[0].num_rows == 0
-    assert plan_inputs(config, since)[0]["uri"].to_pylist() == [str(src / "a.jpg")]
+    assert plan_inputs(config).pending == 0
+    assert plan_inputs(config, since).todo["uri"].to_pylist() == [str(src / "a.jpg")]
 
 
 # -- 2: one writer at a time -----------------------------------------------------------------------------
