@@ -203,7 +203,12 @@ def test_a_signal_stops_the_run_cleanly_with_a_true_record(tmp_path, signum, cod
     try:
         wait_for_masks(proc, out, 4, timeout=240)
         proc.send_signal(signum)
-        stdout, stderr = proc.communicate(timeout=120)
+        try:
+            _stdout, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _stdout, stderr = proc.communicate()
+            pytest.fail(f"the run did not stop within 240 s of {signal.Signals(signum).name}: {stderr[-3000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
