@@ -186,6 +186,7 @@ def run(config: RunConfig) -> RunReport:
     one OUTPUT is bound to (docs/recurring-runs.md)."""
     config.check_runnable()
     started = time.monotonic()
+    preflight.check_inputs_exist(config)
     listing.check_output(config.output, config.storage_options)
     preflight.probe_output(config.output, config.storage_options)
     spec = model.resolve(config.model, config.weights, classes_url=config.classes, sha256=config.weights_sha256,

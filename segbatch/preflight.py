@@ -8,6 +8,7 @@ object, written and deleted in the driver, finds all of these in milliseconds.
 from __future__ import annotations
 
 import errno
+import os
 import uuid
 from typing import Any, Mapping
 
@@ -43,11 +44,18 @@ def is_fatal_write_error(exc: BaseException) -> bool:
 
 
 def probe_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
-    """Write and delete a probe object in OUTPUT; raise OutputNotWritableError with the reason."""
+    """Write and delete a probe object in OUTPUT; raise OutputNotWritableError with the reason. Local
+    folders the probe had to create are removed again, so a run refused later leaves no trace."""
     fs, root = _storage.open_url(url, storage_options)
+    created: list[str] = []
     try:
         if _storage.retry(fs.isfile, root, what=f"check {url}"):
             raise OutputNotWritableError(f"OUTPUT {url} is a file; OUTPUT must be a folder or URL prefix")
+        if _is_local(fs):
+            path = root
+            while path and not os.path.lexists(path):
+                created.append(path)
+                path = os.path.dirname(path)
         probe = _storage.join_path(root, PROBE_PREFIX + uuid.uuid4().hex[:12])
         _storage.write_atomic(fs, probe, b"segbatch write probe\n")
         _storage.retry(fs.rm, probe, what=f"delete {probe}")
@@ -56,3 +64,24 @@ def probe_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
     except OSError as exc:
         raise OutputNotWritableError(f"OUTPUT {url} is not writable: {describe_write_error(exc)}; nothing was "
                                      "done") from None
+    finally:
+        for path in created:  # deepest first; rmdir leaves anything that is not empty alone
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+
+
+def _is_local(fs) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"file", "local"})
+
+
+def check_inputs_exist(config) -> None:
+    """INPUT (or the manifest) must exist before OUTPUT is touched at all."""
+    from segbatch.listing import require_exists
+
+    url = config.manifest or config.input
+    label = "manifest" if config.manifest else "INPUT"
+    fs, path = _storage.open_url(url, config.storage_options)
+    require_exists(fs, path, f"{label} {url}")
