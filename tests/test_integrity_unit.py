@@ -32,6 +32,14 @@ def test_config_values_of_the_wrong_type_are_refused_naming_the_field(field, val
     assert err.value.field == field and field in str(err.value) and "e.g." in str(err.value)
 
 
+def test_every_setting_has_its_type_checked():
+    from segbatch import config
+
+    checked = {*config._STR_FIELDS, *config._INT_FIELDS, *config._NUMBER_FIELDS, *config._BOOL_FIELDS,
+               "storage_options", "extensions"}
+    assert set(RunConfig.field_names()) == checked
+
+
 def test_config_file_type_error_exits_2(tmp_path, capsys):
     conf = tmp_path / "run.yaml"
     conf.write_text('redo_all: "false"\nmax_error_rate: "5%"\n')
