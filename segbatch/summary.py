@@ -44,10 +44,14 @@ def read(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
     return ds.to_table(columns=list(columns) if columns else None, filter=filter)
 
 
-def done_keys(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """uri (and input identity) of every ok row: what a resumed run skips."""
-    return read(output_url, storage_options, columns=["uri", "size", "etag", "mtime"],
-                filter=pc.field("status") == "ok")
+def done_keys(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
+              since: float | None = None) -> pa.Table:
+    """uri (and input identity) of every ok row: what a resumed run skips. With ``since`` (epoch seconds,
+    identity.py's relabel_since) only rows written since then count."""
+    where = pc.field("status") == "ok"
+    if since is not None:
+        where = where & (pc.field("written_at") >= pa.scalar(int(since * 1000), pa.timestamp("ms", tz="UTC")))
+    return read(output_url, storage_options, columns=["uri", "size", "etag", "mtime"], filter=where)
 
 
 def classes(output_url: str, storage_options: Mapping[str, Any] | None = None) -> list[str] | None:

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from _helpers import summary_table, TEST_ARCH, photo_like
-from segbatch import RunConfig, run, runs, status
+from segbatch import RunConfig, run, runs
+from segbatch.status import collect as collect_status
 from segbatch.cli import main
 from segbatch.pipeline import plan_inputs
 from segbatch.errors import EXIT_STATUS, InputError
@@ -45,14 +46,14 @@ def history(tmp_path_factory, ray_local, checkpoint):
 
     def step(name: str, **changes):
         reports[name] = run(base.replace(run_id=name, **changes))
-        statuses[name] = status.collect(str(out))
+        statuses[name] = collect_status(str(out))
 
     step("r1-first")
     save(src / "bad.jpg", seed=7)  # repaired
     time.sleep(0.05)  # mtime resolution
     save(src / "img0.jpg", seed=100, size=(80, 60))  # changed in place
-    plans["plain"] = plan_inputs(base)[0]["uri"].to_pylist()
-    plans["changed"] = plan_inputs(base.replace(redo_changed=True))[0]["uri"].to_pylist()
+    plans["plain"] = plan_inputs(base).todo["uri"].to_pylist()
+    plans["changed"] = plan_inputs(base.replace(redo_changed=True)).todo["uri"].to_pylist()
     step("r2-changed", redo_changed=True)
     step("r3-all", redo_all=True)
     step("r4-noop")  # everything has an ok row: no Ray at all, but still a run with a record
@@ -160,14 +161,14 @@ def test_drop_superseded_finishes_an_interrupted_cleanup(tmp_path):
     write("part-new.parquet", "new", [("a", "ok", 2000)])
     write("part-untouched.parquet", "other", [("d", "ok", 500)])
     untouched_mtime = (out / "summary" / "part-untouched.parquet").stat().st_mtime_ns
-    assert status.collect(str(out)).extra_ok_rows == 1
+    assert collect_status(str(out)).extra_ok_rows == 1
 
     assert runs.drop_superseded(str(out)) == 1
     old = pq.read_table(out / "summary" / "part-old.parquet")
     assert sorted(zip(old["uri"].to_pylist(), old["status"].to_pylist())) == [("b", "ok"), ("c", "error")]
     assert json.loads(old.schema.metadata[b"segbatch.classes"]) == ["bg", "fg"]
     assert (out / "summary" / "part-untouched.parquet").stat().st_mtime_ns == untouched_mtime
-    assert status.collect(str(out)).extra_ok_rows == 0
+    assert collect_status(str(out)).extra_ok_rows == 0
     assert runs.drop_superseded(str(out)) == 0  # idempotent
     assert not list((out / "summary").glob(".*"))  # no temporaries left behind
     assert np.all(pq.read_table(out / "summary" / "part-new.parquet")["run_id"].to_numpy(zero_copy_only=False) == "new")
