@@ -34,7 +34,7 @@ _INT_FIELDS = ("batch_size", "max_image_pixels", "max_file_bytes", "max_model_pi
 _NUMBER_FIELDS = ("gpus_per_actor", "cpus_per_actor", "decode_cpus", "max_error_rate", "min_confidence")
 _BOOL_FIELDS = ("redo_changed", "redo_all", "overlays", "confidence", "progress")
 _OPTIONAL = ("manifest", "weights_sha256", "classes", "address", "actors", "run_id", "gpus_per_actor",
-             "cpus_per_actor", "max_error_rate")
+             "cpus_per_actor", "max_error_rate", "batch_size", "decode_cpus")
 
 
 def _parse_actors(value: str | int | None) -> tuple[int, int] | None:

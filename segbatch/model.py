@@ -1,0 +1,297 @@
+"""Stage 3, the model: weights resolution and the inference actor (the registry: segbatch.architectures).
+
+Weights are resolved once in the driver (:func:`resolve`), which also pins their identity (name or
+sha256) and class names, so a bad checkpoint fails the run before any image is touched. Each actor of
+the pool then builds its model once in ``__init__`` (:class:`Segmenter`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import torch
+from segbatch import _storage, postprocess
+from segbatch.architectures import Architecture, get_architecture
+from segbatch.batching import FORWARD_PASS_COLUMN
+from segbatch.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+from segbatch.weights import (  # noqa: F401  (re-exported: segbatch.model.resolve etc.)
+    MAX_CLASSES, RANDOM_SEED, ModelSpec, _fetch, _load_checkpoint, _read_classes, ensure_default_weights, resolve,
+)
+
+
+def build(spec: ModelSpec) -> torch.nn.Module:
+    """The model of ``spec`` on the CPU, in eval mode, without the auxiliary head (unused at inference)."""
+    architecture = spec.architecture
+    if spec.weights == "default":
+        model = architecture.build(pretrained=True)
+    elif spec.weights == "random":
+        torch.manual_seed(RANDOM_SEED)
+        model = architecture.build(spec.num_classes)
+    else:
+        data = _fetch(spec.weights, spec.storage_options)
+        if hashlib.sha256(data).hexdigest() != spec.identity:
+            raise WeightsError(f"weights: {spec.weights} changed since the run started; refusing it")
+        model = architecture.build(spec.num_classes)
+        model.load_state_dict(_load_checkpoint(data, spec.weights, architecture), strict=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The inference actor
+# ----------------------------------------------------------------------------------------------------
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+def pick_device() -> torch.device:
+    """CUDA when this process may use a GPU and torch sees one; otherwise the CPU, said out loud."""
+    gpu_ids: list = []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpu_ids = ray.get_gpu_ids()
+    except Exception:
+        gpu_ids = []
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if gpu_ids:
+        log.warning("Ray assigned GPU %s to this actor, but torch sees no CUDA device: running on the CPU",
+                       gpu_ids)
+    else:
+        log.warning("no GPU for this actor: running inference on the CPU")
+    return torch.device("cpu")
+
+
+def _assigned_cpus() -> int | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            # A fractional holding (1.5 CPUs beside 0.5-CPU decode tasks) rounds up: the tasks are short.
+            return max(1, math.ceil(cpus - 1e-6)) if cpus else None
+    except Exception:
+        return None
+    return None
+
+
+class Predictor:
+    """A model on a device that turns uint8 images into class-id masks. Used by the actor and by bench."""
+
+    def __init__(self, spec: ModelSpec, *, precision: str = "fp32", upsample: str = "exact",
+                 device: torch.device | None = None, threads: int | None = None,
+                 min_confidence: float | None = None):
+        self.spec = spec
+        self.min_confidence = min_confidence  # None: no confidence maps (and no cost for them)
+        self.precision = precision
+        self.upsample = upsample
+        self.device = device or pick_device()
+        if threads:
+            torch.set_num_threads(threads)
+        transforms = spec.architecture.transforms()
+        model = build(spec).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one shape per group: autotuned kernels pay off
+        # NHWC convolutions: faster on CPUs with oneDNN and the tensor-core layout on GPUs
+        # (docs/benchmarks.md has the measured gain).
+        model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._mean = torch.tensor(transforms.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(transforms.std, device=self.device).view(1, 3, 1, 1)
+        # Host-to-device copies run on their own stream so the next batch uploads while this one computes.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def stage(self, images: np.ndarray) -> "Staged":
+        """Start moving uint8 NHWC images to the device: pinned memory and a non-blocking copy on the
+        copy stream, so it overlaps whatever the compute stream is doing. A no-op on the CPU."""
+        tensor = torch.from_numpy(images)
+        if self._copy_stream is None:
+            return Staged(tensor, None)
+        tensor = tensor.pin_memory()
+        with torch.cuda.stream(self._copy_stream):
+            on_device = tensor.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return Staged(on_device, ready)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> the weights' normalised float NCHW (convert_image_dtype, then normalize)."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        x = (x - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """Forward a batch of equal-shaped uint8 NHWC images.
+
+        Returns the head's low-resolution logits and the input size they are to be upsampled to, or, in
+        ``bilinear`` mode, the model's own ``out`` and ``None``.
+        """
+        x = self._normalise(images)
+        dtype = _AUTOCAST.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            if self.upsample == "bilinear":
+                return self.model(x)["out"].float(), None
+            logits = self.spec.architecture.low_res_logits(self.model, x)
+            return logits.float(), (x.shape[-2], x.shape[-1])
+
+    @torch.inference_mode()
+    def masks(self, images: "torch.Tensor | Staged", sizes: list[tuple[int, int]]) -> list["Labelled"]:
+        """One :class:`Labelled` per image; ``sizes`` are the displayed (H, W).
+
+        Upsampling, argmax and counts run on the model's device: only uint8 maps cross back. With
+        ``min_confidence`` set, mask and confidence both come from the literal full-resolution logits
+        (:func:`segbatch.postprocess.labels_and_confidence`)."""
+        if isinstance(images, Staged):
+            if images.ready is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(images.ready)
+                images.tensor.record_stream(current)  # the allocator must not reuse it before compute ends
+            images = images.tensor
+        logits, model_size = self.logits(images)
+        if self.min_confidence is None:
+            labels = [postprocess.labels(logits[i], size, self.upsample, model_size).to(torch.uint8)
+                      for i, size in enumerate(sizes)]
+            counts = [postprocess.pixel_counts(lab, self.spec.num_classes) for lab in labels]
+            return [Labelled(lab.cpu().numpy(), cnt.cpu().numpy()) for lab, cnt in zip(labels, counts)]
+        out = []
+        for i, size in enumerate(sizes):
+            lab, conf = postprocess.labels_and_confidence(logits[i], size, model_size)
+            lab = lab.to(torch.uint8)
+            out.append(Labelled(
+                lab.cpu().numpy(), postprocess.pixel_counts(lab, self.spec.num_classes).cpu().numpy(),
+                confidence=conf.mul(255).round_().to(torch.uint8).cpu().numpy(),
+                mean_confidence=float(conf.mean()),
+                low_confidence_share=float((conf < self.min_confidence).float().mean()),
+            ))
+        return out
+
+
+class Labelled(NamedTuple):
+    """One image's result: class ids, pixels per class, and, with --confidence, its confidence."""
+
+    mask: np.ndarray  # uint8 (H, W) class ids
+    counts: np.ndarray  # int64 (num_classes,)
+    confidence: np.ndarray | None = None  # uint8 (H, W): largest softmax probability x 255, rounded
+    mean_confidence: float | None = None  # mean of the largest softmax probability over pixels
+    low_confidence_share: float | None = None  # share of pixels below min_confidence
+
+
+@dataclass
+class Staged:
+    """Images on their way to the device, and the event that marks their arrival (None on the CPU)."""
+
+    tensor: torch.Tensor
+    ready: Any
+
+
+class Segmenter:
+    """Ray Data map step on an actor pool: one model per actor, loaded once in ``__init__``."""
+
+    def __init__(self, spec: ModelSpec, precision: str = "fp32", upsample: str = "exact",
+                 min_confidence: float | None = None, max_batch: int | None = None, threads: int | None = None):
+        import ray
+
+        self.max_batch = max_batch  # most images per forward pass; None: a batch's whole shape group
+        self.predictor = Predictor(spec, precision=precision, upsample=upsample, threads=threads or _assigned_cpus(),
+                                   min_confidence=min_confidence)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        device = self.predictor.device
+        self.device_name = f"{device.type}:{device.index or 0}" if device.type == "cuda" else device.type
+        log.info("segbatch actor ready: %s on %s, node %s, %d torch threads", spec.arch, self.device_name,
+                 self.node_id[:12], torch.get_num_threads())
+
+    @staticmethod
+    def _host_images(rows: list[int], batch: pa.Table) -> np.ndarray:
+        shape = (batch["in_h"][rows[0]].as_py(), batch["in_w"][rows[0]].as_py(), 3)
+        pixels = batch["pixels"]
+        return np.stack([np.frombuffer(pixels[r].as_py(), dtype=np.uint8).reshape(shape) for r in rows])
+
+    def _infer(self, rows: list[int], batch: pa.Table, results: dict[int, Any], staged: Staged | None,
+               passes: dict[int, int]) -> None:
+        """Infer rows of one shape together; if that fails, try each alone so one bad image costs one row.
+        ``passes`` gets, per row, the number of images in the forward pass that labelled it."""
+        try:
+            if staged is None:
+                staged = self.predictor.stage(self._host_images(rows, batch))
+            sizes = [(batch["height"][r].as_py(), batch["width"][r].as_py()) for r in rows]
+            for r, res in zip(rows, self.predictor.masks(staged, sizes)):
+                results[r] = res
+                passes[r] = len(rows)
+        except Exception as exc:
+            if self.predictor.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) > 1:
+                for r in rows:
+                    self._infer([r], batch, results, None, passes)
+            else:
+                log.warning("inference failed for %s: %s", batch["uri"][rows[0]].as_py(), exc)
+                results[rows[0]] = f"inference failed: {type(exc).__name__}: {exc}"
+
+    def _stage(self, rows: list[int], batch: pa.Table) -> Staged | None:
+        try:
+            return self.predictor.stage(self._host_images(rows, batch))
+        except Exception:
+            return None  # _infer retries it and turns a persistent failure into error rows
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = batch["error"].to_pylist()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r, err in enumerate(errors):
+            if err is None:
+                key = (batch["in_h"][r].as_py(), batch["in_w"][r].as_py())
+                groups.setdefault(key, []).append(r)
+        results: dict[int, Any] = {}
+        passes: dict[int, int] = {}
+        # Never pad: only equal shapes share a forward pass, of at most max_batch images (ShapeBatcher
+        # upstream makes the groups full). Pass i+1 is staged (its copy to the GPU started) before pass i
+        # computes.
+        step = self.max_batch or batch.num_rows or 1
+        ordered = [rows[i:i + step] for rows in groups.values() for i in range(0, len(rows), step)]
+        staged = self._stage(ordered[0], batch) if ordered else None
+        for i, rows in enumerate(ordered):
+            following = self._stage(ordered[i + 1], batch) if i + 1 < len(ordered) else None
+            self._infer(rows, batch, results, staged, passes)
+            staged = following
+        masks, counts, confidence = [], [], []
+        for r in range(batch.num_rows):
+            res = results.get(r)
+            if isinstance(res, Labelled):
+                masks.append(res.mask.tobytes())
+                counts.append(res.counts.tolist())
+                confidence.append(res)
+            else:
+                if isinstance(res, str):
+                    errors[r] = res
+                masks.append(b"")
+                counts.append(None)
+                confidence.append(None)
+        out = batch.drop_columns(["pixels", "error"])
+        out = out.append_column("error", pa.array(errors, pa.string()))
+        out = out.append_column("mask", pa.array(masks, pa.binary()))
+        out = out.append_column("pixel_counts", pa.array(counts, pa.list_(pa.int64())))
+        if self.predictor.min_confidence is not None:
+            out = out.append_column("confidence", pa.array(
+                [c.confidence.tobytes() if c else b"" for c in confidence], pa.binary()))
+            for name in ("mean_confidence", "low_confidence_share"):
+                out = out.append_column(name, pa.array([getattr(c, name) if c else None for c in confidence],
+                                                       pa.float32()))
+        out = out.append_column("node_id", pa.array([self.node_id] * batch.num_rows, pa.string()))
+        out = out.append_column(FORWARD_PASS_COLUMN, pa.array([passes.get(r, 0) for r in range(batch.num_rows)],
+                                                               pa.int32()))
+        return out.append_column("device", pa.array([self.device_name] * batch.num_rows, pa.string()))
+
+
+__all__ = ["Labelled", "ModelSpec", "Predictor", "Segmenter", "build", "resolve"]
