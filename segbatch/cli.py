@@ -14,6 +14,8 @@ from segbatch.architectures import available_models
 from segbatch.config import RunConfig, load_config_file
 from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, exit_status
 
+EXIT_INPUT = EXIT_STATUS[InputError]  # OUTPUT, INPUT or GT missing; what the tests and scripts compare with
+
 
 def _storage_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
@@ -107,6 +109,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from segbatch.compact import compact
+
+    print(compact(args.output, dict(args.storage_options or [])))
+    return 0
+
+
 def _add_results_parsers(sub: Any) -> None:
     report_p = sub.add_parser("report", help="write OUTPUT/report.html: runs, class chart, sample overlays, errors")
     report_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
@@ -120,7 +129,10 @@ def _add_results_parsers(sub: Any) -> None:
     eval_p.add_argument("--json", help="also write the metrics to this file (any fsspec URL)")
     eval_p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
     eval_p.set_defaults(func=_cmd_eval)
-    for p in (report_p, eval_p):
+    compact_p = sub.add_parser("compact", help="merge OUTPUT's small summary files into few large ones")
+    compact_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
+    compact_p.set_defaults(func=_cmd_compact)
+    for p in (report_p, eval_p, compact_p):
         p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
                        metavar="KEY=VALUE", help="fsspec storage option, repeatable")
 

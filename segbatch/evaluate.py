@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from segbatch import _ray, _storage, summary
-from segbatch.contract import MASKS_DIR, ground_truth_relpath, mask_name
+from segbatch.contract import MASKS_DIR, ground_truth_relpath, input_relpath, mask_name
 from segbatch.errors import InputError
 
 EVAL_BATCH_ROWS = 64  # images per Ray task: enough reads in flight to hide object-store latency

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from pathlib import Path
@@ -15,9 +16,11 @@ import pytest
 from PIL import Image
 
 from _helpers import TEST_ARCH, photo_like
-from segbatch import RunConfig, run, runs, status
+from segbatch import RunConfig, run, runs
 from segbatch.cli import EXIT_INPUT, main
 from segbatch.pipeline import plan_inputs
+
+status = importlib.import_module("segbatch.status")  # the module; `segbatch.status` is the function
 
 
 def summary_table(out: Path) -> pa.Table:
@@ -55,8 +58,8 @@ def history(tmp_path_factory, ray_local, checkpoint):
     save(src / "bad.jpg", seed=7)  # repaired
     time.sleep(0.05)  # mtime resolution
     save(src / "img0.jpg", seed=100, size=(80, 60))  # changed in place
-    plans["plain"] = plan_inputs(base)[0]["uri"].to_pylist()
-    plans["changed"] = plan_inputs(base.replace(redo_changed=True))[0]["uri"].to_pylist()
+    plans["plain"] = plan_inputs(base).todo["uri"].to_pylist()
+    plans["changed"] = plan_inputs(base.replace(redo_changed=True)).todo["uri"].to_pylist()
     step("r2-changed", redo_changed=True)
     step("r3-all", redo_all=True)
     step("r4-noop")  # everything has an ok row: no Ray at all, but still a run with a record
@@ -187,5 +190,11 @@ def test_drop_done_compares_identity_where_both_sides_have_it():
     done = pa.table({"uri": ["same", "resized", "etag-changed", "touched"], "size": [1, 20, 4, 5],
                      "etag": pa.array([None, None, "e1", None], pa.string()), "mtime": [1.0, 2.0, 4.0, 5.0]})
     assert drop_done(listed, done, redo_changed=False)["uri"].to_pylist() == ["new"]
-    assert drop_done(listed, done, redo_changed=True)["uri"].to_pylist() == ["etag-changed", "new", "resized",
+    # The listing's order is kept (a real listing is sorted by uri).
+    assert drop_done(listed, done, redo_changed=True)["uri"].to_pylist() == ["resized", "new", "etag-changed",
                                                                              "touched"]
+    # The same in chunks, as a resumed run reads them from a large summary.
+    chunks = [done.slice(0, 1), done.slice(1, 2), done.slice(3)]
+    assert drop_done(listed, iter(chunks), redo_changed=True)["uri"].to_pylist() == ["resized", "new",
+                                                                                     "etag-changed", "touched"]
+    assert drop_done(listed, iter(chunks), redo_changed=False)["uri"].to_pylist() == ["new"]
