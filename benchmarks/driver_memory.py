@@ -1,6 +1,6 @@
 """Driver memory against input count: peak RSS of `segbatch run`'s driver for 10^3 and 10^5 inputs, side by side.
 
-    python benchmarks/driver_memory.py --counts 1000 100000
+    python benchmarks/driver_memory.py --counts 1000 20000 100000
 
 The inputs are zero-byte `.jpg` files: each becomes an error row ("empty file"), so the run goes through
 listing, the input blocks, decode tasks, the inference actor pool (which skips error rows), the summary writes
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,7 @@ def peak_rss(cmd: list[str]) -> tuple[float, float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[1000, 100000])
+    parser.add_argument("--counts", type=int, nargs="+", default=[1000, 20000, 100000])
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,11 +60,14 @@ def main() -> None:
                 open(os.path.join(folder, f"{i:07d}.jpg"), "wb").close()
             cmd = [sys.executable, "-m", "segbatch", "run", src, os.path.join(tmp, f"out{n}"), "--model",
                    "deeplabv3_mobilenet_v3_large", "--weights", "random", "--no-progress"]
+            load = os.getloadavg()[0]
             rss, seconds, report = peak_rss(cmd)
-            rows.append((n, rss, seconds, report))
-    print(f"{'inputs':>8} {'driver peak RSS':>16} {'seconds':>9}  report")
-    for n, rss, seconds, report in rows:
-        print(f"{n:>8} {rss:>12.0f} MiB {seconds:>9.1f}  {report}")
+            rows.append((n, rss, seconds, f"{load:.1f}-{os.getloadavg()[0]:.1f}", report))
+            shutil.rmtree(src)
+            print(f"{n} inputs done", file=sys.stderr, flush=True)
+    print(f"{'inputs':>8} {'driver peak RSS':>16} {'seconds':>9} {'load avg':>10}  report")
+    for n, rss, seconds, load, report in rows:
+        print(f"{n:>8} {rss:>12.0f} MiB {seconds:>9.1f} {load:>10}  {report}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,12 @@ LISTING_SCHEMA = pa.schema(
 
 
 LISTING_BATCH_ROWS = 65_536  # rows held as Python objects before they move into an Arrow batch
-MAX_INPUT_BLOCKS = 10_000  # blocks the listing is cut into; more only adds scheduling overhead
+# The listing goes to Ray in a number of blocks set by the cluster, not by the input count: the driver's
+# bookkeeping grows with the blocks of a run (docs/benchmarks.md, "Driver memory"). Decoding takes
+# batch-sized slices of a block (pipeline.DECODE_BATCH_ROWS), so large blocks do not mean large tasks.
+BLOCKS_PER_CPU = 4  # enough blocks that every CPU of the cluster has decode work queued
+MIN_INPUT_BLOCKS = 32
+MAX_INPUT_BLOCKS = 10_000  # a cap for very large clusters; more only adds scheduling overhead
 
 
 class ListedInputs:
@@ -60,8 +65,11 @@ class ListedInputs:
     def dataset(self, batch_size: int):
         import ray
 
+        from segbatch import _ray
+
         n = self.todo.num_rows
-        rows_per_block = max(batch_size, math.ceil(n / MAX_INPUT_BLOCKS))
+        blocks = min(MAX_INPUT_BLOCKS, max(MIN_INPUT_BLOCKS, BLOCKS_PER_CPU * int(_ray.cluster_cpus())))
+        rows_per_block = max(batch_size, math.ceil(n / blocks))
         return ray.data.from_arrow([self.todo.slice(i, rows_per_block) for i in range(0, n, rows_per_block)])
 
 

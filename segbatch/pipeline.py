@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_ROWS_PER_FILE = 64  # most rows per summary Parquet file; also how many masks one write task holds
 MIN_SUMMARY_FILES = 16  # small runs still write in this many steps, not all at the end
+DECODE_BATCH_ROWS = 32  # images a decode task reads at once (concurrently) and holds decoded
 DECODE_TASK_MEMORY = 640 * 1024**2  # bytes; a decode worker imports torch for the resize: Ray measured ~600 MiB
 MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run: one early error is no rate
 
@@ -101,7 +102,7 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, inputs: Inputs, run_
     ds = inputs.dataset(config.batch_size)
     ds = ds.map_batches(
         DecodeImages(config.input, config.storage_options, ResizeSpec.from_transforms(transforms), limits),
-        batch_size=None,  # one listing block per task
+        batch_size=max(config.batch_size, DECODE_BATCH_ROWS),  # slices of a listing block, one task per block
         batch_format="pyarrow",
         num_cpus=config.decode_cpus,
         # The reservation also keeps Ray Data from fusing decoding into the inference actor (it fuses
