@@ -88,10 +88,14 @@ def write_summary(out: Path, rows: int, layout: str) -> None:
 
 def make_listing(rows: int) -> pa.Table:
     total = int(rows * (1 + NEW_FRACTION))
-    uris = [_uri(i) for i in range(total)]
-    return pa.table({"uri": uris, "path": [u[5:] for u in uris], "rel": [u[27:] for u in uris],
-                     "size": [_size(i) for i in range(total)], "etag": [f"{i:032x}" for i in range(total)],
-                     "mtime": np.full(total, 1.7e9)}, schema=listing.LISTING_SCHEMA)
+    parts = []
+    for start in range(0, total, 1_000_000):  # in slices, so the Python strings of 10^7 rows never coexist
+        ids = range(start, min(total, start + 1_000_000))
+        uris = [_uri(i) for i in ids]
+        parts.append(pa.table({"uri": uris, "path": [u[5:] for u in uris], "rel": [u[27:] for u in uris],
+                               "size": [_size(i) for i in ids], "etag": [f"{i:032x}" for i in ids],
+                               "mtime": np.full(len(ids), 1.7e9)}, schema=listing.LISTING_SCHEMA))
+    return pa.concat_tables(parts).combine_chunks()
 
 
 def _rss() -> int:

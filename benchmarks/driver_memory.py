@@ -2,6 +2,8 @@
 
     python benchmarks/driver_memory.py --counts 1000 20000 100000
 
+`--max-seconds S` stops each run after S seconds (as Ctrl-C does) and reports its peak RSS so far and
+about how many rows it had written, for input counts whose full run takes hours on a small machine.
 The inputs are zero-byte `.jpg` files: each becomes an error row ("empty file"), so the run goes through
 listing, the input blocks, decode tasks, the inference actor pool (which skips error rows), the summary writes
 and the driver's tally exactly as a real run does, without hours of CPU inference. The driver is a fresh
@@ -13,16 +15,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
 
-def peak_rss(cmd: list[str]) -> tuple[float, float, str]:
+def peak_rss(cmd: list[str], max_seconds: float | None = None, output: str = "") -> tuple[float, float, str]:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
@@ -38,7 +42,18 @@ def peak_rss(cmd: list[str]) -> tuple[float, float, str]:
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    out, _ = proc.communicate()
+    try:
+        out, _ = proc.communicate(timeout=max_seconds)
+    except subprocess.TimeoutExpired:  # stop a long run: its peak so far, and the rows it wrote
+        written = len(list(Path(output, "summary").glob("part-*.parquet"))) * 64
+        proc.send_signal(signal.SIGINT)  # the run stops as on Ctrl-C and shuts its Ray down
+        try:
+            proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        t.join()
+        return peak[0] / 2**20, time.perf_counter() - start, f"stopped after {max_seconds:.0f}s, ~{written} rows written"
     t.join()
     if proc.returncode != 0:
         raise RuntimeError(out[-3000:])
@@ -49,6 +64,7 @@ def peak_rss(cmd: list[str]) -> tuple[float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[1000, 20000, 100000])
+    parser.add_argument("--max-seconds", type=float, help="stop each run after this long and report its peak so far")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +77,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "segbatch", "run", src, os.path.join(tmp, f"out{n}"), "--model",
                    "deeplabv3_mobilenet_v3_large", "--weights", "random", "--no-progress"]
             load = os.getloadavg()[0]
-            rss, seconds, report = peak_rss(cmd)
+            rss, seconds, report = peak_rss(cmd, args.max_seconds, os.path.join(tmp, f"out{n}"))
             rows.append((n, rss, seconds, f"{load:.1f}-{os.getloadavg()[0]:.1f}", report))
             shutil.rmtree(src)
             print(f"{n} inputs done", file=sys.stderr, flush=True)

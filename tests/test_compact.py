@@ -258,6 +258,22 @@ def test_a_run_leaves_one_merged_summary_file(tmp_path, ray_local, checkpoint):
     assert summary.read(str(tmp_path / "out")).num_rows == 24
 
 
+def test_a_128_image_run_leaves_at_most_two_summary_files(tmp_path, ray_local, checkpoint):
+    """Zero-byte inputs: every stage runs and writes a row (an error row), without the CPU inference."""
+    from segbatch import run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(128):
+        (src / f"e{i:03d}.jpg").write_bytes(b"")
+    report = run(RunConfig(input=str(src), output=str(tmp_path / "out"), model=TEST_ARCH,
+                           weights=str(checkpoint), batch_size=4, progress=False))
+    assert (report.ok, report.errors) == (0, 128)
+    files = summary_files(tmp_path / "out")
+    assert len(files) <= 2 and all(f.startswith("merged-") for f in files)
+    assert summary.read(str(tmp_path / "out")).num_rows == 128
+
+
 def test_uncompacted_output_has_small_files(two_outputs):
     root, _config = two_outputs
     assert len(summary_files(root / "small")) >= 10
