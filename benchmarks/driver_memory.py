@@ -7,7 +7,7 @@ about how many rows it had written, for input counts whose full run takes hours 
 The inputs are zero-byte `.jpg` files: each becomes an error row ("empty file"), so the run goes through
 listing, the input blocks, decode tasks, the inference actor pool (which skips error rows), the summary writes
 and the driver's tally exactly as a real run does, without hours of CPU inference. The driver is a fresh
-`python -m segbatch run` process; its RSS is sampled every 0.1 s with psutil.
+`python -m segbatch run` process; its RSS is sampled with psutil (segbatch/_rss.py).
 """
 
 from __future__ import annotations
@@ -19,46 +19,33 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+from segbatch._rss import PeakRSS
 
 
 def peak_rss(cmd: list[str], max_seconds: float | None = None, output: str = "") -> tuple[float, float, str]:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0]
-
-    def sample():
-        p = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                peak[0] = max(peak[0], p.memory_info().rss)
-            except psutil.Error:
-                break
-            time.sleep(0.1)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        out, _ = proc.communicate(timeout=max_seconds)
-    except subprocess.TimeoutExpired:  # stop a long run: its peak so far, and the rows it wrote
-        written = len(list(Path(output, "summary").glob("part-*.parquet"))) * 64
-        proc.send_signal(signal.SIGINT)  # the run stops as on Ctrl-C and shuts its Ray down
+    with PeakRSS(proc.pid) as rss:
         try:
-            proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-        t.join()
-        return peak[0] / 2**20, time.perf_counter() - start, f"stopped after {max_seconds:.0f}s, ~{written} rows written"
-    t.join()
+            out, _ = proc.communicate(timeout=max_seconds)
+        except subprocess.TimeoutExpired:  # stop a long run: its peak so far, and the rows it wrote
+            written = len(list(Path(output, "summary").glob("part-*.parquet"))) * 64
+            proc.send_signal(signal.SIGINT)  # the run stops as on Ctrl-C and shuts its Ray down
+            try:
+                proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            out = None
+    if out is None:
+        return rss.mib(), time.perf_counter() - start, f"stopped after {max_seconds:.0f}s, ~{written} rows written"
     if proc.returncode != 0:
         raise RuntimeError(out[-3000:])
     report = next((line for line in out.splitlines() if line.startswith("segbatch run")), "")
-    return peak[0] / 2**20, time.perf_counter() - start, report
+    return rss.mib(), time.perf_counter() - start, report
 
 
 def main() -> None:

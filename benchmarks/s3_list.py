@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import multiprocessing as mp
+import functools
 import os
 import platform
 import resource
-import socket
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _moto import start_server
 
 BUCKET = "segbatch-bench-list"
 PREFIX = "imgs/"
@@ -67,14 +64,11 @@ def _fast_list_v2(self, bucket, prefix, delimiter, continuation_token, start_aft
     return out, truncated, token
 
 
-def _serve(port: int, keys: int, folder_size: int, ready) -> None:
-    import logging
-
+def _insert_keys(keys: int, folder_size: int) -> None:
+    """Runs in the server's process: keys straight into moto's backend, far faster than PUTs."""
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.s3.models import FakeKey, S3Backend, s3_backends
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     S3Backend.list_objects_v2 = _fast_list_v2
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
     backend.create_bucket(BUCKET, "us-east-1")
@@ -86,11 +80,6 @@ def _serve(port: int, keys: int, folder_size: int, ready) -> None:
         bucket.keys[name] = FakeKey(name, body, account_id=DEFAULT_ACCOUNT_ID, region_name="us-east-1",
                                     bucket_name=BUCKET)
     print(f"  (server: inserted {keys} keys in {time.perf_counter() - t0:.0f}s)", flush=True)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    ready.set()
-    while True:
-        time.sleep(3600)
 
 
 def main() -> None:
@@ -98,17 +87,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--folder-size", type=int, default=FOLDER_SIZE, help="keys per folder; 0: one flat prefix")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_serve, args=(port, args.keys, args.folder_size, ready), daemon=True)
-    proc.start()
-    if not ready.wait(3600):
-        sys.exit("the server did not come up")
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    proc, _endpoint = start_server(functools.partial(_insert_keys, args.keys, args.folder_size))
 
     import s3fs
 

@@ -12,44 +12,13 @@ waits ~10-30 ms, which the batched read overlaps and the sequential one pays in 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import platform
-import socket
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _moto import start_server
 
 BUCKET = "segbatch-bench"
-
-
-def _serve(port: int, ready) -> None:
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    ready.set()
-    while True:
-        time.sleep(3600)
-
-
-def start_server() -> tuple[mp.Process, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ready = mp.get_context("spawn").Event()
-    proc = mp.get_context("spawn").Process(target=_serve, args=(port, ready), daemon=True)
-    proc.start()
-    ready.wait(60)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
-    return proc, endpoint
 
 
 def main() -> None:

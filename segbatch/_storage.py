@@ -172,15 +172,24 @@ def read_urls(urls: list[str], storage_options: Mapping[str, Any] | None = None)
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole file so that readers never see a partial one."""
+    _publish(fs, path, lambda target: retry(fs.pipe_file, target, data, what=f"write {target}"))
+
+
+def put_atomic(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
+    """:func:`write_atomic` for a local file too large to hold in memory (an export's shard)."""
+    _publish(fs, path, lambda target: retry(fs.put_file, local_path, target, what=f"upload {target}"))
+
+
+def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], None]) -> None:
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if protocols & _ATOMIC_PUT_PROTOCOLS:
-        retry(fs.pipe_file, path, data, what=f"write {path}")
+        write(path)
         return
     parent, name = posixpath.split(path)
     fs.makedirs(parent, exist_ok=True)
     # A leading dot keeps pyarrow's dataset discovery and most listings from seeing the temporary.
     tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    retry(fs.pipe_file, tmp, data, what=f"write {tmp}")
+    write(tmp)
     try:
         retry(fs.mv, tmp, path, what=f"rename {tmp}")
     except Exception:

@@ -18,14 +18,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-SAMPLE_INTERVAL = 0.2  # seconds between RSS samples of the end-to-end run's processes
+from segbatch.errors import ConfigError
+
 BARE_IMAGES = 32  # forward passes timed per batch size: enough for a stable rate, short on a CPU
 S3_PUTS_PER_PREFIX = 3500  # per second; AWS's documented per-prefix PUT rate, a shared ceiling
 
@@ -106,47 +106,23 @@ def one_image_loop(paths: list[str], model, transforms, device, num_classes: int
         return Row("(b) one-image loop", len(paths), time.perf_counter() - start)
 
 
-def _sample_rss(root_pid: int, peaks: dict[str, int], stop: threading.Event) -> None:
-    import psutil
-
-    try:
-        root = psutil.Process(root_pid)
-    except psutil.Error:
-        return
-    while not stop.is_set():
-        try:
-            peaks["driver"] = max(peaks.get("driver", 0), root.memory_info().rss)
-            for child in root.children(recursive=True):
-                try:
-                    if "Segmenter" in " ".join(child.cmdline()):
-                        peaks["actors"] = max(peaks.get("actors", 0), child.memory_info().rss)
-                except psutil.Error:
-                    continue
-        except psutil.Error:
-            return
-        time.sleep(SAMPLE_INTERVAL)
-
-
 def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
     """`segbatch run` in a fresh process, as a user runs it: start-up, Ray, model load, writes."""
+    from segbatch._rss import PeakRSS
+
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "segbatch", "run", input_url, out, "--no-progress", *run_args]
-        peaks: dict[str, int] = {}
-        stop = threading.Event()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sampler = threading.Thread(target=_sample_rss, args=(proc.pid, peaks, stop), daemon=True)
-        sampler.start()
-        output, _ = proc.communicate()
+        with PeakRSS(proc.pid, children={"actors": "Segmenter"}) as rss:
+            output, _ = proc.communicate()
         seconds = time.perf_counter() - start
-        stop.set()
-        sampler.join()
         if proc.returncode != 0:
             raise RuntimeError(f"segbatch run failed ({proc.returncode}):\n{output[-3000:]}")
         ok = sum(1 for line in output.splitlines() if " ok, " in line and line.startswith("segbatch run"))
         return Row("(c) segbatch end to end", n_images, seconds,
-                   {"driver_peak_rss_mib": peaks.get("driver", 0) / 2**20,
-                    "actor_peak_rss_mib": peaks.get("actors", 0) / 2**20, "report_lines": ok})
+                   {"driver_peak_rss_mib": rss.mib("root"), "actor_peak_rss_mib": rss.mib("actors"),
+                    "report_lines": ok})
 
 
 def stage_rates(paths: list[str], transforms) -> dict[str, float]:
@@ -154,7 +130,7 @@ def stage_rates(paths: list[str], transforms) -> dict[str, float]:
     from PIL import Image
 
     from segbatch.decode import Limits, ResizeSpec, decode_image
-    from segbatch.sinks import encode_png
+    from segbatch.writers import encode_png
 
     limits = Limits(10**9, 10**10, 10**9)
     resize = ResizeSpec.from_transforms(transforms)
@@ -197,11 +173,22 @@ def plan(n_images: float, hours: float, *, infer_rate: float, decode_rate: float
     return "\n".join(lines)
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return sizes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="folder of images (make bench-data builds 128 JPEGs of 640x480)")
     parser.add_argument("--model", default="deeplabv3_mobilenet_v3_large")
     parser.add_argument("--weights", default="random")
-    parser.add_argument("--batch-size", default="4", help="comma-separated batch sizes for (a); the first is used for (c)")
+    parser.add_argument("--batch-size", default=[4], type=_batch_sizes,
+                        help="comma-separated batch sizes for (a); the first is used for (c)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", help="torch device for (a) and (b) (default: cuda if available)")
     parser.add_argument("--limit", type=int, help="use only the first N images")
@@ -215,66 +202,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-node", type=int, default=96)
 
 
-def run(args: argparse.Namespace) -> int:
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the stages asked for and return the numbers (what ``--json`` writes)."""
+    from PIL import Image, ImageOps
 
     from segbatch import listing, model
 
     skip = set(filter(None, args.skip.split(",")))
     paths = listing.list_inputs(args.input, {}, ("jpg", "jpeg", "png"))["path"].to_pylist()[: args.limit]
     if not paths:
-        raise SystemExit(f"segbatch bench: no images in {args.input}")
-    batch_sizes = sorted({1, *(int(b) for b in args.batch_size.split(","))})
+        raise ConfigError("input", f"no images in {args.input}", "make bench-data builds 128 JPEGs")
+    batch_sizes = sorted({1, *args.batch_size})
     device = _device(args.device)
     spec = model.resolve(args.model, args.weights)
     transforms = spec.architecture.transforms()
     net = model.build(spec).to(device)
-    from PIL import Image, ImageOps
-
     first = ImageOps.exif_transpose(Image.open(paths[0])).convert("RGB")
-    example = transforms(first)[None]
     rows: list[Row] = []
     if "a" not in skip:
-        rows += bare_model(net, example, batch_sizes, device, args.precision)
+        rows += bare_model(net, transforms(first)[None], batch_sizes, device, args.precision)
     if "b" not in skip:
         rows.append(one_image_loop(paths, net, transforms, device, spec.num_classes))
     if "c" not in skip:
-        run_args = ["--model", args.model, "--weights", args.weights, "--batch-size", args.batch_size.split(",")[0],
+        run_args = ["--model", args.model, "--weights", args.weights, "--batch-size", str(args.batch_size[0]),
                     "--precision", args.precision, "--redo-all", *args.run_arg]
         rows.append(end_to_end(args.input, len(paths), run_args))
-    rates = stage_rates(paths[:16], transforms)
+    return {"model": args.model, "weights": spec.identity, "precision": args.precision,
+            "device": _device_label(device), "images": len(paths), "first_size": f"{first.width}x{first.height}",
+            "date": time.strftime("%Y-%m-%d"), "batch_sizes": batch_sizes,
+            "rows": [{**asdict(r), "img_per_s": r.rate} for r in rows],
+            "stage_rates": stage_rates(paths[:16], transforms)}
 
-    with Image.open(paths[0]) as im:
-        size = f"{im.width}x{im.height}"
-    print(f"\nsegbatch bench: {args.model}, weights {spec.identity}, {len(paths)} images ({size} first), "
-          f"{args.precision}, device {_device_label(device)}")
-    print(f"{'stage':<44}{'images':>8}{'seconds':>10}{'img/s':>10}")
-    for row in rows:
-        print(f"{row.stage:<44}{row.images:>8}{row.seconds:>10.2f}{row.rate:>10.2f}")
+
+def format_result(result: dict[str, Any]) -> str:
+    """The side-by-side table and the ratios between (c) and (a), (b)."""
+    rows = [Row(r["stage"], r["images"], r["seconds"], r["extra"]) for r in result["rows"]]
+    lines = [f"\nsegbatch bench: {result['model']}, weights {result['weights']}, {result['images']} images "
+             f"({result['first_size']} first), {result['precision']}, device {result['device']}",
+             f"{'stage':<44}{'images':>8}{'seconds':>10}{'img/s':>10}"]
+    lines += [f"{row.stage:<44}{row.images:>8}{row.seconds:>10.2f}{row.rate:>10.2f}" for row in rows]
     by = {r.stage: r for r in rows}
-    e2e = by.get("(c) segbatch end to end")
-    bare1 = by.get("(a) bare model, batch 1")
-    loop = by.get("(b) one-image loop")
+    e2e, loop = by.get("(c) segbatch end to end"), by.get("(b) one-image loop")
     if e2e:
-        if bare1:
-            print(f"(c)/(a, batch 1) = {e2e.rate / bare1.rate:.2f}")
-        for b in batch_sizes[1:]:
-            if f"(a) bare model, batch {b}" in by:
-                print(f"(c)/(a, batch {b}) = {e2e.rate / by[f'(a) bare model, batch {b}'].rate:.2f}")
+        for b in result["batch_sizes"]:
+            bare = by.get(f"(a) bare model, batch {b}")
+            if bare:
+                lines.append(f"(c)/(a, batch {b}) = {e2e.rate / bare.rate:.2f}")
         if loop:
-            print(f"(c)/(b) = {e2e.rate / loop.rate:.2f}")
-        print(f"peak RSS: driver {e2e.extra['driver_peak_rss_mib']:.0f} MiB, "
-              f"inference actor {e2e.extra['actor_peak_rss_mib']:.0f} MiB")
-    print(f"one core: decode+resize {rates['decode_per_core']:.1f} img/s, PNG encode {rates['encode_per_core']:.1f} img/s")
-    result = {"model": args.model, "weights": spec.identity, "precision": args.precision,
-              "device": _device_label(device), "images": len(paths), "date": time.strftime("%Y-%m-%d"),
-              "rows": [{**asdict(r), "img_per_s": r.rate} for r in rows], "stage_rates": rates}
+            lines.append(f"(c)/(b) = {e2e.rate / loop.rate:.2f}")
+        lines.append(f"peak RSS: driver {e2e.extra['driver_peak_rss_mib']:.0f} MiB, "
+                     f"inference actor {e2e.extra['actor_peak_rss_mib']:.0f} MiB")
+    rates = result["stage_rates"]
+    lines.append(f"one core: decode+resize {rates['decode_per_core']:.1f} img/s, "
+                 f"PNG encode {rates['encode_per_core']:.1f} img/s")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = measure(args)
+    print(format_result(result))
     if args.plan:
-        infer = args.gpu_rate or max(r.rate for r in rows if r.stage.startswith("(a)"))
-        text = plan(args.plan, args.hours, infer_rate=infer, decode_rate=rates["decode_per_core"],
-                    encode_rate=rates["encode_per_core"], gpus_per_node=args.gpus_per_node,
-                    cpus_per_node=args.cpus_per_node)
-        print(text)
-        result["plan"] = text
+        infer = args.gpu_rate or max((r["img_per_s"] for r in result["rows"] if r["stage"].startswith("(a)")),
+                                     default=0.0)
+        if not infer:
+            raise ConfigError("gpu_rate", "--plan needs an inference rate", "pass --gpu-rate or drop --skip a")
+        rates = result["stage_rates"]
+        result["plan"] = plan(args.plan, args.hours, infer_rate=infer, decode_rate=rates["decode_per_core"],
+                              encode_rate=rates["encode_per_core"], gpus_per_node=args.gpus_per_node,
+                              cpus_per_node=args.cpus_per_node)
+        print(result["plan"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

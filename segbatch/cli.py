@@ -14,7 +14,6 @@ from segbatch.architectures import available_models
 from segbatch.config import RunConfig, load_config_file
 from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, exit_status
 
-EXIT_INPUT = EXIT_STATUS[InputError]  # OUTPUT, INPUT or GT missing; what the tests and scripts compare with
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -54,6 +53,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redo-changed", action="store_const", const=True, help="redo inputs whose size/ETag/mtime changed")
     p.add_argument("--redo-all", action="store_const", const=True, help="redo every input")
     p.add_argument("--overlays", action="store_const", const=True, help="also write a JPEG overlay per image")
+    p.add_argument("--confidence", action="store_const", const=True,
+                   help="also write confidence/<name>.png and the summary's mean_confidence, low_confidence_share")
+    p.add_argument("--min-confidence", type=float, help="low_confidence_share counts pixels below this (default 0.5)")
     p.add_argument("--png-compress-level", type=int, help="zlib level of mask PNGs, 0-9 (default 1)")
     p.add_argument("--run-id", help="name this run (default: UTC time plus a random suffix)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide progress bars")
@@ -99,13 +101,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from segbatch.evaluate import evaluate, write_json
+    from segbatch.evaluate import default_json_url, evaluate, write_json
 
     storage_options = dict(args.storage_options or [])
-    result = evaluate(args.output, args.ground_truth, storage_options, address=args.address)
+    result = evaluate(args.output, args.ground_truth, storage_options, address=args.address, worst=args.worst)
     print(result)
-    if args.json:
-        write_json(result, args.json, storage_options)
+    target = args.json or default_json_url(args.output)
+    try:
+        write_json(result, target, storage_options)
+    except Exception as exc:
+        if args.json:
+            raise
+        # The metrics are printed already; an OUTPUT one may read but not write must not fail the eval.
+        print(f"segbatch: could not write {target} ({type(exc).__name__}: {exc}); use --json PATH", file=sys.stderr)
     return 0
 
 
@@ -116,7 +124,42 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from segbatch.errors import ExportIncomplete
+    from segbatch.export import export
+
+    # Format-specific flags go through only when given, so a format that has no use for one can say so.
+    options = {k: v for k, v in (("from_name", args.from_name), ("to_name", args.to_name)) if v is not None}
+    result = export(args.output, args.format, args.dest, storage_options=dict(args.storage_options or []),
+                    shard_size=args.shard_size, progress=args.progress, **options)
+    print(result)
+    if result.failed:
+        raise ExportIncomplete(f"{len(result.failed)} ok rows could not be exported (listed above); "
+                               f"the other {result.images} images were")
+    return 0
+
+
+def _add_export_parser(sub: Any) -> None:
+    from segbatch.export import DEFAULT_SHARD_SIZE, formats, get_exporter
+
+    p = sub.add_parser("export", help="OUTPUT's masks as COCO JSON, CVAT Segmentation mask 1.1 or Label Studio tasks")
+    p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
+    p.add_argument("dest", help="folder or URL prefix to write to (cvat: also NAME.zip)")
+    p.add_argument("--format", required=True,
+                   help="; ".join(f"{name}: {get_exporter(name).description}" for name in formats()))
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+                   help=f"images per output file (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--from-name", help="label-studio: the BrushLabels tag's name (default tag)")
+    p.add_argument("--to-name", help="label-studio: the Image tag's name (default image)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
+                   metavar="KEY=VALUE", help="fsspec storage option for OUTPUT and DEST, repeatable")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_results_parsers(sub: Any) -> None:
+    from segbatch.evaluate import DEFAULT_WORST
+
     report_p = sub.add_parser("report", help="write OUTPUT/report.html: runs, class chart, sample overlays, errors")
     report_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     report_p.add_argument("--samples", type=int, default=12, help="overlays in the gallery (default 12)")
@@ -126,7 +169,9 @@ def _add_results_parsers(sub: Any) -> None:
     eval_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     eval_p.add_argument("--ground-truth", required=True, metavar="GT",
                         help="folder or URL prefix mirroring INPUT: <relative path with .png>, 255 = ignore")
-    eval_p.add_argument("--json", help="also write the metrics to this file (any fsspec URL)")
+    eval_p.add_argument("--json", help="write the metrics JSON here instead of OUTPUT/eval.json (any fsspec URL)")
+    eval_p.add_argument("--worst", type=int, default=DEFAULT_WORST, metavar="K",
+                        help=f"list the K images with the lowest IoU (default {DEFAULT_WORST})")
     eval_p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
     eval_p.set_defaults(func=_cmd_eval)
     compact_p = sub.add_parser("compact", help="merge OUTPUT's small summary files into few large ones")
@@ -145,6 +190,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_options(run_p)
     run_p.set_defaults(func=_cmd_run)
     _add_results_parsers(sub)
+    _add_export_parser(sub)
     status_p = sub.add_parser("status", help="per-run counts (ok, error, skipped), the last run and totals")
     status_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     status_p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,

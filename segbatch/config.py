@@ -39,7 +39,7 @@ def _parse_actors(value: str | int | None) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """All settings of one ``segbatch run``; see README.md for each field."""
+    """All settings of one ``segbatch run``; docs/cli.md describes each field."""
 
     input: str = ""
     output: str = ""
@@ -65,6 +65,8 @@ class RunConfig:
     redo_changed: bool = False
     redo_all: bool = False
     overlays: bool = False
+    confidence: bool = False  # confidence maps and columns; costs a literal full-resolution softmax per image
+    min_confidence: float = 0.5  # a pixel under this largest softmax probability counts as low confidence
     png_compress_level: int = 1  # zlib level 0-9; masks compress well even at 1, and 1 is ~5x faster than 6
     run_id: str | None = None
     progress: bool = True
@@ -114,7 +116,7 @@ class RunConfig:
     @property
     def writers(self) -> tuple[str, ...]:
         """The output writers (segbatch.writers) this run uses: the mask always, then what was asked for."""
-        return ("mask",) + (("overlay",) if self.overlays else ())
+        return ("mask",) + (("overlay",) if self.overlays else ()) + (("confidence",) if self.confidence else ())
 
     @property
     def actor_bounds(self) -> tuple[int, int] | None:
@@ -150,6 +152,11 @@ class RunConfig:
             digest = self.weights_sha256.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ConfigError("weights_sha256", "is not a 64-digit hex sha256", "compute it with `sha256sum FILE`")
+        if not 0.0 <= float(self.min_confidence) <= 1.0:
+            raise ConfigError("min_confidence", f"must be within 0..1, got {self.min_confidence!r}", "e.g. 0.5")
+        if self.confidence and self.upsample == "nearest":
+            raise ConfigError("confidence", "needs the reference's interpolated logits; --upsample nearest skips them",
+                              "use --upsample exact (the default) or bilinear")
         if self.redo_all and self.redo_changed:
             raise ConfigError("redo_all", "already redoes everything; drop --redo-changed")
         _parse_actors(self.actors)

@@ -15,6 +15,8 @@ from fsspec.core import strip_protocol
 
 __all__ = [
     "CLASSES_METADATA_KEY",
+    "CONFIDENCE_DIR",
+    "EVAL_NAME",
     "MASKS_DIR",
     "OVERLAYS_DIR",
     "PALETTE",
@@ -23,6 +25,7 @@ __all__ = [
     "SUMMARY_DIR",
     "SUMMARY_SCHEMA",
     "UnsafePathError",
+    "confidence_relpath",
     "ground_truth_relpath",
     "input_relpath",
     "mask_name",
@@ -37,7 +40,9 @@ MASKS_DIR = "masks"  # one PNG per ok input
 SUMMARY_DIR = "summary"  # Parquet: one row per input per run
 RUNS_DIR = "runs"  # one JSON record per run
 OVERLAYS_DIR = "overlays"  # `run --overlays`: one JPEG per ok input
+CONFIDENCE_DIR = "confidence"  # `run --confidence`: one 8-bit PNG per ok input, probability x 255
 REPORT_NAME = "report.html"  # `segbatch report`
+EVAL_NAME = "eval.json"  # `segbatch eval` (unless --json), shown by `segbatch report`
 CLASSES_METADATA_KEY = b"segbatch.classes"  # summary schema metadata: JSON list of class names
 
 #: The summary's columns: the contract's first, then segbatch's documented extensions.
@@ -60,6 +65,10 @@ SUMMARY_SCHEMA = pa.schema(
         ("etag", pa.string()),
         ("mtime", pa.float64()),
         ("written_at", pa.timestamp("ms", tz="UTC")),
+        # With --confidence (null otherwise): mean of each pixel's largest softmax probability, and the
+        # share of pixels whose largest probability is under --min-confidence.
+        ("mean_confidence", pa.float32()),
+        ("low_confidence_share", pa.float32()),
     ]
 )
 
@@ -96,6 +105,11 @@ def mask_relpath(rel: str) -> str:
 def overlay_relpath(rel: str) -> str:
     """``overlays/<rel>.jpg``: the mask's name (same escaping, same uniqueness) under overlays/."""
     return output_relpath(rel, OVERLAYS_DIR, ".jpg")
+
+
+def confidence_relpath(rel: str) -> str:
+    """``confidence/<rel>.png``: named like the mask, under confidence/."""
+    return output_relpath(rel, CONFIDENCE_DIR, ".png")
 
 
 def input_relpath(mask_rel: str) -> str:

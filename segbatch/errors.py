@@ -11,6 +11,7 @@ __all__ = [
     "BudgetError",
     "ConfigError",
     "EXIT_STATUS",
+    "ExportIncomplete",
     "InputError",
     "SegbatchError",
     "StorageError",
@@ -50,6 +51,10 @@ class BudgetError(SegbatchError, RuntimeError):
     """More images failed than --max-error-rate allows; the rows written so far stay valid."""
 
 
+class ExportIncomplete(SegbatchError):
+    """`segbatch export` wrote its files, but some ok rows' masks could not be exported (each is listed)."""
+
+
 #: Exit status of each error class; the most specific class of an error decides.
 EXIT_STATUS: dict[type[SegbatchError], int] = {
     SegbatchError: 1,
@@ -58,6 +63,7 @@ EXIT_STATUS: dict[type[SegbatchError], int] = {
     InputError: 4,  # INPUT, OUTPUT or ground truth unusable: nothing ran
     WeightsError: 4,
     StorageError: 4,
+    ExportIncomplete: 5,  # export: written, without the images listed
 }
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -207,8 +207,10 @@ class Predictor:
     """A model on a device that turns uint8 images into class-id masks. Used by the actor and by bench."""
 
     def __init__(self, spec: ModelSpec, *, precision: str = "fp32", upsample: str = "exact",
-                 device: torch.device | None = None, threads: int | None = None):
+                 device: torch.device | None = None, threads: int | None = None,
+                 min_confidence: float | None = None):
         self.spec = spec
+        self.min_confidence = min_confidence  # None: no confidence maps (and no cost for them)
         self.precision = precision
         self.upsample = upsample
         self.device = device or pick_device()
@@ -262,10 +264,12 @@ class Predictor:
             return logits.float(), (x.shape[-2], x.shape[-1])
 
     @torch.inference_mode()
-    def masks(self, images: "torch.Tensor | Staged", sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(uint8 mask (H, W), int64 counts) per image; ``sizes`` are the displayed (H, W).
+    def masks(self, images: "torch.Tensor | Staged", sizes: list[tuple[int, int]]) -> list["Labelled"]:
+        """One :class:`Labelled` per image; ``sizes`` are the displayed (H, W).
 
-        Upsampling, argmax and counts run on the model's device: only uint8 masks cross back."""
+        Upsampling, argmax and counts run on the model's device: only uint8 maps cross back. With
+        ``min_confidence`` set, mask and confidence both come from the literal full-resolution logits
+        (:func:`segbatch.postprocess.labels_and_confidence`)."""
         if isinstance(images, Staged):
             if images.ready is not None:
                 current = torch.cuda.current_stream(self.device)
@@ -273,10 +277,32 @@ class Predictor:
                 images.tensor.record_stream(current)  # the allocator must not reuse it before compute ends
             images = images.tensor
         logits, model_size = self.logits(images)
-        labels = [postprocess.labels(logits[i], size, self.upsample, model_size).to(torch.uint8)
-                  for i, size in enumerate(sizes)]
-        counts = [postprocess.pixel_counts(lab, self.spec.num_classes) for lab in labels]
-        return [(lab.cpu().numpy(), cnt.cpu().numpy()) for lab, cnt in zip(labels, counts)]
+        if self.min_confidence is None:
+            labels = [postprocess.labels(logits[i], size, self.upsample, model_size).to(torch.uint8)
+                      for i, size in enumerate(sizes)]
+            counts = [postprocess.pixel_counts(lab, self.spec.num_classes) for lab in labels]
+            return [Labelled(lab.cpu().numpy(), cnt.cpu().numpy()) for lab, cnt in zip(labels, counts)]
+        out = []
+        for i, size in enumerate(sizes):
+            lab, conf = postprocess.labels_and_confidence(logits[i], size, model_size)
+            lab = lab.to(torch.uint8)
+            out.append(Labelled(
+                lab.cpu().numpy(), postprocess.pixel_counts(lab, self.spec.num_classes).cpu().numpy(),
+                confidence=conf.mul(255).round_().to(torch.uint8).cpu().numpy(),
+                mean_confidence=float(conf.mean()),
+                low_confidence_share=float((conf < self.min_confidence).float().mean()),
+            ))
+        return out
+
+
+class Labelled(NamedTuple):
+    """One image's result: class ids, pixels per class, and, with --confidence, its confidence."""
+
+    mask: np.ndarray  # uint8 (H, W) class ids
+    counts: np.ndarray  # int64 (num_classes,)
+    confidence: np.ndarray | None = None  # uint8 (H, W): largest softmax probability x 255, rounded
+    mean_confidence: float | None = None  # mean of the largest softmax probability over pixels
+    low_confidence_share: float | None = None  # share of pixels below min_confidence
 
 
 @dataclass
@@ -290,10 +316,12 @@ class Staged:
 class Segmenter:
     """Ray Data map step on an actor pool: one model per actor, loaded once in ``__init__``."""
 
-    def __init__(self, spec: ModelSpec, precision: str = "fp32", upsample: str = "exact"):
+    def __init__(self, spec: ModelSpec, precision: str = "fp32", upsample: str = "exact",
+                 min_confidence: float | None = None):
         import ray
 
-        self.predictor = Predictor(spec, precision=precision, upsample=upsample, threads=_assigned_cpus())
+        self.predictor = Predictor(spec, precision=precision, upsample=upsample, threads=_assigned_cpus(),
+                                   min_confidence=min_confidence)
         self.node_id = ray.get_runtime_context().get_node_id()
         device = self.predictor.device
         self.device_name = f"{device.type}:{device.index or 0}" if device.type == "cuda" else device.type
@@ -346,23 +374,31 @@ class Segmenter:
             following = self._stage(ordered[i + 1], batch) if i + 1 < len(ordered) else None
             self._infer(rows, batch, results, staged)
             staged = following
-        masks, counts = [], []
+        masks, counts, confidence = [], [], []
         for r in range(batch.num_rows):
             res = results.get(r)
-            if isinstance(res, tuple):
-                masks.append(res[0].tobytes())
-                counts.append(res[1].tolist())
+            if isinstance(res, Labelled):
+                masks.append(res.mask.tobytes())
+                counts.append(res.counts.tolist())
+                confidence.append(res)
             else:
                 if isinstance(res, str):
                     errors[r] = res
                 masks.append(b"")
                 counts.append(None)
+                confidence.append(None)
         out = batch.drop_columns(["pixels", "error"])
         out = out.append_column("error", pa.array(errors, pa.string()))
         out = out.append_column("mask", pa.array(masks, pa.binary()))
         out = out.append_column("pixel_counts", pa.array(counts, pa.list_(pa.int64())))
+        if self.predictor.min_confidence is not None:
+            out = out.append_column("confidence", pa.array(
+                [c.confidence.tobytes() if c else b"" for c in confidence], pa.binary()))
+            for name in ("mean_confidence", "low_confidence_share"):
+                out = out.append_column(name, pa.array([getattr(c, name) if c else None for c in confidence],
+                                                       pa.float32()))
         out = out.append_column("node_id", pa.array([self.node_id] * batch.num_rows, pa.string()))
         return out.append_column("device", pa.array([self.device_name] * batch.num_rows, pa.string()))
 
 
-__all__ = ["ModelSpec", "Predictor", "Segmenter", "build", "resolve"]
+__all__ = ["Labelled", "ModelSpec", "Predictor", "Segmenter", "build", "resolve"]

@@ -9,13 +9,11 @@ untinted: tinting them with the palette's black would only darken the photo.
 from __future__ import annotations
 
 import io
-import posixpath
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from segbatch import _storage
 from segbatch import contract
 
 OVERLAY_ALPHA = 0.5  # share of the class colour in a tinted pixel; 0.5 keeps the photo readable under it

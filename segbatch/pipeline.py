@@ -111,7 +111,8 @@ def build_dataset(config: RunConfig, spec: model.ModelSpec, inputs: Inputs, run_
     )
     ds = ds.map_batches(
         model.Segmenter,
-        fn_constructor_kwargs={"spec": spec, "precision": config.precision, "upsample": config.upsample},
+        fn_constructor_kwargs={"spec": spec, "precision": config.precision, "upsample": config.upsample,
+                               "min_confidence": config.min_confidence if config.confidence else None},
         compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
         batch_size=config.batch_size,
         batch_format="pyarrow",

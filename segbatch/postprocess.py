@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 LogitsAt = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ys, xs) -> (C, K) logits
+CONFIDENCE_ROWS = 128  # output rows per step of the literal path: holds C x 128 x W float32 logits at once
 
 
 def _axis(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,6 +100,38 @@ def labels(
     if model_size is not None:
         level = level.upsample(*model_size)
     return level.upsample(*size).labels
+
+
+def labels_and_confidence(
+    logits: torch.Tensor, size: tuple[int, int], model_size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids (H, W) and confidence (H, W): the argmax and the largest softmax probability of the
+    reference's full-resolution logits, computed literally.
+
+    The logits are resized exactly as the reference resizes them (bilinear, ``align_corners=False``, to
+    ``model_size`` first when given, then to ``size``), so mask and confidence come from the same
+    numbers. Only :data:`CONFIDENCE_ROWS` output rows exist at a time: the horizontal pass is
+    ``F.interpolate`` on the source rows a block needs, the vertical pass mixes them with the weights
+    ``F.interpolate`` uses.
+    """
+    logits = logits.float()
+    if model_size is not None:
+        logits = F.interpolate(logits[None], size=model_size, mode="bilinear", align_corners=False)[0]
+    channels, in_h, _in_w = logits.shape
+    height, width = size
+    y0, y1, ly = _axis(in_h, height, logits.device)
+    labels_out = torch.empty((height, width), dtype=torch.long, device=logits.device)
+    confidence = torch.empty((height, width), dtype=torch.float32, device=logits.device)
+    for start in range(0, height, CONFIDENCE_ROWS):
+        rows = slice(start, min(height, start + CONFIDENCE_ROWS))
+        lo, hi = int(y0[rows].min()), int(y1[rows].max()) + 1
+        # Horizontal pass only: equal heights make F.interpolate copy rows unchanged.
+        band = F.interpolate(logits[None, :, lo:hi], size=(hi - lo, width), mode="bilinear", align_corners=False)[0]
+        top, bottom, weight = band[:, y0[rows] - lo], band[:, y1[rows] - lo], ly[rows].view(1, -1, 1)
+        block = top * (1 - weight) + bottom * weight
+        best, labels_out[rows] = torch.softmax(block, dim=0).max(0)
+        confidence[rows] = best
+    return labels_out, confidence
 
 
 def pixel_counts(label_map: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """`segbatch report OUTPUT`: one self-contained HTML page of what the runs into OUTPUT produced.
 
 The page holds per-run counts and throughput, a class chart (matplotlib, inlined as SVG), a gallery of
-sample overlays (inlined as JPEG data URIs) and the error rows grouped by message. It fetches nothing:
+sample overlays (inlined as JPEG data URIs) and the error rows grouped by message; when OUTPUT holds an
+``eval.json`` from `segbatch eval`, also its mIoU, per-class IoU and support, the worst images and the
+confusion matrix. It fetches nothing:
 no scripts, fonts or images from anywhere, so it opens offline and from an object store's console.
 
 The summary is read one record batch at a time, only the columns the page needs; memory stays bounded
@@ -25,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from segbatch import _storage, overlay, runs, summary
-from segbatch.contract import MASKS_DIR, REPORT_NAME, mask_name
+from segbatch import _storage, evaluate, overlay, runs, summary
+from segbatch.contract import EVAL_NAME, REPORT_NAME
 from segbatch.errors import ConfigError, InputError
-from segbatch.evaluate import read_label_png
+from segbatch.evaluate import locate_mask, read_label_png
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,10 @@ SHOWN_ERROR_GROUPS = 25  # groups shown on the page, most frequent first
 ERROR_EXAMPLES = 3  # example URIs per error message
 MAX_RESOLVE_URIS = 100_000  # error URIs checked for a later ok row; beyond it the check is skipped
 SAMPLE_THREADS = 8  # samples read and drawn at once; they are object-store reads, mostly waiting
+MAX_CONFUSION_CLASSES = 20  # confusion matrix rows/columns shown (classes with most GT + predicted pixels)
 
 COLUMNS = ["uri", "status", "error", "mask_uri", "pixel_counts", "run_id", "model", "weights", "device",
-           "written_at"]
+           "written_at", "mean_confidence"]
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Sample:
     data_uri: str
     note: str = ""
     top_classes: list[tuple[int, float]] = field(default_factory=list)  # (class id, share of pixels)
+    confidence: float | None = None  # the row's mean_confidence, for the least-confident gallery
 
 
 @dataclass
@@ -106,6 +110,8 @@ class ReportData:
     other_errors: int
     resolved_checked: bool
     samples: list[Sample]
+    least_confident: list[Sample] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # OUTPUT/eval.json, as `segbatch eval` wrote it
 
     def class_name(self, class_id: int) -> str:
         return self.classes[class_id] if class_id < len(self.classes) else f"class {class_id}"
@@ -127,6 +133,8 @@ class _Collector:
         # The samples are the ok rows with the smallest hash of their uri: a spread over the whole
         # OUTPUT, the same on every rerun, chosen in one pass with N rows held.
         self._heap: list[tuple[int, str, str]] = []
+        # The least confident ok rows (runs with --confidence), as a max-heap of -mean_confidence.
+        self._unsure: list[tuple[float, str, str]] = []
 
     def add(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
@@ -136,6 +144,7 @@ class _Collector:
         ok = table.filter(pc.equal(table["status"], "ok"))
         self._add_classes(ok["pixel_counts"].combine_chunks())
         self._add_samples(ok)
+        self._add_least_confident(ok)
         bad = table.filter(pc.not_equal(table["status"], "ok"))
         self._add_errors(bad)
 
@@ -185,6 +194,20 @@ class _Collector:
             elif item > self._heap[0]:
                 heapq.heapreplace(self._heap, item)
 
+    def _add_least_confident(self, ok: pa.Table) -> None:
+        if not self.samples:
+            return
+        rated = ok.filter(pc.is_valid(ok["mean_confidence"]))
+        for uri, mask_uri, conf in zip(*(rated[c].to_pylist() for c in ("uri", "mask_uri", "mean_confidence"))):
+            item = (-conf, uri, mask_uri)
+            if len(self._unsure) < self.samples:
+                heapq.heappush(self._unsure, item)
+            elif item > self._unsure[0]:
+                heapq.heapreplace(self._unsure, item)
+
+    def least_confident_rows(self) -> list[tuple[str, str, float]]:
+        return [(uri, mask_uri, -neg) for neg, uri, mask_uri in sorted(self._unsure, reverse=True)]
+
     def _add_errors(self, bad: pa.Table) -> None:
         self.error_rows += bad.num_rows
         for uri, message in zip(bad["uri"].to_pylist(), bad["error"].to_pylist()):
@@ -223,11 +246,7 @@ def _thumbnail(uri: str, mask_uri: str, output: tuple[Any, str], storage_options
     from segbatch.config import RunConfig
     from segbatch.decode import Limits, decode_image
 
-    fs, root = output
-    try:  # the mask as it lies in this OUTPUT, even when OUTPUT was copied or moved since the run
-        path = _storage.join_path(root, mask_name(mask_uri, uri, root + "/" + MASKS_DIR + "/"))
-    except ValueError:
-        fs, path = _storage.open_url(mask_uri, storage_options)
+    fs, path = locate_mask(mask_uri, uri, output, storage_options)
     mask = read_label_png(_storage.retry(fs.cat_file, path, what=f"read {path}"), f"mask {path}")
     ids, counts = np.unique(mask, return_counts=True)
     order = np.argsort(-counts)
@@ -278,8 +297,13 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
     untinted = overlay.background_ids(classes)
     rows = collector.sample_rows()
     output = _storage.open_url(output_url, storage_options)
-    with ThreadPoolExecutor(max(1, min(SAMPLE_THREADS, len(rows)))) as pool:
+    unsure = collector.least_confident_rows()
+    with ThreadPoolExecutor(SAMPLE_THREADS) as pool:
         picked = list(pool.map(lambda r: _try_thumbnail(r, output, storage_options, untinted), rows))
+        least_confident = list(pool.map(lambda r: _try_thumbnail(r[:2], output, storage_options, untinted), unsure))
+    for sample, (_uri, _mask_uri, conf) in zip(least_confident, unsure):
+        if sample is not None:
+            sample.confidence = conf
 
     n = max(len(classes), len(collector.pixel_totals))
     pad = lambda a: np.pad(a, (0, n - len(a)))  # noqa: E731
@@ -290,7 +314,34 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
         ok_images=collector.ok_images, error_rows=collector.error_rows,
         error_groups=groups[:SHOWN_ERROR_GROUPS], other_errors=collector.other_errors + sum(
             g.count for g in groups[SHOWN_ERROR_GROUPS:]),
-        resolved_checked=resolved_checked, samples=[s for s in picked if s is not None])
+        resolved_checked=resolved_checked, samples=[s for s in picked if s is not None],
+        least_confident=[s for s in least_confident if s is not None],
+        evaluation=_read_evaluation(output_url, storage_options))
+
+
+def _read_evaluation(output_url: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
+    try:
+        return evaluate.read_json(output_url, storage_options)
+    except Exception as exc:  # a damaged eval.json costs its section, not the report
+        log.warning("report: cannot read %s: %s", EVAL_NAME, exc)
+        return None
+
+
+def evaluation_view(ev: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows of an eval JSON: classes seen in GT or prediction, the worst images, and the
+    confusion matrix cut to the classes with most pixels."""
+    per_class = ev.get("per_class")
+    if per_class is None:  # written before per_class existed: rebuild it from the older keys
+        iou, gt, pred = ev.get("per_class_iou", {}), ev.get("ground_truth_pixels", {}), ev.get("predicted_pixels", {})
+        per_class = [{"id": i, "class": name, "iou": iou[name], "support": gt.get(name, 0),
+                      "predicted": pred.get(name, 0)} for i, name in enumerate(iou)]
+    seen = [c for c in per_class if c["support"] or c["predicted"]]
+    matrix = (ev.get("confusion_matrix") or {}).get("counts")
+    shown = sorted(seen, key=lambda c: -(c["support"] + c["predicted"]))[:MAX_CONFUSION_CLASSES]
+    shown = sorted(shown, key=lambda c: c["id"])
+    rows = [[matrix[a["id"]][b["id"]] for b in shown] for a in shown] if matrix else []
+    return {"classes": seen, "worst": ev.get("worst_images", []), "matrix_classes": shown, "matrix": rows,
+            "matrix_cut": len(seen) - len(shown)}
 
 
 def _try_thumbnail(row: tuple[str, str], output: tuple[Any, str], storage_options: Mapping[str, Any],
@@ -361,6 +412,8 @@ figure.chart { margin: 0; } figure.chart svg { max-width: 100%; height: auto; }
 .swatch { display: inline-block; width: 14px; height: 14px; border: 1px solid #444; vertical-align: -2px;
           margin-right: 5px; }
 .bad { color: #b00020; }
+#evaluation table { width: auto; min-width: 50%; } #evaluation h3 { font-size: 15px; margin: 18px 0 6px; }
+#confusion td.diag { font-weight: bold; background: #eef6ee; }
 </style></head><body>
 <h1>segbatch report</h1>
 <p class="muted"><code>{{ d.output }}</code> &middot; generated {{ d.generated_at }}</p>
@@ -393,6 +446,38 @@ Right: the share of the {{ d.ok_images }} ok images in which the class appears a
 {% else %}<p class="muted">No ok images yet.</p>{% endif %}
 </section>
 
+{% if d.evaluation %}{% set ev = d.evaluation %}{% set view = evaluation_view(ev) %}
+<section id="evaluation"><h2>Evaluation</h2>
+<div class="totals">
+<div><b>{{ num(ev.miou) }}</b>mIoU</div>
+<div><b>{{ num(ev.pixel_accuracy) }}</b>pixel accuracy</div>
+<div><b>{{ ev.images }}</b>images compared</div>
+<div><b>{{ ev.missing_ground_truth }}</b>without ground truth</div>
+</div>
+<table id="per-class"><thead><tr><th>class</th><th class="n">IoU</th><th class="n">support (GT pixels)</th>
+<th class="n">predicted pixels</th></tr></thead><tbody>
+{% for c in view.classes %}<tr>
+<td><span class="swatch" style="background: {{ colour(c.id) }}"></span>{{ c['class'] }}</td>
+<td class="n">{{ num(c.iou) }}</td><td class="n">{{ c.support }}</td><td class="n">{{ c.predicted }}</td></tr>
+{% endfor %}</tbody></table>
+{% if view.worst %}<h3>Worst images by IoU</h3>
+<table id="worst"><thead><tr><th class="n">IoU</th><th class="n">pixel accuracy</th><th>image</th></tr></thead>
+<tbody>{% for w in view.worst %}<tr><td class="n">{{ num(w.miou) }}</td>
+<td class="n">{{ num(w.pixel_accuracy) }}</td><td><code>{{ w.uri }}</code></td></tr>
+{% endfor %}</tbody></table>{% endif %}
+{% if view.matrix %}<h3>Confusion matrix</h3>
+<table id="confusion"><thead><tr><th>ground truth ↓ / predicted →</th>
+{% for c in view.matrix_classes %}<th class="n">{{ c['class'] }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in view.matrix %}{% set r = loop.index0 %}<tr><th>{{ view.matrix_classes[r]['class'] }}</th>
+{% for v in row %}<td class="n{{ ' diag' if loop.index0 == r }}">{{ v }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>
+{% if view.matrix_cut %}<p class="muted">{{ view.matrix_cut }} more classes with pixels are left out of the
+matrix; eval.json has all of it.</p>{% endif %}{% endif %}
+<p class="muted">From <code>eval.json</code> in OUTPUT (<code>segbatch eval</code>). Support: ground-truth pixels
+of the class; an image's IoU is the mean IoU over the classes in its own ground truth or prediction.</p>
+</section>
+{% endif %}
+
 <section id="gallery"><h2>Sample overlays</h2>
 {% if d.samples %}
 <ul class="legend">{% for cid in legend %}<li><span class="swatch" style="background: {{ colour(cid) }}"></span>{{ d.class_name(cid) }}</li>{% endfor %}</ul>
@@ -404,6 +489,15 @@ Right: the share of the {{ d.ok_images }} ok images in which the class appears a
 <p class="muted">{{ d.samples|length }} images picked by a hash of their URI (the same ones on every report), tinted with their mask's class colours{{ untinted_note }}.</p>
 {% else %}<p class="muted">No samples (no ok images, or --samples 0).</p>{% endif %}
 </section>
+
+{% if d.least_confident %}<section id="least-confident"><h2>Least confident images</h2>
+<div class="gallery">{% for s in d.least_confident %}
+<figure class="sample"><img src="{{ s.data_uri }}" alt="overlay of {{ s.uri }}">
+<figcaption><code>{{ s.uri }}</code><br>mean confidence {{ '%.1f'|format(100 * s.confidence) }}%: {% for cid, share in s.top_classes %}<span class="swatch" style="background: {{ colour(cid) }}"></span>{{ d.class_name(cid) }} {{ '%.0f'|format(100 * share) }}%{{ ', ' if not loop.last }}{% endfor %}
+{% if s.note %}<br><span class="bad">{{ s.note }}</span>{% endif %}</figcaption></figure>
+{% endfor %}</div>
+<p class="muted">The {{ d.least_confident|length }} ok images with the lowest mean confidence (runs with <code>--confidence</code>): review these first.</p>
+</section>{% endif %}
 
 <section id="errors"><h2>Errors</h2>
 {% if d.error_groups %}
@@ -428,7 +522,8 @@ def render(data: ReportData) -> str:
     untinted_note = ("; " + ", ".join(data.class_name(i) for i in untinted) + " is left untinted") if untinted else ""
     return env.from_string(_TEMPLATE).render(
         d=data, chart=class_chart_svg(data), legend=legend, untinted_note=untinted_note,
-        colour=lambda cid: "#%02x%02x%02x" % overlay.class_colour(cid))
+        colour=lambda cid: "#%02x%02x%02x" % overlay.class_colour(cid), evaluation_view=evaluation_view,
+        num=lambda v: "-" if v is None else f"{v:.4f}")
 
 
 def write_report(output_url: str, storage_options: Mapping[str, Any] | None = None, *,

@@ -1,7 +1,7 @@
 """What happens after a run: its record in ``OUTPUT/runs/``, and the one-ok-row rule after redo runs.
 
 Skipped inputs write no summary rows, so the summary alone cannot say what a run skipped or when it ran.
-Each run therefore leaves ``OUTPUT/runs/<run_id>.json`` (README "Run records"), which `segbatch status`
+Each run therefore leaves ``OUTPUT/runs/<run_id>.json`` (docs/output-contract.md, "Run records"), which `segbatch status`
 reads beside the summary's key columns.
 
 ``--redo-changed`` and ``--redo-all`` give an input a second ok row. The output contract allows one per input, so

@@ -80,6 +80,8 @@ class WriteOutputs:
             cols["etag"].append(row.get("etag"))
             cols["mtime"].append(row.get("mtime"))
             cols["written_at"].append(now)
+            cols["mean_confidence"].append(row.get("mean_confidence") if ok else None)
+            cols["low_confidence_share"].append(row.get("low_confidence_share") if ok else None)
         schema = SUMMARY_SCHEMA.with_metadata(summary_metadata(self._classes))
         return pa.table(cols, schema=schema)
 

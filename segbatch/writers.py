@@ -16,10 +16,10 @@ import numpy as np
 from PIL import Image
 
 from segbatch import _storage
-from segbatch.contract import PALETTE, mask_relpath, overlay_relpath
+from segbatch.contract import PALETTE, confidence_relpath, mask_relpath, overlay_relpath
 from segbatch.errors import ConfigError
 
-__all__ = ["MaskWriter", "OutputWriter", "OverlayWriter", "WriterContext", "WRITERS", "encode_png", "get_writer"]
+__all__ = ["ConfidenceWriter", "MaskWriter", "OutputWriter", "OverlayWriter", "WriterContext", "WRITERS", "encode_png", "get_writer"]
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,21 @@ class OverlayWriter(OutputWriter):
         return self._put(overlay_relpath(row["rel"]), encode_jpeg(blend(image, mask, untinted=self._untinted)))
 
 
+class ConfidenceWriter(OutputWriter):
+    """``confidence/<rel>.png`` (`run --confidence`): 8-bit greyscale, the largest softmax probability of
+    each pixel x 255, from the same logits as the mask."""
+
+    name = "confidence"
+
+    def write(self, row: Mapping[str, Any], mask: np.ndarray) -> str:
+        pixels = np.frombuffer(row["confidence"], dtype=np.uint8).reshape(mask.shape)
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buf, format="PNG", compress_level=self.context.png_compress_level)
+        return self._put(confidence_relpath(row["rel"]), buf.getvalue())
+
+
 #: Writers by name. The mask writer always runs first; the others run when the config names them.
-WRITERS: dict[str, type[OutputWriter]] = {w.name: w for w in (MaskWriter, OverlayWriter)}
+WRITERS: dict[str, type[OutputWriter]] = {w.name: w for w in (MaskWriter, OverlayWriter, ConfidenceWriter)}
 
 
 def get_writer(name: str) -> type[OutputWriter]:

@@ -1,4 +1,5 @@
-"""Shared test helpers: seeded checkpoints, test images, and the reference mask (docs/output-contract.md)."""
+"""Shared test helpers: seeded checkpoints, test images, hand-made OUTPUTs, and the reference mask
+(docs/output-contract.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -113,6 +115,70 @@ def wait_for_masks(proc, out: Path, count: int, timeout: float) -> None:
     assert proc.poll() is None, "the run ended before the fault could be injected; give it more images"
 
 
+def summary_table(out: Path) -> pa.Table:
+    """Every row of a local OUTPUT's summary, with its schema metadata (class names)."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(out / "summary", format="parquet").to_table()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on loopback now (the tests bind everything they start to 127.0.0.1)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float((a == b).mean())
+
+
+BROKEN = "broken.jpg"  # the one input of write_inputs that cannot be decoded: an error row
+
+
+def write_inputs(root: Path) -> list[str]:
+    """Six small images (JPEG, PNG, grey, EXIF-rotated, an odd name, a subfolder) and one broken file;
+    returns their paths relative to ``root``, sorted."""
+    (root / "sub").mkdir(parents=True)
+    (root / "odd name").mkdir()
+    Image.fromarray(photo_like(64, 48, 11)).save(root / "a.jpg", quality=92)
+    Image.fromarray(photo_like(64, 48, 12)).save(root / "c.png")
+    Image.fromarray(photo_like(56, 40, 13)).save(root / "sub" / "b.png")
+    Image.fromarray(photo_like(48, 64, 14)).convert("L").save(root / "sub" / "gray.png")
+    (root / "rot.jpg").write_bytes(exif_jpeg(photo_like(64, 48, 15), orientation=6))
+    Image.fromarray(photo_like(40, 40, 16)).save(root / "odd name" / "x#1%.png")
+    (root / BROKEN).write_bytes(b"\xff\xd8 not really a jpeg")
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def write_output(out: Path, rows: list[dict], classes: list[str], input_root: str = "/in") -> None:
+    """A hand-made OUTPUT in segbatch's layout, for tests that need exact masks or many rows cheaply.
+
+    Each row is ``{"rel": ..., "mask": 2-D class ids}`` (an ok row) or ``{"rel": ..., "error": ...}``,
+    optionally with ``"written_at"`` (ms since the epoch); each row list item becomes one summary file.
+    """
+    import pyarrow.parquet as pq
+
+    from segbatch.contract import SUMMARY_DIR, SUMMARY_SCHEMA, mask_relpath, summary_metadata
+    from segbatch.writers import encode_png
+
+    (out / SUMMARY_DIR).mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(rows):
+        ok = "mask" in row
+        mask_uri = None
+        if ok:
+            rel_mask = mask_relpath(row["rel"])
+            (out / rel_mask).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel_mask).write_bytes(encode_png(np.asarray(row["mask"], dtype=np.uint8), 1))
+            mask_uri = str(out / rel_mask)
+        h, w = np.shape(row["mask"]) if ok else (None, None)
+        counts = np.bincount(np.ravel(row["mask"]), minlength=len(classes)).tolist() if ok else None
+        record = {"uri": f"{input_root}/{row['rel']}", "status": "ok" if ok else "error",
+                  "error": None if ok else row["error"], "width": w, "height": h, "mask_uri": mask_uri,
+                  "pixel_counts": counts, "run_id": f"run{i}", "model": "hand-made",
+                  "written_at": row.get("written_at", 1_700_000_000_000 + i)}
+        table = pa.Table.from_pylist([record], schema=SUMMARY_SCHEMA.with_metadata(summary_metadata(tuple(classes))))
+        pq.write_table(table, out / SUMMARY_DIR / f"part-{i:04d}.parquet")

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 # Every Ray started by the tests (this process's, and `ray start` in subprocesses) agrees on auth.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -18,7 +15,18 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from _helpers import TEST_ARCH, make_checkpoint  # noqa: E402
-from _s3 import S3Endpoint, clear_s3fs_cache, configure_environment, free_port  # noqa: E402
+
+# Tests that start Ray, an S3 server, a browser or a segbatch process; `make test-fast` leaves them out.
+_INTEGRATION_FIXTURES = {"ray_local", "s3_server", "s3_bucket"}
+_INTEGRATION_MODULES = {"test_faults", "test_incremental", "test_multinode", "test_ray_jobs", "test_s3_secrets"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _INTEGRATION_FIXTURES & set(item.fixturenames) or item.module.__name__ in _INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+from _helpers import free_port  # noqa: E402
+from _s3 import S3Endpoint, clear_s3fs_cache, configure_environment  # noqa: E402
 
 # S3 credentials and endpoint go into the environment now, before any Ray starts: Ray workers inherit
 # the driver's environment at ray.init and never see a later change. The server starts on first use.

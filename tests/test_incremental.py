@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
@@ -10,21 +9,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _helpers import TEST_ARCH, photo_like
-from segbatch import RunConfig, run, runs
-from segbatch.cli import EXIT_INPUT, main
+from _helpers import summary_table, TEST_ARCH, photo_like
+from segbatch import RunConfig, run, runs, status
+from segbatch.cli import main
 from segbatch.pipeline import plan_inputs
-
-status = importlib.import_module("segbatch.status")  # the module; `segbatch.status` is the function
-
-
-def summary_table(out: Path) -> pa.Table:
-    return pads.dataset(out / "summary", format="parquet").to_table()
+from segbatch.errors import EXIT_STATUS, InputError
 
 
 def ok_rows_per_input(table: pa.Table) -> dict[str, int]:
@@ -142,7 +135,7 @@ def test_status_counts_runs_and_totals(history, capsys):
 
 
 def test_status_of_an_empty_output_says_so(tmp_path, capsys):
-    assert main(["status", str(tmp_path / "nothing")]) == EXIT_INPUT
+    assert main(["status", str(tmp_path / "nothing")]) == EXIT_STATUS[InputError]
     assert "no runs yet" in capsys.readouterr().out
 
 

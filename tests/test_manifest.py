@@ -12,7 +12,7 @@ from PIL import Image
 
 from _helpers import TEST_ARCH, photo_like
 from segbatch import RunConfig, cli, summary
-from segbatch.errors import ConfigError
+from segbatch.errors import ConfigError, EXIT_STATUS, InputError
 from segbatch.listing import LISTING_SCHEMA
 from segbatch.manifest import ManifestInputs
 
@@ -105,7 +105,7 @@ def test_csv_and_parquet_manifests(images, s3_server, fmt, ray_local):
 def test_missing_manifest_and_redo_changed_are_refused(s3_bucket, tmp_path, capsys):
     args = ["run", "--manifest", f"s3://{s3_bucket}/nope.txt", str(tmp_path / "out"), "--model", TEST_ARCH,
             "--weights", "random"]
-    assert cli.main(args) == cli.EXIT_INPUT
+    assert cli.main(args) == EXIT_STATUS[InputError]
     assert f"manifest s3://{s3_bucket}/nope.txt does not exist" in capsys.readouterr().err
     (tmp_path / "m.txt").write_text("/x.png\n")
     with pytest.raises(ConfigError, match="redo_changed"):

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from _helpers import TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask
+from _helpers import summary_table, TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask
 from segbatch import RunConfig, run
 from segbatch.contract import SUMMARY_SCHEMA
 
@@ -56,10 +55,6 @@ def labelled(tmp_path_factory, ray_local, checkpoint):
                        weights=str(checkpoint), batch_size=4, progress=False)
     report = run(config)
     return root, sizes, config, report
-
-
-def summary_table(out: Path) -> pa.Table:
-    return pads.dataset(out / "summary", format="parquet").to_table()
 
 
 def test_every_image_gets_one_ok_row_and_a_report(labelled):
@@ -108,6 +103,52 @@ def test_masks_match_the_reference(labelled, checkpoint):
         scores[rel] = agreement(got, expected)
     assert min(scores.values()) >= 0.995, scores
     assert sum(scores.values()) / len(scores) >= 0.9999, scores
+
+
+def test_without_confidence_the_columns_are_null_and_no_maps_are_written(labelled):
+    root, _sizes, _config, _report = labelled
+    table = summary_table(root / "out")
+    assert table["mean_confidence"].null_count == table.num_rows
+    assert table["low_confidence_share"].null_count == table.num_rows
+    assert not (root / "out" / "confidence").exists()
+
+
+def test_confidence_maps_and_columns_follow_the_reference_softmax(ray_local, tmp_path, checkpoint):
+    """--confidence: per image, a uint8 map named like the mask and two summary columns, all from the
+    reference's own full-resolution logits (the literal softmax here); the masks stay the reference's."""
+    sizes = {"a.jpg": (64, 48), "b.png": (97, 131), "c.png": (64, 48)}
+    (tmp_path / "in").mkdir()
+    for i, (rel, (w, h)) in enumerate(sizes.items()):
+        Image.fromarray(photo_like(w, h, 60 + i)).save(tmp_path / "in" / rel)
+    config = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=TEST_ARCH,
+                       weights=str(checkpoint), batch_size=4, progress=False, confidence=True, min_confidence=0.6)
+    assert run(config).ok == len(sizes)
+    rows = {r["uri"]: r for r in summary_table(tmp_path / "out").to_pylist()}
+    model = load_model(checkpoint)
+    from torchvision.models import get_model_weights
+
+    for rel, (w, h) in sizes.items():
+        image = Image.open(tmp_path / "in" / rel).convert("RGB")
+        with torch.inference_mode():
+            out = model(get_model_weights(TEST_ARCH).DEFAULT.transforms()(image)[None])["out"]
+            probs = torch.softmax(F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)[0], 0)
+        best = probs.max(0).values.numpy()
+        conf = Image.open(tmp_path / "out" / "confidence" / (rel + ".png"))
+        assert conf.mode == "L" and conf.size == (w, h)
+        assert np.abs(np.asarray(conf).astype(int) - np.round(best * 255)).max() <= 1
+        row = rows[str(tmp_path / "in" / rel)]
+        assert row["mean_confidence"] == pytest.approx(float(best.mean()), abs=1e-4)
+        assert row["low_confidence_share"] == pytest.approx(float((best < 0.6).mean()), abs=1e-4)
+        mask = np.asarray(Image.open(tmp_path / "out" / "masks" / (rel + ".png")))
+        assert agreement(mask, probs.argmax(0).numpy().astype(np.uint8)) >= 0.995
+
+    # The report's "least confident" gallery lists them, least confident first.
+    from segbatch.report import collect
+
+    data = collect(str(tmp_path / "out"))
+    by_confidence = sorted(rows.values(), key=lambda r: r["mean_confidence"])
+    assert [s.uri for s in data.least_confident] == [r["uri"] for r in by_confidence]
+    assert [s.confidence for s in data.least_confident] == pytest.approx([r["mean_confidence"] for r in by_confidence])
 
 
 def test_the_seeded_model_is_content_sensitive(checkpoint):

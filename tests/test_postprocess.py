@@ -47,3 +47,19 @@ def test_pixel_counts_sum_to_the_area():
     lab = postprocess.labels(smooth_logits(5, 20, 30, 1), (41, 59))
     counts = postprocess.pixel_counts(lab, 5)
     assert counts.shape == (5,) and int(counts.sum()) == 41 * 59
+
+
+@pytest.mark.parametrize("h,w,H,W,model_size", [(65, 87, 300, 400, (520, 693)), (33, 25, 97, 131, None),
+                                                 (7, 9, 1, 1, None), (10, 10, 3, 300, (80, 80))])
+def test_confidence_is_the_literal_softmax_of_the_reference_logits(h, w, H, W, model_size):
+    """Labels and confidence from the same literally upsampled logits, in row blocks (several here)."""
+    logits = smooth_logits(21, h, w, seed=h + w)
+    full = logits[None]
+    if model_size is not None:
+        full = F.interpolate(full, size=model_size, mode="bilinear", align_corners=False)
+    full = F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(full, dim=0)
+    labels, confidence = postprocess.labels_and_confidence(logits, (H, W), model_size)
+    assert torch.allclose(confidence, probs.max(0).values, atol=1e-5)
+    assert (labels == full.argmax(0)).float().mean().item() >= 0.9999
+    assert ((confidence > 0) & (confidence <= 1)).all()

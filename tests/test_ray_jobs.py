@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from _helpers import TEST_ARCH, photo_like
+from _helpers import TEST_ARCH, free_port, photo_like
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +31,6 @@ BIN = Path(sys.executable).parent  # the venv's `ray` and `segbatch`, as a clust
 HEAD_START_TIMEOUT = 150  # seconds for the head and its dashboard to come up on a busy 2-core machine
 JOB_TIMEOUT = 240  # seconds per job: start a driver, load the model, label a few small images
 HEAD_STOP_GRACE = 10  # seconds between SIGTERM and SIGKILL of the head's process group (all its processes are ours)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,32 +18,19 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image, ImageOps
 
-from _helpers import TEST_ARCH, exif_jpeg, photo_like
 from segbatch import RunConfig, cli, run
-from segbatch.evaluate import confusion_matrix, metrics
 from segbatch.contract import input_relpath, mask_name, mask_relpath, overlay_relpath
+from segbatch.errors import EXIT_STATUS, InputError
+from segbatch.evaluate import confusion_matrix, metrics
 from segbatch.overlay import background_ids, blend, class_colour, encode_jpeg
+
+from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs
 
 # PASCAL VOC's colours as the devkit's VOClabelcolormap lists them (class id -> RGB), written out here
 # rather than computed, so the palette code is checked against the published values.
 VOC_COLOURS = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128),
                5: (128, 0, 128), 6: (0, 128, 128), 7: (128, 128, 128), 8: (64, 0, 0), 9: (192, 0, 0),
                12: (64, 0, 128), 14: (64, 128, 128), 15: (192, 128, 128), 20: (0, 64, 128), 255: (224, 224, 192)}
-
-BROKEN = "broken.jpg"
-
-
-def write_inputs(root: Path) -> list[str]:
-    (root / "sub").mkdir(parents=True)
-    (root / "odd name").mkdir()
-    Image.fromarray(photo_like(64, 48, 11)).save(root / "a.jpg", quality=92)
-    Image.fromarray(photo_like(64, 48, 12)).save(root / "c.png")
-    Image.fromarray(photo_like(56, 40, 13)).save(root / "sub" / "b.png")
-    Image.fromarray(photo_like(48, 64, 14)).convert("L").save(root / "sub" / "gray.png")
-    (root / "rot.jpg").write_bytes(exif_jpeg(photo_like(64, 48, 15), orientation=6))
-    Image.fromarray(photo_like(40, 40, 16)).save(root / "odd name" / "x#1%.png")
-    (root / BROKEN).write_bytes(b"\xff\xd8 not really a jpeg")
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="module")
@@ -251,9 +238,81 @@ def test_eval_sums_the_reference_confusion_matrix_on_ray(labelled, ground_truth,
     assert f"{miou:.4f}" in printed
 
 
+# Three images with a known confusion, counted by hand below (classes: 0 bg, 1 cat, 2 dog, 3 tree).
+HAND_CLASSES = ["__background__", "cat", "dog", "tree"]
+HAND_IMAGES = {  # rel: (prediction, ground truth); 255 = ignore
+    "a.jpg": ([[0, 0, 1, 1], [0, 0, 1, 1]], [[0, 0, 1, 1], [0, 0, 1, 1]]),  # perfect: IoU 1
+    "b.jpg": ([[2, 2, 2], [0, 0, 0]], [[2, 2, 0], [0, 0, 255]]),  # bg 2/3, dog 2/3: IoU 2/3
+    "c.jpg": ([[3, 3], [3, 3]], [[1, 1], [3, 3]]),  # cat 0/2, tree 2/4: IoU 1/4
+}
+
+
+@pytest.fixture
+def hand_output(tmp_path):
+    from _helpers import write_output
+
+    write_output(tmp_path / "out", [{"rel": rel, "mask": pred} for rel, (pred, _gt) in HAND_IMAGES.items()],
+                 HAND_CLASSES)
+    (tmp_path / "gt").mkdir()
+    for rel, (_pred, gt) in HAND_IMAGES.items():
+        Image.fromarray(np.asarray(gt, dtype=np.uint8), mode="L").save(tmp_path / "gt" / rel.replace(".jpg", ".png"))
+    return tmp_path
+
+
+def test_eval_per_class_iou_confusion_and_worst_images_match_a_hand_computation(ray_local, hand_output, capsys):
+    out, gt = hand_output / "out", hand_output / "gt"
+    assert cli.main(["eval", str(out), "--ground-truth", str(gt), "--worst", "2"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "eval.json").read_text())  # written into OUTPUT when --json is not given
+    # Rows ground truth, columns prediction, summed by hand over a, b and c.
+    matrix = [[6, 0, 1, 0],  # bg: 4 (a) + 2 (b) right, 1 (b) predicted dog
+              [0, 4, 0, 2],  # cat: 4 (a) right, 2 (c) predicted tree
+              [0, 0, 2, 0],  # dog: 2 (b)
+              [0, 0, 0, 2]]  # tree: 2 (c)
+    assert result["confusion_matrix"] == {"rows": "ground truth", "columns": "prediction",
+                                          "classes": HAND_CLASSES, "counts": matrix}
+    iou = [6 / 7, 4 / 6, 2 / 3, 2 / 4]  # diag / (GT pixels + predicted pixels - diag)
+    assert [c["iou"] for c in result["per_class"]] == pytest.approx(iou)
+    assert [c["support"] for c in result["per_class"]] == [7, 6, 2, 2]
+    assert [c["predicted"] for c in result["per_class"]] == [6, 4, 3, 4]
+    assert [c["class"] for c in result["per_class"]] == HAND_CLASSES
+    assert result["miou"] == pytest.approx(sum(iou) / 4)  # the mIoU definition is unchanged
+    assert result["pixel_accuracy"] == pytest.approx(14 / 17)
+    assert [(w["uri"], w["miou"], w["pixel_accuracy"], w["pixels"]) for w in result["worst_images"]] == [
+        ("/in/c.jpg", pytest.approx(1 / 4), pytest.approx(2 / 4), 4),
+        ("/in/b.jpg", pytest.approx(2 / 3), pytest.approx(4 / 5), 5)]
+    assert "worst 2 images by IoU" in printed and "0.2500  0.5000  /in/c.jpg" in printed
+
+    # The report shows them, from OUTPUT/eval.json.
+    assert cli.main(["report", str(out), "--samples", "0"]) == 0
+    html = (out / "report.html").read_text()
+    section = html[html.index('id="evaluation"'):html.index('id="gallery"')]
+    assert f"{sum(iou) / 4:.4f}" in section and f"{14 / 17:.4f}" in section
+    worst = section[section.index('id="worst"'):section.index('id="confusion"')]
+    assert worst.index("/in/c.jpg") < worst.index("/in/b.jpg") and "/in/a.jpg" not in worst
+    per_class = section[section.index('id="per-class"'):section.index('id="worst"')]
+    for name, value, support in zip(HAND_CLASSES, iou, [7, 6, 2, 2], strict=True):
+        assert re.search(rf"{name}</td>\s*<td class=\"n\">{value:.4f}</td><td class=\"n\">{support}</td>", per_class)
+    confusion = section[section.index('id="confusion"'):]
+    cells = [int(v) for v in re.findall(r'<td class="n(?: diag)?">(\d+)</td>', confusion)]
+    assert cells == [v for row in matrix for v in row]
+
+
+def test_eval_json_goes_where_json_says_and_report_skips_evaluation_without_it(ray_local, hand_output, tmp_path):
+    out = hand_output / "out"
+    target = tmp_path / "elsewhere" / "m.json"
+    assert cli.main(["eval", str(out), "--ground-truth", str(hand_output / "gt"), "--worst", "0",
+                     "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["worst_images"] == []
+    assert not (out / "eval.json").exists()
+    assert cli.main(["report", str(out), "--samples", "0"]) == 0
+    assert 'id="evaluation"' not in (out / "report.html").read_text()
+
+
 def test_eval_refuses_an_output_without_summary(tmp_path, capsys):
     (tmp_path / "gt").mkdir()
-    assert cli.main(["eval", str(tmp_path / "nothing"), "--ground-truth", str(tmp_path / "gt")]) == cli.EXIT_INPUT
+    code = cli.main(["eval", str(tmp_path / "nothing"), "--ground-truth", str(tmp_path / "gt")])
+    assert code == EXIT_STATUS[InputError]
     assert "no summary" in capsys.readouterr().err
 
 
@@ -304,7 +363,7 @@ def test_report_out_writes_a_local_copy(labelled, tmp_path, capsys):
 
 
 def test_report_refuses_an_output_without_summary(tmp_path, capsys):
-    assert cli.main(["report", str(tmp_path / "nothing")]) == cli.EXIT_INPUT
+    assert cli.main(["report", str(tmp_path / "nothing")]) == EXIT_STATUS[InputError]
     assert "no summary" in capsys.readouterr().err
 
 

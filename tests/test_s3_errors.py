@@ -9,7 +9,7 @@ from PIL import Image
 
 from _helpers import TEST_ARCH, photo_like
 from segbatch import RunConfig, cli, model, pipeline, summary
-from segbatch.errors import InputError
+from segbatch.errors import EXIT_STATUS, InputError
 from segbatch.listing import list_inputs
 
 
@@ -18,7 +18,7 @@ def _fast(*args: str) -> list[str]:
 
 
 def test_missing_bucket_stops_the_run_at_the_start(s3_bucket, tmp_path, capsys):
-    assert cli.main(_fast("s3://segbatch-no-such-bucket/in/", str(tmp_path / "out"))) == cli.EXIT_INPUT
+    assert cli.main(_fast("s3://segbatch-no-such-bucket/in/", str(tmp_path / "out"))) == EXIT_STATUS[InputError]
     err = capsys.readouterr().err
     assert "INPUT s3://segbatch-no-such-bucket/in/ does not exist" in err
     assert not (tmp_path / "out").exists()
@@ -27,7 +27,7 @@ def test_missing_bucket_stops_the_run_at_the_start(s3_bucket, tmp_path, capsys):
 def test_missing_prefix_stops_the_run_at_the_start(s3_bucket, tmp_path, capsys):
     with pytest.raises(InputError, match="does not exist"):
         list_inputs(f"s3://{s3_bucket}/nothing-here/", {}, ["jpg"])
-    assert cli.main(_fast(f"s3://{s3_bucket}/nothing-here/", str(tmp_path / "out"))) == cli.EXIT_INPUT
+    assert cli.main(_fast(f"s3://{s3_bucket}/nothing-here/", str(tmp_path / "out"))) == EXIT_STATUS[InputError]
     assert f"INPUT s3://{s3_bucket}/nothing-here/ does not exist" in capsys.readouterr().err
 
 
@@ -35,7 +35,7 @@ def test_missing_output_bucket_stops_the_run_at_the_start(s3_bucket, s3_server, 
     (tmp_path / "in").mkdir()
     Image.fromarray(photo_like(32, 24, 1)).save(tmp_path / "in" / "a.png")
     code = cli.main(_fast(str(tmp_path / "in"), "s3://segbatch-no-such-out-bucket/labels/"))
-    assert code == cli.EXIT_INPUT
+    assert code == EXIT_STATUS[InputError]
     assert "OUTPUT s3://segbatch-no-such-out-bucket/labels/" in capsys.readouterr().err
     # A missing prefix in an existing bucket is fine: writing creates it.
     pipeline.listing.check_output(f"s3://{s3_bucket}/not/yet/there/", {})

@@ -1,6 +1,6 @@
 """Build the standard benchmark input: N photo-like 640x480 JPEGs (deterministic, license-free).
 
-    python -m segbatch.bench_data bench-data/jpeg640 --count 128
+    python benchmarks/bench_data.py bench-data/jpeg640 --count 128
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image, ImageFilter
 
-WIDTH, HEIGHT = 640, 480  # the issue's standard benchmark size
+WIDTH, HEIGHT = 640, 480  # pixels; a common photo size, and the size docs/benchmarks.md reports
 JPEG_QUALITY = 90  # typical camera/export quality; file sizes land near real photos (~60-120 KB)
 
 
