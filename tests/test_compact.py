@@ -281,7 +281,7 @@ def test_uncompacted_output_has_small_files(two_outputs):
 
 
 def test_status_report_eval_and_resume_read_both_alike(two_outputs):
-    from segbatch import evaluate
+    from segbatch.evaluate import evaluate
     from segbatch.pipeline import plan_inputs
     from segbatch.report import collect
 
