@@ -216,6 +216,18 @@ def compact(output_url: str, storage_options: Mapping[str, Any] | None = None, *
     return report
 
 
+def finish_pending(output_url: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Finish the merges a killed compaction left behind (step 4); returns how many there were. The redo
+    cleanup calls it first: it may delete a merged file whose rows are all superseded, and the files that
+    file replaced must be gone by then."""
+    fs, root = _storage.open_url(output_url, storage_options)
+    folder = _storage.join_path(root, SUMMARY_DIR)
+    fs.invalidate_cache(folder)
+    if not _storage.retry(fs.exists, folder, what=f"check {folder}"):
+        return 0
+    return _finish_markers(fs, folder, _list(fs, folder))
+
+
 def _list(fs, folder: str) -> list[str]:
     fs.invalidate_cache(folder)
     return sorted(posixpath.basename(p) for p in _storage.retry(fs.ls, folder, detail=False,
@@ -301,4 +313,4 @@ def _finish_markers(fs, folder: str, names: list[str]) -> int:
     return handled
 
 
-__all__ = ["CompactReport", "compact", "replaced_files"]
+__all__ = ["CompactReport", "compact", "finish_pending", "replaced_files"]

@@ -88,6 +88,7 @@ def drop_superseded(output_url: str, storage_options: Mapping[str, Any] | None =
     Newest means the latest ``written_at``, then the greater ``run_id`` (run ids start with their UTC
     start time). Error rows are left alone: the output contract lets them remain beside an ok row.
     """
+    compact.finish_pending(output_url, storage_options)  # no half-done merge while files are rewritten
     ds = summary.dataset(output_url, storage_options)
     if ds is None:
         return 0

@@ -191,6 +191,22 @@ def test_drop_superseded_works_on_merged_files_and_keeps_their_class_names(tmp_p
     assert seen_rows(out) == [("a", "new"), ("b", "old"), ("c", "old")]
 
 
+def test_drop_superseded_finishes_a_pending_merge_before_it_deletes_an_emptied_merged_file(tmp_path, monkeypatch):
+    """A merged file whose rows are all superseded is deleted by the redo cleanup; the small files it
+    replaced (left by a killed compaction) must not come back with their old ok rows."""
+    out = tmp_path / "out"
+    write_part(out / "summary", "part-old-1.parquet", "old", ["a"], written_at=1000)
+    write_part(out / "summary", "part-old-2.parquet", "old", ["b"], written_at=1000)
+    monkeypatch.setattr(compact, "_finish", lambda *a, **k: None)  # killed before the deletes
+    compact.compact(str(out))
+    monkeypatch.undo()
+    assert len(summary_files(out)) == 4  # 2 small, 1 merged, 1 marker
+    write_part(out / "summary", "part-new-1.parquet", "new", ["a", "b"], written_at=2000)
+    assert runs.drop_superseded(str(out)) == 2
+    assert seen_rows(out) == [("a", "new"), ("b", "new")]
+    assert summary_files(out) == ["part-new-1.parquet"]
+
+
 def test_compaction_on_s3_with_a_kill_before_the_deletes(s3_bucket, s3_server, tmp_path):
     local = tmp_path / "local"
     rows = synthetic(local, files=30, rows_per_file=5)
