@@ -189,11 +189,15 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], No
     fs.makedirs(parent, exist_ok=True)
     # A leading dot keeps pyarrow's dataset discovery and most listings from seeing the temporary.
     tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    write(tmp)
     try:
+        write(tmp)
         retry(fs.mv, tmp, path, what=f"rename {tmp}")
-    except Exception:
-        fs.rm(tmp)
+    except BaseException:
+        # A full disk leaves a partial temporary behind; nothing ever reads it, so it goes now.
+        try:
+            fs.rm(tmp)
+        except Exception:
+            pass
         raise
 
 

@@ -183,6 +183,22 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _stages(text: str) -> str:
+    if set(filter(None, text.split(","))) - {"a", "b", "c"}:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of a, b, c; got {text!r}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="folder of images (make bench-data builds 128 JPEGs of 640x480)")
     parser.add_argument("--model", default="deeplabv3_mobilenet_v3_large")
@@ -191,8 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated batch sizes for (a); the first is used for (c)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", help="torch device for (a) and (b) (default: cuda if available)")
-    parser.add_argument("--limit", type=int, help="use only the first N images")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: a,b,c")
+    parser.add_argument("--limit", type=_positive_int, help="use only the first N images")
+    parser.add_argument("--skip", default="", type=_stages, help="comma-separated stages to skip: a,b,c")
     parser.add_argument("--run-arg", action="append", default=[], help="extra argument for (c)'s segbatch run")
     parser.add_argument("--json", help="write the numbers here too")
     parser.add_argument("--plan", type=float, metavar="N_IMAGES", help="print a capacity plan for N images")
@@ -213,7 +229,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if not paths:
         raise ConfigError("input", f"no images in {args.input}", "make bench-data builds 128 JPEGs")
     batch_sizes = sorted({1, *args.batch_size})
-    device = _device(args.device)
+    try:
+        device = _device(args.device)
+    except RuntimeError as exc:
+        raise ConfigError("device", f"{args.device!r} is not a torch device ({exc})", "e.g. cpu or cuda:0") from None
     spec = model.resolve(args.model, args.weights)
     transforms = spec.architecture.transforms()
     net = model.build(spec).to(device)

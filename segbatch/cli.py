@@ -7,21 +7,23 @@ import logging
 import sys
 from typing import Any, Sequence
 
-import yaml
-
 from segbatch import __version__
 from segbatch.architectures import available_models
-from segbatch.config import RunConfig, load_config_file
-from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, exit_status
+from segbatch.config import RunConfig, load_config_file, parse_storage_value
+from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, StorageError, exit_status
+
+EXIT_SIGINT = 130  # stopped by Ctrl-C: rows written so far stay valid
+EXIT_SIGTERM = 143  # stopped by SIGTERM: rows written so far stay valid
 
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    # Values read as YAML scalars, so `anon=true` and `default_block_size=5242880` get their types.
-    return key, yaml.safe_load(value) if value else value
+        # Never echo the text: it may be a secret given without its key.
+        raise argparse.ArgumentTypeError("expected KEY=VALUE (the value is not shown: it may be a secret)")
+    # Values are JSON scalars (true, false, null, numbers), else strings (docs/recurring-runs.md).
+    return key, parse_storage_value(value)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -77,10 +79,35 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from segbatch.pipeline import run
+def _unreachable(exc: BaseException) -> bool:
+    """A storage endpoint that cannot be reached (after retries): a message and exit 4, not a traceback."""
+    from segbatch import _storage
 
-    print(run(build_config(args)))
+    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                         "ConnectionError", "ConnectionRefusedError", "NoCredentialsError",
+                         "ServerDisconnectedError"}) or (_storage.is_transient(exc) and isinstance(exc, OSError))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from segbatch.pipeline import RunInterrupted, install_stop_handlers, run
+
+    config = build_config(args)
+    install_stop_handlers()
+    try:
+        report = run(config)
+    except RunInterrupted as exc:
+        print(f"segbatch: stopped by {exc.name}; rows written so far stay valid, the run record says how many; "
+              "rerun to resume", file=sys.stderr)
+        return EXIT_SIGTERM if exc.name == "SIGTERM" else EXIT_SIGINT
+    except SegbatchError:
+        raise
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        raise StorageError(f"cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and "
+                           "credentials); nothing was done") from None
+    print(report)
     return 0
 
 
@@ -118,9 +145,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
+    import time
+
+    from segbatch import _lease
     from segbatch.compact import compact
 
-    print(compact(args.output, dict(args.storage_options or [])))
+    storage_options = dict(args.storage_options or [])
+    # Compaction rewrites summary files: it holds OUTPUT's lease, as a run does, so no run writes meanwhile.
+    with _lease.Lease(args.output, storage_options, "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())):
+        print(compact(args.output, storage_options))
     return 0
 
 

@@ -18,9 +18,9 @@ marker's merged file exists*; a marker whose merged file is missing (a kill betw
 nothing. The next compaction first finishes what markers describe (step 4, or drops a marker whose
 merged file never appeared), then merges.
 
-Nothing may write into OUTPUT while ``segbatch compact`` runs (a write task retried after its file was
-merged would bring the file back beside the merged copy of its rows). A run compacts its own files
-only after all its write tasks have ended.
+Nothing may write into OUTPUT while a compaction runs (a write task retried after its file was merged
+would bring the file back beside the merged copy of its rows): ``segbatch compact`` holds OUTPUT's lease
+(segbatch/_lease.py), and a run compacts its own files under its lease, after all its write tasks ended.
 """
 
 from __future__ import annotations

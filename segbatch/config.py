@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -20,6 +21,20 @@ DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 UPSAMPLE_MODES = ("exact", "bilinear", "nearest")
+
+#: A run id names OUTPUT/runs/<run_id>.json and summary files: no separators, no leading dot.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+# The type each setting must have, checked before any range check. Config files (YAML, TOML, JSON) and
+# the Python API reach RunConfig without argparse's conversions, so "5" or "false" must be refused here
+# rather than taken as a truthy string.
+_STR_FIELDS = ("input", "output", "manifest", "model", "weights", "weights_sha256", "classes", "precision",
+               "upsample", "address", "actors", "run_id")
+_INT_FIELDS = ("batch_size", "max_image_pixels", "max_file_bytes", "max_model_pixels", "png_compress_level")
+_NUMBER_FIELDS = ("gpus_per_actor", "cpus_per_actor", "decode_cpus", "max_error_rate", "min_confidence")
+_BOOL_FIELDS = ("redo_changed", "redo_all", "overlays", "confidence", "progress")
+_OPTIONAL = ("manifest", "weights_sha256", "classes", "address", "actors", "run_id", "gpus_per_actor",
+             "cpus_per_actor", "max_error_rate")
 
 
 def _parse_actors(value: str | int | None) -> tuple[int, int] | None:
@@ -35,6 +50,11 @@ def _parse_actors(value: str | int | None) -> tuple[int, int] | None:
     if bounds[0] < 1 or bounds[1] < bounds[0]:
         raise ConfigError("actors", f"{text!r} needs 1 <= MIN <= MAX", "e.g. --actors 2:8")
     return bounds
+
+
+_EXAMPLES = {"batch_size": "8", "png_compress_level": "1", "max_error_rate": "0.05", "redo_all": "true",
+             "redo_changed": "true", "overlays": "false", "progress": "false", "decode_cpus": "1",
+             "max_image_pixels": "100000000", "max_file_bytes": "536870912", "max_model_pixels": "16000000"}
 
 
 @dataclass(frozen=True)
@@ -102,8 +122,9 @@ class RunConfig:
         if "extensions" in clean and clean["extensions"] is not None:
             ext = clean["extensions"]
             ext = ext.split(",") if isinstance(ext, str) else ext
-            clean["extensions"] = tuple(e.strip().lower().lstrip(".") for e in ext if e.strip())
-        if "storage_options" in clean:
+            if isinstance(ext, (list, tuple)) and all(isinstance(e, str) for e in ext):
+                clean["extensions"] = tuple(e.strip().lower().lstrip(".") for e in ext if e.strip())
+        if "storage_options" in clean and isinstance(clean["storage_options"], (Mapping, type(None))):
             clean["storage_options"] = dict(clean["storage_options"] or {})
         if "actors" in clean and clean["actors"] is not None:
             clean["actors"] = str(clean["actors"])
@@ -123,7 +144,31 @@ class RunConfig:
         return _parse_actors(self.actors)
 
     # -- validation -----------------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        for name in (*_STR_FIELDS, *_INT_FIELDS, *_NUMBER_FIELDS, *_BOOL_FIELDS):
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if name in _BOOL_FIELDS:
+                ok, want = isinstance(value, bool), "true or false (unquoted)"
+            elif name in _INT_FIELDS:
+                ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer (unquoted)"
+            elif name in _NUMBER_FIELDS:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                want = "a number (unquoted)" + (", e.g. 0.05 for 5%" if name == "max_error_rate" else "")
+            else:
+                ok, want = isinstance(value, str), "a string"
+            if not ok:
+                raise ConfigError(name, f"must be {want}, got {type(value).__name__} {value!r}",
+                                  f"write e.g. {name}: {_EXAMPLES.get(name, 'a value of that type')}")
+        if not isinstance(self.storage_options, Mapping):
+            raise ConfigError("storage_options", f"must be a mapping of KEY: VALUE, got {type(self.storage_options).__name__}")
+        if not isinstance(self.extensions, tuple) or not all(isinstance(e, str) for e in self.extensions):
+            raise ConfigError("extensions", "must be a list of extensions or one comma-separated string",
+                              "e.g. extensions: jpg,png")
+
     def _validate(self) -> None:
+        self._check_types()
         if self.input and self.manifest:
             raise ConfigError("manifest", "give INPUT or --manifest, not both")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -138,6 +183,9 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.run_id is not None and (not RUN_ID_PATTERN.fullmatch(self.run_id) or ".." in self.run_id):
+            raise ConfigError("run_id", f"{self.run_id!r} is not a valid run id",
+                              "use 1-128 of A-Z a-z 0-9 . _ -, not starting with '.' and without '..'")
         if self.max_error_rate is not None and not 0.0 <= float(self.max_error_rate) <= 1.0:
             raise ConfigError("max_error_rate", f"must be within 0..1, got {self.max_error_rate!r}", "e.g. 0.01 for 1%")
         if not 0 <= int(self.png_compress_level) <= 9:
@@ -167,6 +215,21 @@ class RunConfig:
             raise ConfigError("input", "missing", "pass INPUT (a folder or URL prefix) or --manifest FILE")
         if not self.output:
             raise ConfigError("output", "missing", "pass OUTPUT, a folder or URL prefix")
+
+
+_JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def parse_storage_value(text: str) -> Any:
+    """A ``--storage-option KEY=VALUE`` value: a JSON scalar (``true``, ``false``, ``null``, a JSON
+    number such as ``5242880`` or ``0.5``), else the text itself as a string. So ``0777``, ``no``,
+    ``@secret`` and ``1e`` stay strings; nothing is read as YAML (whose 1.1 rules turn ``0777`` into 511
+    and ``no`` into False)."""
+    if text in ("true", "false", "null"):
+        return json.loads(text)
+    if _JSON_NUMBER.fullmatch(text):
+        return json.loads(text)
+    return text
 
 
 def load_config_file(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ names; nothing else spells a directory name or a column list.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -18,6 +19,7 @@ __all__ = [
     "CONFIDENCE_DIR",
     "EVAL_NAME",
     "MASKS_DIR",
+    "MAX_SEGMENT_BYTES",
     "OVERLAYS_DIR",
     "PALETTE",
     "REPORT_NAME",
@@ -85,16 +87,55 @@ class UnsafePathError(ValueError):
     """An input's relative name would place its mask outside OUTPUT."""
 
 
+#: Longest name segment of a per-input output, in UTF-8 bytes with its suffix; most filesystems allow
+#: 255, and a writer's temporary adds a dot, 12 hex digits and ".tmp". Longer segments are shortened.
+MAX_SEGMENT_BYTES = 200
+SHORTENED_MARK = "%~"  # never produced by escaping ("%" is always followed by two hex digits there)
+_HASH_CHARS = 16
+
+
+def _shorten(segment: str, original: str, limit: int) -> str:
+    """``<head>%~<16 hex of sha256(original)>``: fits ``limit`` bytes, unique per original segment."""
+    digest = hashlib.sha256(original.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
+    budget = limit - len(SHORTENED_MARK) - _HASH_CHARS
+    head = segment
+    while len(head.encode("utf-8")) > budget:
+        head = head[:-1]
+    cut = head.rfind("%", max(0, len(head) - 2))
+    if cut >= 0:  # never split a %XX escape
+        head = head[:cut]
+    return f"{head}{SHORTENED_MARK}{digest}"
+
+
 def output_relpath(rel: str, folder: str, suffix: str) -> str:
     """``<folder>/<escaped rel><suffix>`` for an input at ``rel`` below INPUT. The input's extension stays
-    in the name, so ``a.jpg`` and ``a.png`` never collide; every per-input output is named this way."""
-    if not rel or rel.startswith("/") or "\\" in rel:
+    in the name, so ``a.jpg`` and ``a.png`` never collide; every per-input output is named this way.
+
+    Unique per input: characters that break URLs or filesystems become ``%XX``; a folder segment ending
+    in ``suffix`` gets that suffix's dot escaped (``x.jpg.png/`` -> ``x.jpg%2Epng/``), so it never meets
+    the output ``x.jpg.png`` of a file ``x.jpg``; a segment longer than :data:`MAX_SEGMENT_BYTES` keeps
+    its head and ends in ``%~`` plus 16 hex digits of its sha256. Shortened names cannot be inverted by
+    :func:`input_relpath`; the summary's ``uri`` and ``mask_uri`` map them back."""
+    if not rel or rel.startswith("/"):
         raise UnsafePathError(f"input name {rel!r} is absolute or empty; its output would leave OUTPUT")
+    if "\\" in rel:
+        raise UnsafePathError(f"input name {rel!r} holds a backslash (a file name that is not valid UTF-8 "
+                              "shows its bytes as \\xNN); rename the file")
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise UnsafePathError(f"input name {rel!r} has '', '.' or '..' segments; its output would leave OUTPUT")
-    escaped = "/".join("".join(f"%{ord(ch):02X}" if ch in _ESCAPE else ch for ch in p) for p in parts)
-    return posixpath.join(folder, escaped + suffix)
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        segment = "".join(f"%{ord(ch):02X}" if ch in _ESCAPE else ch for ch in part)
+        if not last and segment.lower().endswith(suffix.lower()) and suffix.startswith("."):
+            cut = len(segment) - len(suffix)
+            segment = segment[:cut] + "%2E" + segment[cut + 1:]
+        limit = MAX_SEGMENT_BYTES - (len(suffix.encode()) if last else 0)
+        if len(segment.encode("utf-8")) > limit:
+            segment = _shorten(segment, part, limit)
+        out.append(segment)
+    return posixpath.join(folder, "/".join(out) + suffix)
 
 
 def mask_relpath(rel: str) -> str:
@@ -113,12 +154,15 @@ def confidence_relpath(rel: str) -> str:
 
 
 def input_relpath(mask_rel: str) -> str:
-    """The inverse of :func:`mask_relpath`: ``masks/<escaped rel>.png`` -> rel."""
+    """The inverse of :func:`mask_relpath`: ``masks/<escaped rel>.png`` -> rel. A shortened name
+    (``%~`` in it) raises ValueError: look its input up in the summary by ``mask_uri``."""
     prefix = MASKS_DIR + "/"
     if not (mask_rel.startswith(prefix) and mask_rel.endswith(".png")) or len(mask_rel) <= len(prefix) + 4:
         raise ValueError(f"{mask_rel!r} is not a mask name (masks/<name>.png)")
+    if SHORTENED_MARK in mask_rel:
+        raise ValueError(f"{mask_rel!r} is a shortened mask name; the summary's uri/mask_uri map it to its input")
     name = mask_rel[len(prefix) :]
-    # Only the characters in _ESCAPE are ever escaped, "%" among them, so every %XX is one escape.
+    # Every %XX is one escape: "%" itself is always escaped, and "%~" marks a shortened name (refused above).
     return re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), name[: -len(".png")])
 
 

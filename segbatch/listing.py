@@ -46,12 +46,14 @@ class ListedInputs:
     """The inputs of a listed INPUT (:class:`segbatch.inputs.Inputs`): listed in the driver, less the
     ones with an ok row in OUTPUT (all of them with ``redo_all``)."""
 
-    def __init__(self, config: Any):
-        listed = list_inputs(config.input, config.storage_options, config.extensions)
+    def __init__(self, config: Any, relabel_since: float | None = None):
+        listed = list_inputs(config.input, config.storage_options, config.extensions, exclude_output=config.output)
         check_output(config.output, config.storage_options)
         self.listed = listed.num_rows
         if not config.redo_all:
-            done = summary.done_key_chunks(config.output, config.storage_options, identity=config.redo_changed)
+            # Ok rows written before relabel_since are an earlier model's (identity.py): not done.
+            done = summary.done_key_chunks(config.output, config.storage_options, identity=config.redo_changed,
+                                           since=relabel_since)
             listed = drop_done(listed, done, config.redo_changed)
         self.todo = listed
 
@@ -91,24 +93,95 @@ def _wanted(name: str, extensions: frozenset[str]) -> bool:
     return bool(dot) and ext.lower() in extensions
 
 
-def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions: Iterable[str]) -> pa.Table:
-    """List INPUT recursively and keep files with one of ``extensions`` (case-insensitive)."""
+#: Folders of OUTPUT that segbatch writes; never listed as input when OUTPUT and INPUT overlap.
+OUTPUT_OWNED_DIRS = ("masks", "overlays", "summary", "runs")
+
+
+def _printable(text: str) -> str:
+    """A local file name that is not valid UTF-8 comes back from the OS with surrogate escapes, which
+    Arrow (and Parquet, and JSON) cannot hold: show its raw bytes as ``\\xNN`` instead. The backslash
+    then makes the input an error row (mask_relpath refuses it), and the rest of the run goes on."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def excluded_prefixes(fs, root: str, output_url: str | None, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """Paths below INPUT's root that belong to OUTPUT's own tree, so a rerun never labels its own masks.
+
+    OUTPUT strictly inside INPUT: all of OUTPUT. OUTPUT equal to INPUT (or above it): segbatch's own
+    folders of OUTPUT (masks/, overlays/, summary/, runs/)."""
+    if not output_url:
+        return []
+    try:
+        out_fs, out_root = _storage.open_url(output_url, storage_options)
+    except Exception:
+        return []
+    if out_fs.protocol != fs.protocol:
+        return []
+    out_root = out_root.rstrip("/")
+    root = root.rstrip("/")
+    if out_root.startswith(root + "/"):
+        return [out_root]
+    if out_root == root or root.startswith(out_root + "/"):
+        return [_storage.join_path(out_root, d) for d in OUTPUT_OWNED_DIRS]
+    return []
+
+
+def _under(path: str, prefixes: list[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions: Iterable[str],
+                exclude_output: str | None = None) -> pa.Table:
+    """List INPUT recursively and keep files with one of ``extensions`` (case-insensitive).
+
+    ``exclude_output`` (OUTPUT's URL) keeps OUTPUT's own tree out of the listing when the two overlap.
+    Symbolic links to files are followed; links to folders and broken links are skipped and counted."""
     fs, root = _storage.open_url(url, storage_options)
     root_url = _storage.absolute_url(url)
     wanted = frozenset(e.lower() for e in extensions)
     fs.invalidate_cache(root)  # a cached listing from earlier in this process would miss new files
     require_exists(fs, root, f"INPUT {url}")
+    looked_for = ", ".join(f".{e}" for e in sorted(wanted))
+    if _storage.retry(fs.isfile, root, what=f"check {url}"):
+        raise InputError(f"INPUT {url} is a file, not a folder: pass the folder that holds it, or list "
+                                 "it in a --manifest file")
+    excluded = excluded_prefixes(fs, root, exclude_output, storage_options)
+    links_skipped = 0
+    not_utf8 = 0
 
     columns: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
     batches: list[pa.RecordBatch] = []
     # walk() hands back one directory page at a time, so the driver never holds the backend's whole
     # detailed listing, only the few columns kept below.
-    for dirpath, _dirs, files in _storage.retry(lambda: fs.walk(root, detail=True), what=f"list {url}"):
+    for dirpath, dirs, files in _storage.retry(lambda: fs.walk(root, detail=True), what=f"list {url}"):
+        if excluded:
+            for d in [d for d in dirs if _under(_storage.join_path(dirpath, d), excluded)]:
+                del dirs[d]  # walk() honours in-place pruning (topdown)
         for name, info in sorted(files.items()):
-            if not _wanted(name, wanted) or info.get("type", "file") != "file":
+            if not _wanted(name, wanted):
                 continue
+            if info.get("type", "file") != "file":
+                if not info.get("islink"):
+                    continue
+                try:  # a symbolic link: follow it when it names a file
+                    info = {**fs.info(info.get("name") or _storage.join_path(dirpath, name)), "name": info.get("name")}
+                except OSError:
+                    info = {"type": "broken"}
+                if info.get("type") != "file":
+                    links_skipped += 1
+                    continue
             path = info.get("name") or _storage.join_path(dirpath, name)
+            if excluded and _under(path, excluded):
+                continue
             rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+            shown = _printable(path)
+            if shown != path:
+                not_utf8 += 1
+                path, rel = shown, _printable(rel)
             size, etag, mtime = _storage.file_identity(info)
             columns["uri"].append(_storage.join_url(root_url, rel))
             columns["path"].append(path)
@@ -124,8 +197,14 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
             columns = {name: [] for name in LISTING_SCHEMA.names}
     batches.append(pa.record_batch(columns, schema=LISTING_SCHEMA))
     table = pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
+    if links_skipped:
+        log.warning("INPUT %s: skipped %d symbolic link(s) to folders or to nothing (links to files are "
+                    "followed)", url, links_skipped)
+    if not_utf8:
+        log.warning("INPUT %s: %d file name(s) are not valid UTF-8; each gets an error row", url, not_utf8)
     if table.num_rows == 0:
-        log.warning("INPUT %s holds no files with extensions %s", url, ",".join(sorted(wanted)))
+        raise InputError(f"INPUT {url}: no images found (looked for files ending in {looked_for}, "
+                                 "case-insensitive, hidden files skipped; change the list with --extensions)")
     return table.sort_by("uri")
 
 

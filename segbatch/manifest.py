@@ -9,8 +9,12 @@ A line is a full URL (``s3://bucket/key``), an absolute path, or a path relative
 folder. Lines are taken as given: no extension filter, no existence check (a missing object becomes that
 image's error row).
 
-Masks are named after ``rel``, which for a manifest is the URL without its scheme and leading slashes:
-``s3://bucket/a/b.jpg`` -> ``masks/bucket/a/b.jpg.png``, ``/data/x.png`` -> ``masks/data/x.png.png``.
+Every line is first made canonical (:func:`canonical_uri`), so one file has one ``uri`` however it is
+written: ``/data/a.jpg``, ``//data/a.jpg``, ``file:///data/./a.jpg`` and ``local:///data/a.jpg`` are all
+``/data/a.jpg``; ``s3a://b/k`` is ``s3://b/k``. Masks are named after ``rel``, which for a manifest is
+the filesystem's protocol, then the path: ``s3://bucket/a/b.jpg`` -> ``masks/s3/bucket/a/b.jpg.png``,
+``/data/x.png`` -> ``masks/file/data/x.png.png``, so ``/data/a.jpg`` and ``s3://data/a.jpg`` never share
+a mask.
 A listing's rule (relative to INPUT) needs the common prefix of every line, which a distributed read
 cannot know. URLs with ``..`` or empty segments get an error row instead of a mask outside OUTPUT.
 
@@ -22,6 +26,7 @@ needs a listed INPUT.
 
 from __future__ import annotations
 
+import functools
 import math
 import posixpath
 from typing import Any
@@ -62,6 +67,7 @@ class ManifestInputs:
         self._bytes = int(_storage.retry(fs.du, path, what=f"size of {self.url}") or 0)
         self._is_dir = _storage.retry(fs.isdir, path, what=f"check {self.url}")
         self._tally = None
+        self.relabel_since: float | None = None  # set by the pipeline from OUTPUT's identity binding
 
     def _format(self) -> str:
         name = self._path.lower()
@@ -108,6 +114,11 @@ class ManifestInputs:
             return None
         fs, _root = _storage.open_url(self._output, self._options)
         rows = ray.data.read_parquet(ds.files, filesystem=_storage.to_pyarrow_fs(fs))
+        since = getattr(self, "relabel_since", None)
+        if since is not None:  # only rows of OUTPUT's current model count as done (identity.py)
+            rows = rows.select_columns([URI_COLUMN, "status", "written_at"])
+            return rows.map_batches(_ok_keys, fn_kwargs={"since_ms": int(since * 1000)}, batch_format="pyarrow",
+                                    batch_size=None)
         rows = rows.select_columns([URI_COLUMN, "status"])
         return rows.map_batches(_ok_keys, batch_format="pyarrow", batch_size=None)
 
@@ -131,18 +142,66 @@ def _manifest_keys(batch: pa.Table, base_url: str) -> pa.Table:
         protocol, _ = split_protocol(line)
         if protocol is None and not posixpath.isabs(line):
             line = _storage.join_url(base_url, line)  # relative to the manifest's folder
-        uris.append(line)
+        uris.append(canonical_uri(line))
     return pa.table([pa.array(uris, pa.string()), pa.array([0] * len(uris), pa.int8())], schema=_KEYS)
 
 
-def _ok_keys(batch: pa.Table) -> pa.Table:
-    ok = batch.filter(pc.equal(batch["status"], "ok"))
+def _ok_keys(batch: pa.Table, since_ms: int | None = None) -> pa.Table:
+    keep = pc.equal(batch["status"], "ok")
+    if since_ms is not None:
+        written = pc.cast(batch["written_at"], pa.int64())
+        keep = pc.and_(keep, pc.fill_null(pc.greater_equal(written, since_ms), False))
+    ok = batch.filter(keep)
     return pa.table([ok[URI_COLUMN].cast(pa.string()), pa.array([1] * ok.num_rows, pa.int8())], schema=_KEYS)
 
 
+@functools.lru_cache(maxsize=64)
+def _fs_class(protocol: str):
+    import fsspec
+
+    try:
+        return fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError):
+        return None
+
+
+def _protocol_and_path(uri: str) -> tuple[str, str] | None:
+    """(canonical protocol, path in the filesystem's own terms), or None for an unknown scheme."""
+    protocol = split_protocol(uri)[0] or "file"
+    cls = _fs_class(protocol)
+    if cls is None:
+        return None
+    name = cls.protocol if isinstance(cls.protocol, str) else cls.protocol[0]
+    path = cls._strip_protocol(uri)
+    if "://" in path:  # filesystems that keep the whole URL as their path (http, https)
+        return split_protocol(path)[0], path
+    if name in ("file", "local"):
+        # One spelling per local file: no "//" prefix, "." or ".." segments, or doubled slashes.
+        name, path = "file", posixpath.normpath("/" + path.lstrip("/"))
+    return name, path
+
+
+def canonical_uri(uri: str) -> str:
+    """The one ``uri`` of a manifest line: a plain absolute path for local files, else
+    ``protocol://path`` with the filesystem's main protocol name. Unknown schemes stay as written."""
+    parsed = _protocol_and_path(uri)
+    if parsed is None:
+        return uri
+    name, path = parsed
+    if "://" in path:
+        return path
+    return path if name == "file" else f"{name}://{path}"
+
+
 def manifest_rel(uri: str) -> str:
-    """A manifest URL's name below OUTPUT/masks: the URL without its scheme and leading slashes."""
-    return split_protocol(uri)[1].lstrip("/")
+    """A manifest URL's name below OUTPUT/masks: its protocol, then its path (``s3/bucket/key``,
+    ``file/data/a.jpg``), so inputs that differ only in their scheme never share a mask."""
+    parsed = _protocol_and_path(uri)
+    if parsed is None:
+        protocol, path = split_protocol(uri)
+        return f"{protocol or 'file'}/{path.lstrip('/')}"
+    name, path = parsed
+    return f"{name}/{split_protocol(path)[1].lstrip('/')}"
 
 
 def _listing_rows(batch: pa.Table, tally: Any) -> pa.Table:

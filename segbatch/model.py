@@ -98,6 +98,10 @@ def resolve(
     if weights == "default":
         if sha256:
             raise WeightsError("weights_sha256: pins a checkpoint file; it does not apply to --weights default")
+        if classes_url:  # before any download: a wrong count is refused even offline
+            named = len(_read_classes(classes_url, storage_options))
+            if named != num:
+                raise WeightsError(f"classes: {classes_url} names {named} classes; the model has {num}")
         ensure_default_weights(arch)
         identity, names = f"{architecture.weights_enum().DEFAULT}", categories
     elif weights == "random":

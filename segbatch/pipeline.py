@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 import uuid
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from segbatch import _ray, _storage, listing, manifest, model, runs
+from segbatch import _lease, _ray, _storage, identity, listing, manifest, model, preflight, runs, summary
 from segbatch.config import RunConfig
 from segbatch.decode import DecodeImages, Limits, ResizeSpec
 from segbatch.contract import MASKS_DIR, SUMMARY_DIR
@@ -30,6 +31,33 @@ MIN_SUMMARY_FILES = 16  # small runs still write in this many steps, not all at 
 DECODE_BATCH_ROWS = 32  # images a decode task reads at once (concurrently) and holds decoded
 DECODE_TASK_MEMORY = 640 * 1024**2  # bytes; a decode worker imports torch for the resize: Ray measured ~600 MiB
 MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run: one early error is no rate
+
+
+class RunInterrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM reached the driver; raised by the CLI's signal handler. A BaseException,
+    like KeyboardInterrupt, so no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+
+def _fatal_write_error(exc: BaseException) -> BaseException | None:
+    """The OSError behind a failed run (Ray wraps task errors) that no retry can fix, if there is one."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if preflight.is_fatal_write_error(e):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 @dataclass
@@ -73,9 +101,14 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_inputs(config: RunConfig) -> Inputs:
-    """The inputs this run must process: a listed INPUT, or a manifest that Ray reads during the run."""
-    return manifest.ManifestInputs(config) if config.manifest else listing.ListedInputs(config)
+def plan_inputs(config: RunConfig, relabel_since: float | None = None) -> Inputs:
+    """The inputs this run must process: a listed INPUT, or a manifest that Ray reads during the run. Ok
+    rows written before ``relabel_since`` (an earlier model's, see identity.py) do not count as done."""
+    if config.manifest:
+        inputs = manifest.ManifestInputs(config)
+        inputs.relabel_since = relabel_since
+        return inputs
+    return listing.ListedInputs(config, relabel_since)
 
 
 def _pool_size(config: RunConfig, gpus_per_actor: float) -> tuple[int, int]:
@@ -148,36 +181,131 @@ def _check_cpus_left_for_tasks(config: RunConfig, actors: int, cpus_per_actor: f
 
 
 def run(config: RunConfig) -> RunReport:
-    """Label every input of ``config`` that has no ok row in its OUTPUT yet."""
+    """Label every input of ``config`` that has no ok row in its OUTPUT yet.
+
+    Before any work: settings, OUTPUT's existence and writability, and the weights are checked; then the
+    OUTPUT's lease is taken (one writer at a time) and the run's model identity is checked against the
+    one OUTPUT is bound to (docs/recurring-runs.md)."""
     config.check_runnable()
     started = time.monotonic()
+    preflight.check_inputs_exist(config)
+    listing.check_output(config.output, config.storage_options)
+    preflight.probe_output(config.output, config.storage_options)
     spec = model.resolve(config.model, config.weights, classes_url=config.classes, sha256=config.weights_sha256,
                          storage_options=config.storage_options)
     run_id = config.run_id or new_run_id()
-    inputs = plan_inputs(config)
+    with _lease.Lease(config.output, config.storage_options, run_id) as lease:
+        return _run_holding_lease(config, spec, run_id, lease, started)
+
+
+def _run_holding_lease(config: RunConfig, spec: model.ModelSpec, run_id: str, lease: _lease.Lease,
+                       started: float) -> RunReport:
+    binding = identity.bind(config, spec, run_id)
     report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output))
+    cleanup = binding.relabel_since is not None  # rows of an earlier model may need dropping afterwards
+    try:
+        inputs = plan_inputs(config, binding.relabel_since)
+    except RunInterrupted as exc:
+        report.stopped_early = f"interrupted by {exc.name} while listing INPUT; nothing was labelled"
+        report.seconds = time.monotonic() - started
+        runs.finish(config, report, completed=False, cleanup=False)
+        raise
     report.listed, report.skipped = inputs.counts()
     if inputs.pending == 0:
         log.info("nothing to do: every listed input already has an ok row")
         report.seconds = time.monotonic() - started
-        runs.finish(config, report, completed=True)
+        runs.finish(config, report, completed=True, cleanup=cleanup)
         return report
 
+    failure: BaseException | None = None
     with _ray.session(config.address):
         from ray.data import DataContext
 
+        _restore_python_signal_handlers()
         DataContext.get_current().enable_progress_bars = config.progress
-        ds = build_dataset(config, spec, inputs, run_id)
         try:
+            ds = build_dataset(config, spec, inputs, run_id)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 _tally(report, batch)
+                lease.check()
                 _check_error_budget(config, report)
+        except (RunInterrupted, KeyboardInterrupt) as exc:
+            exc = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
+            report.stopped_early = (f"interrupted by {exc.name}; rows written so far stay valid, rerun to "
+                                    "resume")
+            failure = exc
+        except (BudgetError, _lease.LeaseLostError) as exc:
+            report.stopped_early = report.stopped_early or str(exc)
+            failure = exc
+        except Exception as exc:
+            fatal = _fatal_write_error(exc)
+            if fatal is None:
+                failure = exc
+                report.stopped_early = f"failed: {type(exc).__name__}"
+            else:
+                report.stopped_early = (f"writing OUTPUT failed: {preflight.describe_write_error(fatal)}; rows "
+                                        "written so far stay valid, fix OUTPUT and rerun to resume")
+                failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
         finally:
-            report.seconds = time.monotonic() - started
-            report.listed, report.skipped = inputs.counts()
-            # The record and the redo cleanup run even when the run stops early (sys.exc_info() is set then).
-            runs.finish(config, report, completed=sys.exc_info()[0] is None)
+            try:
+                report.listed, report.skipped = inputs.counts()
+            except Exception:
+                pass
+    # Ray is stopped (or detached) here: no task writes any more, so the summary's rows of this run are
+    # final and the record's counts can be taken from them.
+    report.seconds = time.monotonic() - started
+    if failure is not None:
+        _recount(config, report)
+    runs.finish(config, report, completed=failure is None, cleanup=cleanup)
+    if failure is not None:
+        raise failure
     return report
+
+
+_stop_handler = None  # set by install_stop_handlers (the CLI); None for library callers
+
+
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM raise RunInterrupted in the driver once; a second signal while the run stops
+    cleanly (writing its record, releasing its lease) is ignored rather than printing a traceback."""
+    global _stop_handler
+
+    def handler(signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise RunInterrupted(signum)
+
+    _stop_handler = handler
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_python_signal_handlers() -> None:
+    """ray.init replaces the SIGTERM handler (with one that exits with status 15, or a native one that
+    aborts): put the CLI's clean-stop handlers back."""
+    import threading
+
+    if _stop_handler is None or threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _stop_handler)
+
+
+def _recount(config: RunConfig, report: RunReport) -> None:
+    """ok/error of a stopped run from its summary rows: batches written but not yet seen by the driver
+    count too, so the run record matches the summary."""
+    import pyarrow.compute as pc
+
+    try:
+        rows = summary.read(config.output, config.storage_options, columns=["status"],
+                            filter=pc.field("run_id") == report.run_id)
+    except Exception as exc:
+        log.warning("could not recount the rows of %s (%s); the record counts what the driver saw",
+                    report.run_id, exc)
+        return
+    ok = pc.sum(pc.equal(rows["status"], "ok")).as_py() or 0
+    report.ok, report.errors = ok, rows.num_rows - ok
 
 
 def _tally(report: RunReport, batch: pa.Table) -> None:

@@ -133,15 +133,15 @@ def _rewrite_without(fs, path: str, keys: set[tuple[str, str]]) -> int:
     return table.num_rows - kept.num_rows
 
 
-def finish(config, report, *, completed: bool) -> None:
-    """Record the run, after a redo run drop superseded ok rows, then merge the run's summary files
-    (segbatch/compact.py). Never raises: every row already written is valid, and a failure here must not
-    hide the run's own outcome."""
+def finish(config, report, *, completed: bool, cleanup: bool = False) -> None:
+    """Record the run; after a redo run (or any run while OUTPUT still holds an earlier model's rows,
+    ``cleanup``) drop superseded ok rows; then merge the run's summary files (segbatch/compact.py). Never
+    raises: every row already written is valid, and a failure here must not hide the run's own outcome."""
     try:
         record(config, report, completed=completed)
     except Exception as exc:
         log.error("could not write the run record of %s: %s", report.run_id, exc)
-    if config.redo_all or config.redo_changed:
+    if config.redo_all or config.redo_changed or cleanup:
         try:
             drop_superseded(config.output, config.storage_options)
         except Exception as exc:

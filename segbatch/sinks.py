@@ -37,6 +37,8 @@ class WriteOutputs:
         self._writers = [get_writer(name)(context) for name in names]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from segbatch.preflight import is_fatal_write_error
+
         self._output.open()
         rows = batch.to_pylist()
 
@@ -49,6 +51,8 @@ class WriteOutputs:
                 for writer in self._writers[1:]:
                     writer.write(row, mask)
             except Exception as exc:  # a failed write costs this image's row, not the batch
+                if is_fatal_write_error(exc):
+                    raise  # a full disk or read-only OUTPUT: every row would fail; the run stops instead
                 row["error"] = f"cannot write mask: {type(exc).__name__}: {exc}"
             return row
 

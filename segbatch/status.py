@@ -35,6 +35,8 @@ class Status:
     inputs_ok: int = 0  # inputs with an ok row
     inputs_failing: int = 0  # inputs whose latest row is an error
     extra_ok_rows: int = 0  # ok rows beyond one per input: a redo cleanup that did not finish
+    identity: str | None = None  # the model OUTPUT is bound to (OUTPUT/_segbatch.json), described
+    earlier_model_ok: int = 0  # inputs whose only ok row is from the model OUTPUT was bound to before
 
     @property
     def last_run(self) -> RunCounts | None:
@@ -53,7 +55,12 @@ class Status:
                          f"{skipped:>8}{note}")
         last = self.last_run
         lines.append(f"last run: {last.run_id}, finished {last.finished_at or 'at an unknown time'}")
+        if self.identity:
+            lines.append(f"labelled by: {self.identity}")
         lines.append(f"inputs with an ok row: {self.inputs_ok}")
+        if self.earlier_model_ok:
+            lines.append(f"WARNING: {self.earlier_model_ok} of them only have an ok row from the model OUTPUT was "
+                         "labelled with before; the next `segbatch run` relabels them")
         lines.append(f"inputs whose latest row is an error: {self.inputs_failing}")
         if self.extra_ok_rows:
             lines.append(f"WARNING: {self.extra_ok_rows} extra ok rows from an unfinished redo cleanup; "
@@ -106,7 +113,26 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None) -
     status.extra_ok_rows = len(ok_uris) - status.inputs_ok
     latest = _latest_status_per_input(table)
     status.inputs_failing = pc.sum(pc.equal(latest, "error")).as_py() or 0 if len(latest) else 0
+    _add_identity(status, table, output_url, storage_options)
     return status
+
+
+def _add_identity(status: Status, table: pa.Table, output_url: str, storage_options) -> None:
+    from segbatch import identity
+
+    try:
+        bound = identity.read(output_url, storage_options)
+    except Exception:
+        return
+    if bound is None:
+        return
+    status.identity = identity.describe(bound["identity"])
+    since = bound.get("relabel_since")
+    if since is None or table.num_rows == 0:
+        return
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    current = ok.filter(identity.since_filter(since))
+    status.earlier_model_ok = status.inputs_ok - (pc.count_distinct(current["uri"]).as_py() if current.num_rows else 0)
 
 
 __all__ = ["Status", "RunCounts", "collect"]

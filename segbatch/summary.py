@@ -55,21 +55,31 @@ IDENTITY_COLUMNS = ["size", "etag", "mtime"]  # what --redo-changed compares
 DONE_CHUNK_ROWS = 2_000_000  # ok rows the driver holds at once while deciding what to skip
 
 
-def done_keys(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """uri (and input identity) of every ok row: what a resumed run skips."""
-    return read(output_url, storage_options, columns=["uri", *IDENTITY_COLUMNS],
-                filter=pc.field("status") == "ok")
+def _done_filter(since: float | None) -> pc.Expression:
+    where = pc.field("status") == "ok"
+    if since is not None:
+        where = where & (pc.field("written_at") >= pa.scalar(int(since * 1000), pa.timestamp("ms", tz="UTC")))
+    return where
+
+
+def done_keys(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
+              since: float | None = None) -> pa.Table:
+    """uri (and input identity) of every ok row: what a resumed run skips. With ``since`` (epoch seconds,
+    identity.py's relabel_since) only rows written since then count."""
+    return read(output_url, storage_options, columns=["uri", *IDENTITY_COLUMNS], filter=_done_filter(since))
 
 
 def done_key_chunks(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
-                    identity: bool = False, chunk_rows: int = DONE_CHUNK_ROWS) -> Iterator[pa.Table]:
-    """The ``uri`` (with ``identity``, also size/ETag/mtime) of every ok row, in tables of at most about
-    ``chunk_rows`` rows, so that the driver never holds the keys of a 10^7-row summary at once."""
+                    identity: bool = False, since: float | None = None,
+                    chunk_rows: int = DONE_CHUNK_ROWS) -> Iterator[pa.Table]:
+    """The ``uri`` (with ``identity``, also size/ETag/mtime) of every ok row (written since ``since``, as
+    :func:`done_keys`), in tables of at most about ``chunk_rows`` rows, so that the driver never holds the
+    keys of a 10^7-row summary at once."""
     ds = dataset(output_url, storage_options)
     if ds is None:
         return
     columns = ["uri", *IDENTITY_COLUMNS] if identity else ["uri"]
-    scanner = ds.scanner(columns=columns, filter=pc.field("status") == "ok", batch_readahead=2,
+    scanner = ds.scanner(columns=columns, filter=_done_filter(since), batch_readahead=2,
                          fragment_readahead=1)
     batches, rows = [], 0
     for batch in scanner.to_batches():

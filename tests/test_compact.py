@@ -318,3 +318,16 @@ def test_status_report_eval_and_resume_read_both_alike(two_outputs):
     runs_, inputs_ok, failing, ok_images, *_rest, todo, counts = results["merged"]
     assert (runs_[0][:3], inputs_ok, failing, ok_images) == (("r1", 19, 1), 19, 1, 19)
     assert todo == [str(root / "in" / "bad.jpg")] and counts == (20, 19)
+
+
+def test_compact_holds_the_lease_and_stops_while_a_run_holds_it(tmp_path, capsys):
+    from segbatch import _lease
+
+    out = tmp_path / "out"
+    rows = synthetic(out, files=5)
+    with _lease.Lease(str(out), None, "a-running-run"):
+        assert main(["compact", str(out)]) == 2
+    assert len(summary_files(out)) == 5 and seen_rows(out) == rows
+    assert main(["compact", str(out)]) == 0
+    assert len(summary_files(out)) == 1 and seen_rows(out) == rows
+    assert not (out / _lease.LEASE_NAME).exists()  # released

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
@@ -16,11 +15,10 @@ from PIL import Image
 
 from _helpers import summary_table, TEST_ARCH, photo_like
 from segbatch import RunConfig, run, runs
+from segbatch.status import collect as collect_status
 from segbatch.cli import main
 from segbatch.pipeline import plan_inputs
 from segbatch.errors import EXIT_STATUS, InputError
-
-status = importlib.import_module("segbatch.status")  # the module; `segbatch.status` is the function
 
 
 def ok_rows_per_input(table: pa.Table) -> dict[str, int]:
@@ -48,7 +46,7 @@ def history(tmp_path_factory, ray_local, checkpoint):
 
     def step(name: str, **changes):
         reports[name] = run(base.replace(run_id=name, **changes))
-        statuses[name] = status.collect(str(out))
+        statuses[name] = collect_status(str(out))
 
     step("r1-first")
     save(src / "bad.jpg", seed=7)  # repaired
@@ -163,14 +161,14 @@ def test_drop_superseded_finishes_an_interrupted_cleanup(tmp_path):
     write("part-new.parquet", "new", [("a", "ok", 2000)])
     write("part-untouched.parquet", "other", [("d", "ok", 500)])
     untouched_mtime = (out / "summary" / "part-untouched.parquet").stat().st_mtime_ns
-    assert status.collect(str(out)).extra_ok_rows == 1
+    assert collect_status(str(out)).extra_ok_rows == 1
 
     assert runs.drop_superseded(str(out)) == 1
     old = pq.read_table(out / "summary" / "part-old.parquet")
     assert sorted(zip(old["uri"].to_pylist(), old["status"].to_pylist())) == [("b", "ok"), ("c", "error")]
     assert json.loads(old.schema.metadata[b"segbatch.classes"]) == ["bg", "fg"]
     assert (out / "summary" / "part-untouched.parquet").stat().st_mtime_ns == untouched_mtime
-    assert status.collect(str(out)).extra_ok_rows == 0
+    assert collect_status(str(out)).extra_ok_rows == 0
     assert runs.drop_superseded(str(out)) == 0  # idempotent
     assert not list((out / "summary").glob(".*"))  # no temporaries left behind
     assert np.all(pq.read_table(out / "summary" / "part-new.parquet")["run_id"].to_numpy(zero_copy_only=False) == "new")

@@ -61,14 +61,14 @@ def test_text_manifest_runs_dedups_and_resumes(images, s3_server, tmp_path, ray_
     a, b = f"s3://{bucket}/imgs/a.png", f"s3://{bucket}/imgs/sub/b.png"
     assert sorted(rows) == sorted([a, b, f"s3://{bucket}/imgs/missing.png", f"s3://{bucket}/imgs/../imgs/c.png",
                                    str(local)])
-    assert rows[a]["status"] == "ok" and rows[a]["mask_uri"] == f"{out}/masks/{bucket}/imgs/a.png.png"
-    assert rows[b]["status"] == "ok" and rows[b]["mask_uri"] == f"{out}/masks/{bucket}/imgs/sub/b.png.png"
+    assert rows[a]["status"] == "ok" and rows[a]["mask_uri"] == f"{out}/masks/s3/{bucket}/imgs/a.png.png"
+    assert rows[b]["status"] == "ok" and rows[b]["mask_uri"] == f"{out}/masks/s3/{bucket}/imgs/sub/b.png.png"
     assert "not found" in rows[f"s3://{bucket}/imgs/missing.png"]["error"]
     assert "'..'" in rows[f"s3://{bucket}/imgs/../imgs/c.png"]["error"]
-    # A local file in an S3 run: its mask is named after its absolute path, below OUTPUT.
-    assert rows[str(local)]["mask_uri"] == f"{out}/masks/{str(local).lstrip('/')}.png"
+    # A local file in an S3 run: its mask is named after its protocol and absolute path, below OUTPUT.
+    assert rows[str(local)]["mask_uri"] == f"{out}/masks/file/{str(local).lstrip('/')}.png"
     masks = s3_server.keys(bucket, "labels/masks/")
-    assert f"labels/masks/{bucket}/imgs/a.png.png" in masks
+    assert f"labels/masks/s3/{bucket}/imgs/a.png.png" in masks
 
     # Resume: ok inputs are skipped by the distributed group-by; error rows are retried.
     assert cli.main(args) == 0
@@ -97,7 +97,7 @@ def test_csv_and_parquet_manifests(images, s3_server, fmt, ray_local):
     assert got.schema == LISTING_SCHEMA
     got = got.sort_by("uri").to_pylist()
     assert [r["uri"] for r in got] == sorted(set(uris))
-    assert [r["rel"] for r in got] == [f"{bucket}/imgs/a.png", f"{bucket}/imgs/c.png"]
+    assert [r["rel"] for r in got] == [f"s3/{bucket}/imgs/a.png", f"s3/{bucket}/imgs/c.png"]
     assert [r["path"] for r in got] == [f"{bucket}/imgs/a.png", f"{bucket}/imgs/c.png"]
     assert inputs.counts() == (2, 0)
 

@@ -49,8 +49,8 @@ def test_vanished_and_denied_objects_become_error_rows(s3_bucket, s3_server, tmp
     s3_server.upload_dir(tmp_path, f"s3://{s3_bucket}/in")
     config = RunConfig(input=f"s3://{s3_bucket}/in", output=f"s3://{s3_bucket}/out", model=TEST_ARCH,
                        weights="random", batch_size=2, progress=False)
-    todo, listed = pipeline.plan_inputs(config)
-    assert listed == 4
+    todo = pipeline.plan_inputs(config)
+    assert todo.counts() == (4, 0)
 
     client = s3_server.client()
     client.delete_object(Bucket=s3_bucket, Key="in/gone.png")

@@ -1,0 +1,327 @@
+"""One writer per OUTPUT: the lease file ``OUTPUT/_segbatch.lease`` (docs/recurring-runs.md).
+
+A run takes the lease before any work, renews it from a background thread of the driver, and deletes it
+at the end. Taking it is an exclusive create: ``O_CREAT | O_EXCL`` on a local filesystem, a conditional
+PUT (``If-None-Match: *``) on S3. A second run finds the file, reads who holds it, and stops (exit 2).
+
+A lease whose last renewal is older than its timeout is stale: its run died without releasing it. So is
+a lease whose holder ran on this same host and whose process no longer exists. The next run takes it
+over, with a warning, by replacing exactly the stale copy it read (S3: ``If-Match``
+on its ETag; local: rename it aside, check that what was renamed is the copy that was read, then
+create anew), so two runs that find the same stale lease cannot both take it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from segbatch import _storage
+from segbatch.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LEASE_NAME = "_segbatch.lease"
+#: Seconds after its last renewal that a lease counts as stale and may be taken over. Override with the
+#: environment variable SEGBATCH_LEASE_TIMEOUT (seconds); the holder renews every timeout / 4.
+DEFAULT_TIMEOUT_S = 120.0
+TIMEOUT_ENV = "SEGBATCH_LEASE_TIMEOUT"
+
+
+class LeaseHeldError(ConfigError):
+    """Another run holds OUTPUT's lease (exit 2): nothing was done."""
+
+    def __init__(self, problem: str, fix: str = ""):
+        super().__init__("output", problem, fix)
+
+
+class LeaseLostError(ConfigError):
+    """This run's lease was taken over (it stalled past the timeout): it stops writing (exit 2)."""
+
+    def __init__(self, problem: str):
+        super().__init__("output", problem, "another run now writes this OUTPUT; rerun once it is done")
+
+
+def lease_timeout() -> float:
+    text = os.environ.get(TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(TIMEOUT_ENV, f"{text!r} is not a number of seconds", "e.g. 120") from None
+    if value <= 0:
+        raise ConfigError(TIMEOUT_ENV, "must be > 0 seconds", "e.g. 120")
+    return value
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+@dataclass
+class Holder:
+    host: str
+    pid: int
+    run_id: str
+    token: str
+    acquired_at: float
+    renewed_at: float
+    timeout_s: float
+
+    def to_bytes(self) -> bytes:
+        data = {**self.__dict__, "acquired_at_utc": _iso(self.acquired_at), "renewed_at_utc": _iso(self.renewed_at)}
+        return (json.dumps(data, indent=1) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Holder":
+        data = json.loads(raw)
+        return cls(host=str(data.get("host", "?")), pid=int(data.get("pid", 0)), run_id=str(data.get("run_id", "?")),
+                   token=str(data.get("token", "")), acquired_at=float(data.get("acquired_at", 0)),
+                   renewed_at=float(data.get("renewed_at", 0)),
+                   timeout_s=float(data.get("timeout_s", DEFAULT_TIMEOUT_S)))
+
+    def describe(self, now: float) -> str:
+        return (f"run {self.run_id} (host {self.host}, pid {self.pid}), last renewed {_iso(self.renewed_at)} "
+                f"({max(0.0, now - self.renewed_at):.0f}s ago)")
+
+
+def _holder_is_dead(holder: Holder) -> bool:
+    """The holder ran on this host and its process is gone (killed with -9, or its machine rebooted
+    under it): its lease need not wait for the timeout."""
+    if holder.host != socket.gethostname() or holder.pid <= 0 or holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _is_local(fs) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"file", "local"})
+
+
+def _is_s3(fs) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"s3", "s3a"})
+
+
+class Lease:
+    """``with Lease(output, options, run_id): ...`` holds OUTPUT for the block (see the module doc)."""
+
+    def __init__(self, output_url: str, storage_options: Mapping[str, Any] | None, run_id: str,
+                 timeout_s: float | None = None):
+        self.url = _storage.join_url(_storage.absolute_url(output_url), LEASE_NAME)
+        self._fs, root = _storage.open_url(output_url, storage_options)
+        self._path = _storage.join_path(root, LEASE_NAME)
+        self.timeout_s = timeout_s if timeout_s is not None else lease_timeout()
+        now = time.time()
+        self.holder = Holder(host=socket.gethostname(), pid=os.getpid(), run_id=run_id, token=uuid.uuid4().hex,
+                             acquired_at=now, renewed_at=now, timeout_s=self.timeout_s)
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: str | None = None  # why the lease was lost, once it was
+        self.took_over: Holder | None = None
+
+    # -- storage primitives ------------------------------------------------------------------------------
+    def _create(self, data: bytes) -> bool:
+        """Exclusive create; False when the file already exists."""
+        fs, path = self._fs, self._path
+        if _is_local(fs):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        if _is_s3(fs):
+            try:
+                _storage.retry(fs.pipe_file, path, data, mode="create", what=f"create {self.url}")
+            except FileExistsError:
+                return False
+            except OSError as exc:  # s3fs maps a PreconditionFailed that it does not recognise to EINVAL
+                if "precondition" in str(exc).lower():
+                    return False
+                raise
+            self._etag = self._read_etag()
+            return True
+        # Other filesystems: fsspec's exclusive mode where the backend supports it.
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError):
+            if fs.exists(path):
+                return False
+            log.warning("%s cannot create files exclusively: the lease is best effort here", fs.protocol)
+            fs.pipe_file(path, data)
+        return True
+
+    def _read_etag(self) -> str | None:
+        self._fs.invalidate_cache(self._path)
+        info = _storage.retry(self._fs.info, self._path, what=f"check {self.url}")
+        return _storage.file_identity(info)[1]
+
+    def _read(self) -> tuple[Holder | None, str | None, bytes | None]:
+        """(holder, etag, raw bytes), or (None, None, None) when there is no lease file."""
+        try:
+            self._fs.invalidate_cache(self._path)
+            raw = _storage.retry(self._fs.cat_file, self._path, what=f"read {self.url}")
+            etag = self._read_etag() if _is_s3(self._fs) else None
+        except FileNotFoundError:
+            return None, None, None
+        try:
+            return Holder.from_bytes(raw), etag, raw
+        except (ValueError, TypeError):
+            # Unreadable: treat as a lease renewed at the file's mtime by an unknown holder.
+            return Holder("?", 0, "?", "", 0.0, 0.0, self.timeout_s), etag, raw
+
+    def _replace_stale(self, stale_raw: bytes, stale_etag: str | None, data: bytes) -> bool:
+        """Replace exactly the stale copy that was read; False if someone else got there first."""
+        fs, path = self._fs, self._path
+        if _is_s3(fs):
+            bucket, key, _ = fs.split_path(path)
+            try:
+                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{stale_etag}"')
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError) or "precondition" in str(exc).lower() or exc.errno == errno.EINVAL:
+                    return False
+                raise
+            self._etag = self._read_etag()
+            return True
+        if _is_local(fs):
+            aside = f"{path}.stale-{uuid.uuid4().hex[:12]}"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                return False
+            with open(aside, "rb") as f:
+                moved = f.read()
+            if moved != stale_raw:  # we moved a fresh lease another run had just taken: put it back
+                try:
+                    os.link(aside, path)
+                except FileExistsError:
+                    pass
+                os.unlink(aside)
+                return False
+            os.unlink(aside)
+            return self._create(data)
+        fs.rm(path)
+        return self._create(data)
+
+    def _write_owned(self, data: bytes) -> bool:
+        """Overwrite the lease if it is still ours; False when it was taken over."""
+        fs, path = self._fs, self._path
+        if _is_s3(fs) and self._etag:
+            bucket, key, _ = fs.split_path(path)
+            try:
+                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{self._etag}"')
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError) or "precondition" in str(exc).lower() or exc.errno == errno.EINVAL:
+                    return False
+                raise
+            self._etag = self._read_etag()
+            return True
+        current, _etag, _raw = self._read()
+        if current is None or current.token != self.holder.token:
+            return False
+        _storage.write_atomic(fs, path, data)
+        return True
+
+    # -- the lease ---------------------------------------------------------------------------------------
+    def acquire(self) -> "Lease":
+        data = self.holder.to_bytes()
+        for _ in range(3):
+            if self._create(data):
+                self._start_renewing()
+                return self
+            current, etag, raw = self._read()
+            if current is None:
+                continue  # released between our create and our read: try again
+            now = time.time()
+            age = now - current.renewed_at
+            timeout = max(self.timeout_s, current.timeout_s)
+            dead = _holder_is_dead(current)
+            if age <= timeout and not dead:
+                raise LeaseHeldError(
+                    f"another run is writing this OUTPUT: {current.describe(now)}",
+                    f"wait for it to finish, or use another OUTPUT; a lease not renewed for {timeout:.0f}s "
+                    f"is stale and is taken over ({LEASE_NAME} in OUTPUT)")
+            if self._replace_stale(raw, etag, data):
+                self.took_over = current
+                if dead:
+                    log.warning("!! taking over the lease of OUTPUT left by a run that is gone: %s; its process no "
+                                "longer exists on this host", current.describe(now))
+                else:
+                    log.warning("!! taking over a STALE lease of OUTPUT: %s; its run stopped renewing it more "
+                                "than %.0fs ago. If that run is in fact still writing, stop it now.",
+                                current.describe(now), timeout)
+                self._start_renewing()
+                return self
+        current, _, _ = self._read()
+        raise LeaseHeldError(
+            "another run took this OUTPUT's lease at the same moment"
+            + (f": {current.describe(time.time())}" if current else ""), "wait for it to finish, or use another OUTPUT")
+
+    def _start_renewing(self) -> None:
+        self._thread = threading.Thread(target=self._renew_loop, name="segbatch-lease", daemon=True)
+        self._thread.start()
+
+    def renew(self) -> None:
+        self.holder.renewed_at = time.time()
+        if not self._write_owned(self.holder.to_bytes()):
+            self.lost = (f"the lease {self.url} was taken over by another run (this run stalled for more than "
+                         f"{self.timeout_s:.0f}s)")
+
+    def _renew_loop(self) -> None:
+        interval = self.timeout_s / 4
+        while not self._stop.wait(interval):
+            try:
+                self.renew()
+            except Exception as exc:  # a passing storage fault: the next try may work, well within the timeout
+                log.warning("could not renew the lease %s (%s: %s)", self.url, type(exc).__name__, exc)
+            if self.lost:
+                log.error("%s; stopping", self.lost)
+                return
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLostError(self.lost)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.lost:
+            return
+        try:
+            current, _, _ = self._read()
+            if current is not None and current.token == self.holder.token:
+                _storage.retry(self._fs.rm, self._path, what=f"delete {self.url}")
+        except Exception as exc:
+            log.error("could not release the lease %s (%s); the next run takes it over after %.0fs",
+                      self.url, exc, self.timeout_s)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

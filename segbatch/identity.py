@@ -1,0 +1,153 @@
+"""Which model labels an OUTPUT: ``OUTPUT/_segbatch.json`` (docs/recurring-runs.md).
+
+The first run into an OUTPUT writes the identity of what labels it: architecture, weights identity (a
+torchvision weights name, ``random:seed=0`` or the checkpoint's sha256), class names, upsample mode and
+precision, everything that changes a mask. Every later run compares its own identity with it before any
+image is read. A run with another identity stops (exit 2) unless it is ``--redo-all``: that relabels
+every input with the new model, rewrites the file, and records ``relabel_since`` (the time the new
+identity was bound). From then on only ok rows written since then count as done, so a ``--redo-all`` that
+stops halfway is finished by the next plain run, and rows of the old model are never taken as labelled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pyarrow.compute as pc
+
+from segbatch import _storage
+from segbatch.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IDENTITY_NAME = "_segbatch.json"
+IDENTITY_VERSION = 1
+#: The fields of an identity, in the order messages show them.
+FIELDS = ("model", "weights", "classes", "upsample", "precision")
+
+
+class IdentityMismatchError(ConfigError):
+    """OUTPUT was labelled by another model or setting (exit 2): nothing was done."""
+
+    def __init__(self, problem: str, fix: str = ""):
+        super().__init__("output", problem, fix)
+
+
+def of_run(config, spec) -> dict[str, Any]:
+    """The identity of a run: what its masks depend on besides the image."""
+    return {"model": spec.arch, "weights": spec.identity, "classes": list(spec.classes),
+            "upsample": config.upsample, "precision": config.precision}
+
+
+def describe(identity: Mapping[str, Any]) -> str:
+    parts = []
+    for name in FIELDS:
+        if name not in identity:
+            continue
+        value = identity[name]
+        if name == "classes" and isinstance(value, list):
+            value = f"{len(value)} names ({', '.join(map(str, value[:3]))}{', ...' if len(value) > 3 else ''})"
+        parts.append(f"{name}={value}")
+    return ", ".join(parts)
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return [name for name in FIELDS if name in old and old.get(name) != new.get(name)]
+
+
+@dataclass
+class Binding:
+    identity: dict[str, Any]
+    relabel_since: float | None  # epoch seconds; ok rows written before it are from an earlier identity
+    changed_from: dict[str, Any] | None = None  # set when this run (a --redo-all) rebinds OUTPUT
+
+
+def _location(output_url: str, storage_options: Mapping[str, Any] | None):
+    fs, root = _storage.open_url(output_url, storage_options)
+    return fs, _storage.join_path(root, IDENTITY_NAME)
+
+
+def read(output_url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The contents of OUTPUT/_segbatch.json, or None when OUTPUT has none yet."""
+    fs, path = _location(output_url, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        raw = _storage.retry(fs.cat_file, path, what=f"read {path}")
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict) or not isinstance(data.get("identity"), dict):
+            raise ValueError("no identity mapping")
+        return data
+    except ValueError as exc:
+        raise ConfigError("output", f"{IDENTITY_NAME} in OUTPUT is unreadable ({exc})",
+                          "restore it from a backup, or delete it to bind OUTPUT to this run's model") from None
+
+
+def _write(output_url: str, storage_options, identity: dict[str, Any], run_id: str,
+           relabel_since: float | None, previous: dict[str, Any] | None) -> None:
+    fs, path = _location(output_url, storage_options)
+    data = {"version": IDENTITY_VERSION, "identity": identity, "bound_by_run": run_id,
+            "bound_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "relabel_since": relabel_since, "previous": previous}
+    _storage.write_atomic(fs, path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def _legacy_identity(output_url: str, storage_options) -> dict[str, Any] | None:
+    """For an OUTPUT labelled before identity files existed: the model and weights of its ok rows, when
+    they differ from one another or from ``current`` (the summary records only these two)."""
+    from segbatch import summary
+
+    table = summary.read(output_url, storage_options, columns=["model", "weights"],
+                         filter=pc.field("status") == "ok")
+    if table.num_rows == 0:
+        return None
+    pairs = table.group_by(["model", "weights"]).aggregate([]).to_pylist()
+    if len(pairs) == 1:
+        return {"model": pairs[0]["model"], "weights": pairs[0]["weights"]}
+    return {"model": "+".join(sorted({str(p["model"]) for p in pairs})),
+            "weights": "+".join(sorted({str(p["weights"]) for p in pairs}))}
+
+
+def bind(config, spec, run_id: str) -> Binding:
+    """Check this run's identity against OUTPUT's before any work; write it on the first run, and on a
+    ``--redo-all`` that changes it. Raises IdentityMismatchError otherwise. Call it holding the lease."""
+    mine = of_run(config, spec)
+    data = read(config.output, config.storage_options)
+    if data is None:
+        old = _legacy_identity(config.output, config.storage_options)
+        relabel_since = None
+    else:
+        old = data["identity"]
+        relabel_since = data.get("relabel_since")
+    diff = differences(old, mine) if old is not None else []
+    if not diff:
+        if data is None or data["identity"] != mine:
+            _write(config.output, config.storage_options, mine, run_id, relabel_since,
+                   data.get("previous") if data else None)
+        return Binding(mine, relabel_since)
+    if not config.redo_all:
+        raise IdentityMismatchError(
+            f"OUTPUT was labelled by [{describe(old)}]; this run is [{describe(mine)}] "
+            f"(differs in {', '.join(diff)}). Mixing the two in one OUTPUT is refused",
+            "pass --redo-all to relabel every input with the new model (OUTPUT then belongs to it), "
+            "or write to another OUTPUT")
+    since = time.time()
+    log.warning("--redo-all: OUTPUT moves from [%s] to [%s]; every input is relabelled, and until it is, "
+                "rows of the earlier model do not count as labelled", describe(old), describe(mine))
+    _write(config.output, config.storage_options, mine, run_id, since, old)
+    return Binding(mine, since, changed_from=old)
+
+
+def since_filter(relabel_since: float | None) -> pc.Expression | None:
+    """Rows that belong to the current identity: written at or after ``relabel_since``."""
+    if relabel_since is None:
+        return None
+    import pyarrow as pa
+
+    return pc.field("written_at") >= pa.scalar(int(relabel_since * 1000), pa.timestamp("ms", tz="UTC"))
