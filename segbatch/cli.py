@@ -16,6 +16,7 @@ EXIT_SIGINT = 130  # stopped by Ctrl-C: rows written so far stay valid
 EXIT_SIGTERM = 143  # stopped by SIGTERM: rows written so far stay valid
 
 
+
 def _storage_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -143,6 +144,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compact(args: argparse.Namespace) -> int:
+    import time
+
+    from segbatch import _lease
+    from segbatch.compact import compact
+
+    storage_options = dict(args.storage_options or [])
+    # Compaction rewrites summary files: it holds OUTPUT's lease, as a run does, so no run writes meanwhile.
+    with _lease.Lease(args.output, storage_options, "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())):
+        print(compact(args.output, storage_options))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from segbatch.errors import ExportIncomplete
     from segbatch.export import export
@@ -193,7 +207,10 @@ def _add_results_parsers(sub: Any) -> None:
                         help=f"list the K images with the lowest IoU (default {DEFAULT_WORST})")
     eval_p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
     eval_p.set_defaults(func=_cmd_eval)
-    for p in (report_p, eval_p):
+    compact_p = sub.add_parser("compact", help="merge OUTPUT's small summary files into few large ones")
+    compact_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
+    compact_p.set_defaults(func=_cmd_compact)
+    for p in (report_p, eval_p, compact_p):
         p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
                        metavar="KEY=VALUE", help="fsspec storage option, repeatable")
 

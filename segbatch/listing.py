@@ -12,6 +12,7 @@ import math
 import posixpath
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,7 +34,12 @@ LISTING_SCHEMA = pa.schema(
 
 
 LISTING_BATCH_ROWS = 65_536  # rows held as Python objects before they move into an Arrow batch
-MAX_INPUT_BLOCKS = 10_000  # blocks the listing is cut into; more only adds scheduling overhead
+# The listing goes to Ray in a number of blocks set by the cluster, not by the input count: the driver's
+# bookkeeping grows with the blocks of a run (docs/benchmarks.md, "Driver memory"). Decoding takes
+# batch-sized slices of a block (pipeline.DECODE_BATCH_ROWS), so large blocks do not mean large tasks.
+BLOCKS_PER_CPU = 4  # enough blocks that every CPU of the cluster has decode work queued
+MIN_INPUT_BLOCKS = 32
+MAX_INPUT_BLOCKS = 10_000  # a cap for very large clusters; more only adds scheduling overhead
 
 
 class ListedInputs:
@@ -46,7 +52,8 @@ class ListedInputs:
         self.listed = listed.num_rows
         if not config.redo_all:
             # Ok rows written before relabel_since are an earlier model's (identity.py): not done.
-            done = summary.done_keys(config.output, config.storage_options, since=relabel_since)
+            done = summary.done_key_chunks(config.output, config.storage_options, identity=config.redo_changed,
+                                           since=relabel_since)
             listed = drop_done(listed, done, config.redo_changed)
         self.todo = listed
 
@@ -60,8 +67,11 @@ class ListedInputs:
     def dataset(self, batch_size: int):
         import ray
 
+        from segbatch import _ray
+
         n = self.todo.num_rows
-        rows_per_block = max(batch_size, math.ceil(n / MAX_INPUT_BLOCKS))
+        blocks = min(MAX_INPUT_BLOCKS, max(MIN_INPUT_BLOCKS, BLOCKS_PER_CPU * int(_ray.cluster_cpus())))
+        rows_per_block = max(batch_size, math.ceil(n / blocks))
         return ray.data.from_arrow([self.todo.slice(i, rows_per_block) for i in range(0, n, rows_per_block)])
 
 
@@ -214,25 +224,31 @@ def check_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
         raise InputError(f"OUTPUT {url}: access denied ({exc})") from None
 
 
-def drop_done(listing: pa.Table, done: pa.Table, redo_changed: bool) -> pa.Table:
+def drop_done(listing: pa.Table, done: pa.Table | Iterable[pa.Table], redo_changed: bool) -> pa.Table:
     """Remove inputs that already have an ``ok`` row.
 
-    ``done`` holds the key columns of earlier ok rows (``uri`` and, when present, ``size``/``etag``/
-    ``mtime``). With ``redo_changed`` an input whose size, ETag or mtime differs from its ok row is kept.
+    ``done`` holds the key columns of earlier ok rows (``uri`` and, for ``redo_changed``, ``size``/``etag``/
+    ``mtime`` where present), as one table or as chunks of it (:func:`segbatch.summary.done_key_chunks`):
+    the driver holds one chunk at a time besides the listing. With ``redo_changed`` an input whose size,
+    ETag or mtime differs from its ok row is kept. The listing's order is kept.
     """
-    if done.num_rows == 0 or listing.num_rows == 0:
+    if listing.num_rows == 0:
         return listing
-    seen = pc.is_in(listing["uri"], value_set=done["uri"])
-    if redo_changed:
-        # A join keeps this vectorised: one hash join on uri, then a column-wise comparison.
-        keys = [c for c in ("size", "etag", "mtime") if c in done.column_names]
-        prev = done.select(["uri", *keys]).rename_columns(["uri", *[f"prev_{k}" for k in keys]])
-        joined = listing.join(prev, "uri", join_type="left outer").sort_by("uri")
-        changed = pa.array([False] * joined.num_rows)
-        for key in keys:
-            # A comparison with a null (no ETag on a local file, no earlier row) is null: not a change.
-            differs = pc.fill_null(pc.not_equal(joined[key], joined[f"prev_{key}"]), False)
-            changed = pc.or_(changed, differs)
-        keep = pc.or_(pc.invert(pc.is_in(joined["uri"], value_set=done["uri"])), changed)
-        return joined.filter(keep).select(LISTING_SCHEMA.names)
-    return listing.filter(pc.invert(seen))
+    chunks = [done] if isinstance(done, pa.Table) else done
+    uris = listing["uri"]
+    seen = pa.array(np.zeros(listing.num_rows, dtype=bool))
+    changed = seen
+    for chunk in chunks:
+        if chunk.num_rows == 0:
+            continue
+        # One hash table of the chunk's uris, probed by every listed uri: where it sits in the chunk.
+        pos = pc.index_in(uris, value_set=chunk["uri"].combine_chunks())
+        seen = pc.or_(seen, pc.is_valid(pos))
+        if redo_changed:
+            for key in (c for c in ("size", "etag", "mtime") if c in chunk.column_names):
+                prev = chunk[key].combine_chunks().take(pos)
+                # A comparison with a null (no ETag on a local file, no earlier row) is null: not a change.
+                differs = pc.fill_null(pc.not_equal(listing[key], prev), False)
+                changed = pc.or_(changed, differs)
+    keep = pc.or_(pc.invert(seen), changed) if redo_changed else pc.invert(seen)
+    return listing.filter(keep)

@@ -35,9 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import split_protocol, url_to_fs
 
-from segbatch import _ray, _storage
+from segbatch import _ray, _storage, summary
 from segbatch.config import RunConfig
-from segbatch.contract import SUMMARY_DIR
 from segbatch.errors import ConfigError
 from segbatch.listing import LISTING_SCHEMA, check_output, require_exists
 
@@ -110,12 +109,11 @@ class ManifestInputs:
         """uri of every ok row in OUTPUT's summary, as a Ray Dataset (or None before the first run)."""
         import ray
 
-        fs, root = _storage.open_url(self._output, self._options)
-        path = _storage.join_path(root, SUMMARY_DIR)
-        fs.invalidate_cache(path)
-        if not _storage.retry(fs.exists, path, what=f"check {path}"):
+        ds = summary.dataset(self._output, self._options)  # the files readers take (segbatch/compact.py)
+        if ds is None:
             return None
-        rows = ray.data.read_parquet(path, filesystem=_storage.to_pyarrow_fs(fs), file_extensions=["parquet"])
+        fs, _root = _storage.open_url(self._output, self._options)
+        rows = ray.data.read_parquet(ds.files, filesystem=_storage.to_pyarrow_fs(fs))
         since = getattr(self, "relabel_since", None)
         if since is not None:  # only rows of OUTPUT's current model count as done (identity.py)
             rows = rows.select_columns([URI_COLUMN, "status", "written_at"])

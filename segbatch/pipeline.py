@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_ROWS_PER_FILE = 64  # most rows per summary Parquet file; also how many masks one write task holds
 MIN_SUMMARY_FILES = 16  # small runs still write in this many steps, not all at the end
+DECODE_BATCH_ROWS = 32  # images a decode task reads at once (concurrently) and holds decoded
 DECODE_TASK_MEMORY = 320 * 1024**2  # bytes; decode workers resize with PIL and never import torch
 MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run: one early error is no rate
 
@@ -142,7 +143,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
     ds = inputs.dataset(size.batch_size)
     ds = ds.map_batches(
         DecodeImages(config.input, config.storage_options, spec.architecture.resize(), limits),
-        batch_size=None,  # one listing block per task
+        batch_size=max(size.batch_size, DECODE_BATCH_ROWS),  # slices of a listing block, one task per block
         batch_format="pyarrow",
         num_cpus=size.decode_cpus,
         # The reservation also keeps Ray Data from fusing decoding into the inference actor (it fuses

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from segbatch import _storage, summary
+from segbatch import _storage, compact, summary
 from segbatch.contract import RUNS_DIR
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def drop_superseded(output_url: str, storage_options: Mapping[str, Any] | None =
     Newest means the latest ``written_at``, then the greater ``run_id`` (run ids start with their UTC
     start time). Error rows are left alone: the output contract lets them remain beside an ok row.
     """
+    compact.finish_pending(output_url, storage_options)  # no half-done merge while files are rewritten
     ds = summary.dataset(output_url, storage_options)
     if ds is None:
         return 0
@@ -135,20 +136,24 @@ def _rewrite_without(fs, path: str, keys: set[tuple[str, str]]) -> int:
 
 
 def finish(config, report, *, completed: bool, cleanup: bool = False) -> None:
-    """Record the run and, after a redo run (or any run while OUTPUT still holds an earlier model's rows,
-    ``cleanup``), drop superseded ok rows. Never raises: every row already written is valid, and a failure
-    here must not hide the run's own outcome."""
+    """Record the run; after a redo run (or any run while OUTPUT still holds an earlier model's rows,
+    ``cleanup``) drop superseded ok rows; then merge the run's summary files (segbatch/compact.py). Never
+    raises: every row already written is valid, and a failure here must not hide the run's own outcome."""
     try:
         record(config, report, completed=completed)
     except Exception as exc:
         log.error("could not write the run record of %s: %s", report.run_id, exc)
-    if not (config.redo_all or config.redo_changed or cleanup):
-        return
+    if config.redo_all or config.redo_changed or cleanup:
+        try:
+            drop_superseded(config.output, config.storage_options)
+        except Exception as exc:
+            log.error("could not drop superseded ok rows (%s); inputs keep an extra older ok row until the next "
+                      "--redo-changed run finishes this cleanup", exc)
     try:
-        drop_superseded(config.output, config.storage_options)
+        compact.compact(config.output, config.storage_options, run_id=report.run_id)
     except Exception as exc:
-        log.error("could not drop superseded ok rows (%s); inputs keep an extra older ok row until the next "
-                  "--redo-changed run finishes this cleanup", exc)
+        log.error("could not merge the run's summary files (%s); its rows are all there, in small files: "
+                  "`segbatch compact OUTPUT` merges them", exc)
 
 
 __all__ = ["drop_superseded", "finish", "read_records", "record"]

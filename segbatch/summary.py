@@ -7,13 +7,14 @@ Readers ask for the columns they need only; resuming over 10^6 labelled images r
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+import posixpath
+from typing import Any, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from segbatch import _storage
+from segbatch import _storage, compact
 from segbatch.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
 
 
@@ -26,8 +27,14 @@ def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -
     fs.invalidate_cache(path)
     if not _storage.retry(fs.exists, path, what=f"check {path}"):
         return None
-    files = [p for p in _storage.retry(fs.find, path, what=f"list {path}") if p.endswith(".parquet")
-             and not p.rsplit("/", 1)[-1].startswith((".", "_"))]
+    listed = _storage.retry(fs.find, path, what=f"list {path}")
+    # Files that a finished merge replaced but a killed compaction left behind hold rows that the merged
+    # file holds too: they are skipped (segbatch/compact.py).
+    top = [p for p in listed if posixpath.dirname(p) == path.rstrip("/")]
+    replaced = compact.replaced_files(fs, path, [posixpath.basename(p) for p in top]) if any(
+        posixpath.basename(p).startswith(compact.MARKER_PREFIX) for p in top) else set()
+    files = [p for p in listed if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_"))
+             and not (posixpath.dirname(p) == path.rstrip("/") and posixpath.basename(p) in replaced)]
     if not files:
         return None
     # Files from older segbatch versions may lack extension columns; the contract schema fills them null.
@@ -44,14 +51,46 @@ def read(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
     return ds.to_table(columns=list(columns) if columns else None, filter=filter)
 
 
+IDENTITY_COLUMNS = ["size", "etag", "mtime"]  # what --redo-changed compares
+DONE_CHUNK_ROWS = 2_000_000  # ok rows the driver holds at once while deciding what to skip
+
+
+def _done_filter(since: float | None) -> pc.Expression:
+    where = pc.field("status") == "ok"
+    if since is not None:
+        where = where & (pc.field("written_at") >= pa.scalar(int(since * 1000), pa.timestamp("ms", tz="UTC")))
+    return where
+
+
 def done_keys(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
               since: float | None = None) -> pa.Table:
     """uri (and input identity) of every ok row: what a resumed run skips. With ``since`` (epoch seconds,
     identity.py's relabel_since) only rows written since then count."""
-    where = pc.field("status") == "ok"
-    if since is not None:
-        where = where & (pc.field("written_at") >= pa.scalar(int(since * 1000), pa.timestamp("ms", tz="UTC")))
-    return read(output_url, storage_options, columns=["uri", "size", "etag", "mtime"], filter=where)
+    return read(output_url, storage_options, columns=["uri", *IDENTITY_COLUMNS], filter=_done_filter(since))
+
+
+def done_key_chunks(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
+                    identity: bool = False, since: float | None = None,
+                    chunk_rows: int = DONE_CHUNK_ROWS) -> Iterator[pa.Table]:
+    """The ``uri`` (with ``identity``, also size/ETag/mtime) of every ok row (written since ``since``, as
+    :func:`done_keys`), in tables of at most about ``chunk_rows`` rows, so that the driver never holds the
+    keys of a 10^7-row summary at once."""
+    ds = dataset(output_url, storage_options)
+    if ds is None:
+        return
+    columns = ["uri", *IDENTITY_COLUMNS] if identity else ["uri"]
+    scanner = ds.scanner(columns=columns, filter=_done_filter(since), batch_readahead=2,
+                         fragment_readahead=1)
+    batches, rows = [], 0
+    for batch in scanner.to_batches():
+        if batch.num_rows:
+            batches.append(batch)
+            rows += batch.num_rows
+        if rows >= chunk_rows:
+            yield pa.Table.from_batches(batches)
+            batches, rows = [], 0
+    if batches:
+        yield pa.Table.from_batches(batches)
 
 
 def classes(output_url: str, storage_options: Mapping[str, Any] | None = None) -> list[str] | None:

@@ -184,5 +184,11 @@ def test_drop_done_compares_identity_where_both_sides_have_it():
     done = pa.table({"uri": ["same", "resized", "etag-changed", "touched"], "size": [1, 20, 4, 5],
                      "etag": pa.array([None, None, "e1", None], pa.string()), "mtime": [1.0, 2.0, 4.0, 5.0]})
     assert drop_done(listed, done, redo_changed=False)["uri"].to_pylist() == ["new"]
-    assert drop_done(listed, done, redo_changed=True)["uri"].to_pylist() == ["etag-changed", "new", "resized",
+    # The listing's order is kept (a real listing is sorted by uri).
+    assert drop_done(listed, done, redo_changed=True)["uri"].to_pylist() == ["resized", "new", "etag-changed",
                                                                              "touched"]
+    # The same in chunks, as a resumed run reads them from a large summary.
+    chunks = [done.slice(0, 1), done.slice(1, 2), done.slice(3)]
+    assert drop_done(listed, iter(chunks), redo_changed=True)["uri"].to_pylist() == ["resized", "new",
+                                                                                     "etag-changed", "touched"]
+    assert drop_done(listed, iter(chunks), redo_changed=False)["uri"].to_pylist() == ["new"]

@@ -1,0 +1,333 @@
+"""Summary compaction: merged files, readers that never count a row twice, kills at every step, S3, and
+the commands that read the summary on compacted and uncompacted outputs alike."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from _helpers import TEST_ARCH, photo_like
+from segbatch import RunConfig, compact, runs, summary
+from segbatch.cli import main
+from segbatch.contract import SUMMARY_SCHEMA, summary_metadata
+
+status = importlib.import_module("segbatch.status")  # the module; `segbatch.status` is the function
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("bg", "fg")
+
+
+def write_part(folder: Path, name: str, run_id: str, uris: list[str], *, status_of=lambda u: "ok",
+               classes=CLASSES, written_at: int = 1_700_000_000_000, drop_extensions: bool = False) -> None:
+    n = len(uris)
+    cols = {f.name: pa.nulls(n, f.type) for f in SUMMARY_SCHEMA}
+    cols["uri"] = pa.array(uris, pa.string())
+    cols["status"] = pa.array([status_of(u) for u in uris], pa.string())
+    cols["run_id"] = pa.array([run_id] * n, pa.string())
+    cols["pixel_counts"] = pa.array([[1, 2]] * n, pa.list_(pa.int64()))
+    cols["size"] = pa.array(range(n), pa.int64())
+    cols["written_at"] = pa.array([written_at] * n, pa.timestamp("ms", tz="UTC"))
+    table = pa.table(cols, schema=SUMMARY_SCHEMA.with_metadata(summary_metadata(classes)))
+    if drop_extensions:  # as an older segbatch wrote it
+        table = table.drop_columns(["size", "etag", "mtime", "written_at"])
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / name, compression="zstd")
+
+
+def synthetic(out: Path, files: int, rows_per_file: int = 64, run_id: str = "r1") -> list[tuple[str, str]]:
+    """A summary of ``files`` part files; returns its (uri, run_id) rows, sorted."""
+    rows = []
+    for i in range(files):
+        uris = [f"/in/{i:05d}/{j:03d}.jpg" for j in range(rows_per_file)]
+        write_part(out / "summary", f"part-{run_id}-{i:016x}.parquet", run_id, uris,
+                   status_of=lambda u: "error" if u.endswith("007.jpg") else "ok")
+        rows += [(u, run_id) for u in uris]
+    return sorted(rows)
+
+
+def seen_rows(out) -> list[tuple[str, str]]:
+    table = summary.read(str(out), columns=["uri", "run_id"])
+    return sorted(zip(table["uri"].to_pylist(), table["run_id"].to_pylist()))
+
+
+def summary_files(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "summary").iterdir())
+
+
+def test_compact_merges_small_files_into_one_and_readers_see_every_row_once(tmp_path, capsys):
+    out = tmp_path / "out"
+    rows = synthetic(out, files=40)
+    write_part(out / "summary", "part-old-0000000000000001.parquet", "old", ["/in/legacy.jpg"],
+               drop_extensions=True)
+    rows = sorted(rows + [("/in/legacy.jpg", "old")])
+    before = status.collect(str(out))
+    assert main(["compact", str(out)]) == 0
+    assert "merged 41 summary files (2561 rows) into 1" in capsys.readouterr().out
+    files = summary_files(out)
+    assert len(files) == 1 and files[0].startswith("merged-")
+    assert seen_rows(out) == rows
+    merged = pq.ParquetFile(out / "summary" / files[0])
+    assert merged.schema_arrow.remove_metadata() == SUMMARY_SCHEMA
+    assert json.loads(merged.schema_arrow.metadata[b"segbatch.classes"]) == list(CLASSES)
+    legacy = summary.read(str(out), filter=pc.field("uri") == "/in/legacy.jpg").to_pylist()[0]
+    assert legacy["size"] is None and legacy["pixel_counts"] == [1, 2]  # missing extensions: null
+    after = status.collect(str(out))
+    assert (after.inputs_ok, after.inputs_failing, after.extra_ok_rows) == (before.inputs_ok,
+                                                                            before.inputs_failing, 0)
+    assert summary.done_keys(str(out)).num_rows == before.inputs_ok
+    # Nothing left to merge: a second compaction changes nothing.
+    assert compact.compact(str(out)).merged_written == 0
+    assert summary_files(out) == files
+
+
+def test_run_compaction_takes_only_that_runs_files_and_limits_file_size(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    mine = synthetic(out, files=10, run_id="mine")
+    theirs = synthetic(out, files=3, run_id="theirs")
+    monkeypatch.setattr(compact, "MAX_ROWS", 256)  # 4 files of 64 rows per merged file
+    monkeypatch.setattr(compact, "ROW_GROUP_ROWS", 128)
+    report = compact.compact(str(out), run_id="mine")
+    assert (report.files_merged, report.merged_written, report.rows) == (10, 3, 640)
+    names = summary_files(out)
+    assert sum(n.startswith("merged-") for n in names) == 3
+    assert sorted(n for n in names if n.startswith("part-")) == [f"part-theirs-{i:016x}.parquet" for i in range(3)]
+    assert seen_rows(out) == sorted(mine + theirs)
+    assert max(pq.ParquetFile(out / "summary" / n).metadata.num_rows for n in names) == 256
+    assert pq.ParquetFile(out / "summary" / names[0]).metadata.num_row_groups == 2
+
+
+def test_files_with_different_class_names_are_not_merged_together(tmp_path):
+    out = tmp_path / "out"
+    write_part(out / "summary", "part-a-1.parquet", "a", ["/x1"])
+    write_part(out / "summary", "part-a-2.parquet", "a", ["/x2"])
+    write_part(out / "summary", "part-b-1.parquet", "b", ["/y1"], classes=("sky", "sea", "sand"))
+    write_part(out / "summary", "part-b-2.parquet", "b", ["/y2"], classes=("sky", "sea", "sand"))
+    assert compact.compact(str(out)).merged_written == 2
+    classes = sorted(json.loads(pq.read_schema(out / "summary" / n).metadata[b"segbatch.classes"])
+                     for n in summary_files(out))
+    assert classes == [list(CLASSES), ["sky", "sea", "sand"]]
+    assert [u for u, _ in seen_rows(out)] == ["/x1", "/x2", "/y1", "/y2"]
+
+
+def _compact_in_subprocess(out, kill_at: str | None = None, extra_env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
+    if kill_at:
+        env[compact.KILL_ENV] = kill_at
+    return subprocess.run([sys.executable, "-m", "segbatch", "compact", str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kill_at", ["written", "marked", "published", "deleting"])
+def test_a_kill_at_any_step_leaves_every_row_once_and_the_next_compaction_finishes(tmp_path, kill_at):
+    out = tmp_path / "out"
+    rows = synthetic(out, files=600, rows_per_file=8)
+    got = _compact_in_subprocess(out, kill_at)
+    assert got.returncode == -signal.SIGKILL, got.stderr
+    names = summary_files(out)
+    markers = [n for n in names if n.startswith("_compacting-")]
+    merged = [n for n in names if n.startswith("merged-")]
+    assert len(markers) == (0 if kill_at == "written" else 1)
+    assert len(merged) == (1 if kill_at in ("published", "deleting") else 0)
+    if kill_at == "deleting":  # some small files are gone, the rest are still there
+        assert 0 < sum(n.startswith("part-") for n in names) < 600
+    assert seen_rows(out) == rows  # every row exactly once, as readers see it
+    assert status.collect(str(out)).extra_ok_rows == 0
+    temporaries = [n for n in names if n.startswith(".")]
+    assert len(temporaries) == (1 if kill_at in ("written", "marked") else 0)
+
+    got = _compact_in_subprocess(out)
+    assert got.returncode == 0, got.stderr
+    names = summary_files(out)
+    assert len(names) == 1 and names[0].startswith("merged-")  # temporaries of the kill are gone too
+    assert seen_rows(out) == rows
+
+
+def test_sigkill_at_arbitrary_moments_never_loses_or_doubles_a_row(tmp_path):
+    out = tmp_path / "out"
+    rows = synthetic(out, files=1500, rows_per_file=4)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for delay in (1.0, 1.8, 2.6):
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out)
+        proc = subprocess.Popen([sys.executable, "-m", "segbatch", "compact", str(out)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert seen_rows(out) == rows, f"killed after {delay}s"
+        compact.compact(str(out))
+        assert seen_rows(out) == rows, f"killed after {delay}s, then compacted"
+        assert not any(n.startswith(("_", "part-", ".")) for n in summary_files(out))
+
+
+def test_drop_superseded_works_on_merged_files_and_keeps_their_class_names(tmp_path):
+    out = tmp_path / "out"
+    write_part(out / "summary", "part-old-1.parquet", "old", ["a", "b"], written_at=1000)
+    write_part(out / "summary", "part-old-2.parquet", "old", ["c"], written_at=1000)
+    compact.compact(str(out))
+    # A redo run's rows, in its own (not yet merged) file, then a pending merge of it beside.
+    write_part(out / "summary", "part-new-1.parquet", "new", ["a"], written_at=2000)
+    assert status.collect(str(out)).extra_ok_rows == 1
+    assert runs.drop_superseded(str(out)) == 1
+    assert seen_rows(out) == [("a", "new"), ("b", "old"), ("c", "old")]
+    merged = [n for n in summary_files(out) if n.startswith("merged-")]
+    assert json.loads(pq.read_schema(out / "summary" / merged[0]).metadata[b"segbatch.classes"]) == list(CLASSES)
+    compact.compact(str(out))
+    assert len(summary_files(out)) == 1
+    assert seen_rows(out) == [("a", "new"), ("b", "old"), ("c", "old")]
+
+
+def test_drop_superseded_finishes_a_pending_merge_before_it_deletes_an_emptied_merged_file(tmp_path, monkeypatch):
+    """A merged file whose rows are all superseded is deleted by the redo cleanup; the small files it
+    replaced (left by a killed compaction) must not come back with their old ok rows."""
+    out = tmp_path / "out"
+    write_part(out / "summary", "part-old-1.parquet", "old", ["a"], written_at=1000)
+    write_part(out / "summary", "part-old-2.parquet", "old", ["b"], written_at=1000)
+    monkeypatch.setattr(compact, "_finish", lambda *a, **k: None)  # killed before the deletes
+    compact.compact(str(out))
+    monkeypatch.undo()
+    assert len(summary_files(out)) == 4  # 2 small, 1 merged, 1 marker
+    write_part(out / "summary", "part-new-1.parquet", "new", ["a", "b"], written_at=2000)
+    assert runs.drop_superseded(str(out)) == 2
+    assert seen_rows(out) == [("a", "new"), ("b", "new")]
+    assert summary_files(out) == ["part-new-1.parquet"]
+
+
+def test_compaction_on_s3_with_a_kill_before_the_deletes(s3_bucket, s3_server, tmp_path):
+    local = tmp_path / "local"
+    rows = synthetic(local, files=30, rows_per_file=5)
+    url = f"s3://{s3_bucket}/labels"
+    s3_server.upload_dir(local, url)
+    got = _compact_in_subprocess(url, "published")
+    assert got.returncode == -signal.SIGKILL, got.stderr
+    from _s3 import clear_s3fs_cache
+
+    clear_s3fs_cache()
+    keys = [k for k in s3_server.keys(s3_bucket) if "/summary/" in k]
+    assert sum("/summary/_compacting-" in k for k in keys) == 1 and len(keys) == 32
+    assert seen_rows(url) == rows
+    got = _compact_in_subprocess(url)
+    assert got.returncode == 0, got.stderr
+    clear_s3fs_cache()
+    keys = [k for k in s3_server.keys(s3_bucket) if "/summary/" in k]
+    assert len(keys) == 1 and "/summary/merged-" in keys[0]
+    assert seen_rows(url) == rows
+
+
+@pytest.fixture(scope="module")
+def two_outputs(tmp_path_factory, ray_local, checkpoint):
+    """One run of 20 images, its OUTPUT left as the run wrote it (small files) and compacted."""
+    from segbatch import run
+
+    root = tmp_path_factory.mktemp("compacted")
+    src = root / "in"
+    src.mkdir()
+    for i in range(19):
+        Image.fromarray(photo_like(64, 48, seed=i)).save(src / f"img{i:02d}.jpg", quality=90)
+    (src / "bad.jpg").write_bytes(b"not an image")
+    config = RunConfig(input=str(src), output=str(root / "small"), model=TEST_ARCH, weights=str(checkpoint),
+                       batch_size=2, progress=False, run_id="r1")
+    original = compact.compact
+    compact.compact = lambda *a, **k: compact.CompactReport()  # as a killed run or an older version leaves it
+    try:
+        report = run(config)
+    finally:
+        compact.compact = original
+    assert (report.ok, report.errors) == (19, 1)
+    shutil.copytree(root / "small", root / "merged")
+    compact.compact(str(root / "merged"))
+    gt = root / "gt"  # the masks themselves as ground truth
+    for mask in (root / "small" / "masks").rglob("*.png"):
+        rel = mask.relative_to(root / "small" / "masks")
+        target = gt / str(rel)[: -len(".jpg.png")]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(mask, str(target) + ".png")
+    return root, config
+
+
+def test_a_run_leaves_one_merged_summary_file(tmp_path, ray_local, checkpoint):
+    from segbatch import run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(24):
+        Image.fromarray(photo_like(40, 30, seed=i)).save(src / f"i{i:02d}.jpg", quality=90)
+    report = run(RunConfig(input=str(src), output=str(tmp_path / "out"), model=TEST_ARCH,
+                           weights=str(checkpoint), batch_size=2, progress=False))
+    assert report.ok == 24
+    files = summary_files(tmp_path / "out")
+    assert len(files) == 1 and files[0].startswith("merged-")
+    assert summary.read(str(tmp_path / "out")).num_rows == 24
+
+
+def test_a_128_image_run_leaves_at_most_two_summary_files(tmp_path, ray_local, checkpoint):
+    """Zero-byte inputs: every stage runs and writes a row (an error row), without the CPU inference."""
+    from segbatch import run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(128):
+        (src / f"e{i:03d}.jpg").write_bytes(b"")
+    report = run(RunConfig(input=str(src), output=str(tmp_path / "out"), model=TEST_ARCH,
+                           weights=str(checkpoint), batch_size=4, progress=False))
+    assert (report.ok, report.errors) == (0, 128)
+    files = summary_files(tmp_path / "out")
+    assert len(files) <= 2 and all(f.startswith("merged-") for f in files)
+    assert summary.read(str(tmp_path / "out")).num_rows == 128
+
+
+def test_uncompacted_output_has_small_files(two_outputs):
+    root, _config = two_outputs
+    assert len(summary_files(root / "small")) >= 10
+    assert len(summary_files(root / "merged")) == 1
+
+
+def test_status_report_eval_and_resume_read_both_alike(two_outputs):
+    from segbatch.evaluate import evaluate
+    from segbatch.pipeline import plan_inputs
+    from segbatch.report import collect
+
+    root, config = two_outputs
+    results = {}
+    for name in ("small", "merged"):
+        out = str(root / name)
+        st = status.collect(out)
+        rep = collect(out, samples=0)
+        ev = evaluate(out, str(root / "gt"))
+        plan = plan_inputs(config.replace(output=out))
+        results[name] = (
+            [(r.run_id, r.ok, r.error, r.skipped) for r in st.runs], st.inputs_ok, st.inputs_failing,
+            rep.ok_images, rep.error_rows, rep.pixel_totals.tolist(), rep.classes,
+            ev.images, ev.matrix.tolist(), plan.todo["uri"].to_pylist(), plan.counts(),
+        )
+    assert results["small"] == results["merged"]
+    runs_, inputs_ok, failing, ok_images, *_rest, todo, counts = results["merged"]
+    assert (runs_[0][:3], inputs_ok, failing, ok_images) == (("r1", 19, 1), 19, 1, 19)
+    assert todo == [str(root / "in" / "bad.jpg")] and counts == (20, 19)
+
+
+def test_compact_holds_the_lease_and_stops_while_a_run_holds_it(tmp_path, capsys):
+    from segbatch import _lease
+
+    out = tmp_path / "out"
+    rows = synthetic(out, files=5)
+    with _lease.Lease(str(out), None, "a-running-run"):
+        assert main(["compact", str(out)]) == 2
+    assert len(summary_files(out)) == 5 and seen_rows(out) == rows
+    assert main(["compact", str(out)]) == 0
+    assert len(summary_files(out)) == 1 and seen_rows(out) == rows
+    assert not (out / _lease.LEASE_NAME).exists()  # released
