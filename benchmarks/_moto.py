@@ -10,7 +10,7 @@ import multiprocessing as mp
 import os
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 BENCH_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -1,6 +1,6 @@
 """Build the standard benchmark input: N photo-like 640x480 JPEGs (deterministic, license-free).
 
-    python benchmarks/bench_data.py bench-data/jpeg640 --count 128
+python benchmarks/bench_data.py bench-data/jpeg640 --count 128
 """
 
 from __future__ import annotations

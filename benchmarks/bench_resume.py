@@ -53,17 +53,30 @@ def _size(i: int) -> int:
 def summary_rows(start: int, n: int, rng: np.random.Generator, schema: pa.Schema) -> pa.Table:
     ids = range(start, start + n)
     counts = rng.integers(0, 20_000, size=n * NUM_CLASSES)
-    pixel_counts = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * NUM_CLASSES, NUM_CLASSES, np.int32)),
-                                            pa.array(counts))
-    return pa.table({
-        "uri": [_uri(i) for i in ids], "status": ["ok"] * n, "error": pa.nulls(n, pa.string()),
-        "width": np.full(n, 640, np.int32), "height": np.full(n, 480, np.int32),
-        "mask_uri": [f"s3://example-bucket/labels/masks/{_uri(i)[27:]}.png" for i in ids],
-        "pixel_counts": pixel_counts, "run_id": ["20260101T000000Z-abcdef"] * n,
-        "model": ["deeplabv3_resnet101"] * n, "weights": ["DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1"] * n,
-        "node_id": ["f" * 56] * n, "device": ["cuda:0"] * n, "size": [_size(i) for i in ids],
-        "etag": [f"{i:032x}" for i in ids], "mtime": np.full(n, 1.7e9), "written_at": np.full(n, 1_700_000_000_000),
-    }, schema=schema)
+    pixel_counts = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, (n + 1) * NUM_CLASSES, NUM_CLASSES, np.int32)), pa.array(counts)
+    )
+    return pa.table(
+        {
+            "uri": [_uri(i) for i in ids],
+            "status": ["ok"] * n,
+            "error": pa.nulls(n, pa.string()),
+            "width": np.full(n, 640, np.int32),
+            "height": np.full(n, 480, np.int32),
+            "mask_uri": [f"s3://example-bucket/labels/masks/{_uri(i)[27:]}.png" for i in ids],
+            "pixel_counts": pixel_counts,
+            "run_id": ["20260101T000000Z-abcdef"] * n,
+            "model": ["deeplabv3_resnet101"] * n,
+            "weights": ["DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1"] * n,
+            "node_id": ["f" * 56] * n,
+            "device": ["cuda:0"] * n,
+            "size": [_size(i) for i in ids],
+            "etag": [f"{i:032x}" for i in ids],
+            "mtime": np.full(n, 1.7e9),
+            "written_at": np.full(n, 1_700_000_000_000),
+        },
+        schema=schema,
+    )
 
 
 def write_summary(out: Path, rows: int, layout: str) -> None:
@@ -74,16 +87,20 @@ def write_summary(out: Path, rows: int, layout: str) -> None:
     if layout == "direct":  # what compaction leaves: files of compact.MAX_ROWS rows in large row groups
         for start in range(0, rows, compact.MAX_ROWS):
             n = min(compact.MAX_ROWS, rows - start)
-            with pq.ParquetWriter(folder / f"merged-bench{start // compact.MAX_ROWS:08d}.parquet", schema,
-                                  compression="zstd") as writer:
+            with pq.ParquetWriter(
+                folder / f"merged-bench{start // compact.MAX_ROWS:08d}.parquet", schema, compression="zstd"
+            ) as writer:
                 for s in range(start, start + n, compact.ROW_GROUP_ROWS):
                     m = min(compact.ROW_GROUP_ROWS, start + n - s)
                     writer.write_table(summary_rows(s, m, rng, schema), row_group_size=compact.ROW_GROUP_ROWS)
         return
     for start in range(0, rows, ROWS_PER_FILE):
         n = min(ROWS_PER_FILE, rows - start)
-        pq.write_table(summary_rows(start, n, rng, schema), folder / f"part-bench-{start // ROWS_PER_FILE:08d}.parquet",
-                       compression="zstd")
+        pq.write_table(
+            summary_rows(start, n, rng, schema),
+            folder / f"part-bench-{start // ROWS_PER_FILE:08d}.parquet",
+            compression="zstd",
+        )
 
 
 def make_listing(rows: int) -> pa.Table:
@@ -92,9 +109,19 @@ def make_listing(rows: int) -> pa.Table:
     for start in range(0, total, 1_000_000):  # in slices, so the Python strings of 10^7 rows never coexist
         ids = range(start, min(total, start + 1_000_000))
         uris = [_uri(i) for i in ids]
-        parts.append(pa.table({"uri": uris, "path": [u[5:] for u in uris], "rel": [u[27:] for u in uris],
-                               "size": [_size(i) for i in ids], "etag": [f"{i:032x}" for i in ids],
-                               "mtime": np.full(len(ids), 1.7e9)}, schema=listing.LISTING_SCHEMA))
+        parts.append(
+            pa.table(
+                {
+                    "uri": uris,
+                    "path": [u[5:] for u in uris],
+                    "rel": [u[27:] for u in uris],
+                    "size": [_size(i) for i in ids],
+                    "etag": [f"{i:032x}" for i in ids],
+                    "mtime": np.full(len(ids), 1.7e9),
+                },
+                schema=listing.LISTING_SCHEMA,
+            )
+        )
     return pa.concat_tables(parts).combine_chunks()
 
 
@@ -141,8 +168,12 @@ def main() -> None:
         print(f"wrote {args.rows} summary rows in {seconds:.0f}s", flush=True)
         if args.layout == "compacted":
             report, seconds, grown = measure(lambda: compact.compact(str(out)))
-            results["compaction"] = {"seconds": round(seconds, 1), "peak_rss_growth_mib": round(grown / mib, 1),
-                                     "files_merged": report.files_merged, "merged_written": report.merged_written}
+            results["compaction"] = {
+                "seconds": round(seconds, 1),
+                "peak_rss_growth_mib": round(grown / mib, 1),
+                "files_merged": report.files_merged,
+                "merged_written": report.merged_written,
+            }
             print(f"{report} in {seconds:.0f}s", flush=True)
     files = list((out / SUMMARY_DIR).glob("*.parquet"))
     results.update({"files": len(files), "summary_mib": round(sum(p.stat().st_size for p in files) / mib, 1)})
@@ -150,8 +181,12 @@ def main() -> None:
         # One fresh process per step: Arrow's memory pool keeps what an earlier step freed, which would
         # hide a later step's growth.
         for mode in args.modes:
-            got = subprocess.run([sys.executable, __file__, str(out), "--rows", str(args.rows), "--layout",
-                                  args.layout, "--only", mode], check=True, capture_output=True, text=True)
+            got = subprocess.run(
+                [sys.executable, __file__, str(out), "--rows", str(args.rows), "--layout", args.layout, "--only", mode],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             results.update(json.loads(got.stdout.strip().splitlines()[-1]))
         print(json.dumps(results, indent=1))
         return
@@ -162,11 +197,17 @@ def main() -> None:
         chunks = summary.done_key_chunks(str(out), identity=redo_changed)
         return listing.drop_done(listed, chunks, redo_changed=redo_changed)
 
-    fn = {"skip": lambda: resume(False), "skip_redo_changed": lambda: resume(True),
-          "read_whole_summary": lambda: summary.read(str(out))}[args.only]
+    fn = {
+        "skip": lambda: resume(False),
+        "skip_redo_changed": lambda: resume(True),
+        "read_whole_summary": lambda: summary.read(str(out)),
+    }[args.only]
     result, seconds, grown = measure(fn)
-    results[args.only] = {"seconds": round(seconds, 2), "peak_rss_growth_mib": round(grown / mib, 1),
-                          "rows_out": result.num_rows}
+    results[args.only] = {
+        "seconds": round(seconds, 2),
+        "peak_rss_growth_mib": round(grown / mib, 1),
+        "rows_out": result.num_rows,
+    }
     print(json.dumps(results))
 
 

@@ -61,8 +61,19 @@ def main() -> None:
                 folder = os.path.join(src, f"{i // 1000:04d}")
                 os.makedirs(folder, exist_ok=True)
                 open(os.path.join(folder, f"{i:07d}.jpg"), "wb").close()
-            cmd = [sys.executable, "-m", "segbatch", "run", src, os.path.join(tmp, f"out{n}"), "--model",
-                   "deeplabv3_mobilenet_v3_large", "--weights", "random", "--no-progress"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "segbatch",
+                "run",
+                src,
+                os.path.join(tmp, f"out{n}"),
+                "--model",
+                "deeplabv3_mobilenet_v3_large",
+                "--weights",
+                "random",
+                "--no-progress",
+            ]
             load = os.getloadavg()[0]
             rss, seconds, report = peak_rss(cmd, args.max_seconds, os.path.join(tmp, f"out{n}"))
             rows.append((n, rss, seconds, f"{load:.1f}-{os.getloadavg()[0]:.1f}", report))

@@ -44,7 +44,7 @@ def _fast_list_v2(self, bucket, prefix, delimiter, continuation_token, start_aft
         i = max(i, bisect.bisect_right(names, limit))
     out: list = []
     while i < len(names) and names[i].startswith(prefix) and len(out) < max_keys:
-        rest = names[i][len(prefix):]
+        rest = names[i][len(prefix) :]
         if delimiter and delimiter in rest:
             folder = prefix + rest.split(delimiter)[0] + delimiter
             if not (limit and folder <= limit):
@@ -77,8 +77,9 @@ def _insert_keys(keys: int, folder_size: int) -> None:
     body = b"\xff\xd8\xff"  # three bytes: the keys matter here, not the contents
     for i in range(keys):
         name = f"{PREFIX}{i // folder_size:05d}/{i:08d}.jpg" if folder_size else f"{PREFIX}{i:08d}.jpg"
-        bucket.keys[name] = FakeKey(name, body, account_id=DEFAULT_ACCOUNT_ID, region_name="us-east-1",
-                                    bucket_name=BUCKET)
+        bucket.keys[name] = FakeKey(
+            name, body, account_id=DEFAULT_ACCOUNT_ID, region_name="us-east-1", bucket_name=BUCKET
+        )
     print(f"  (server: inserted {keys} keys in {time.perf_counter() - t0:.0f}s)", flush=True)
 
 
@@ -101,12 +102,18 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert table.num_rows == args.keys, table.num_rows
-    print(f"{platform.node()} cores={os.cpu_count()} python={platform.python_version()} "
-          f"s3fs={s3fs.__version__} date={time.strftime('%Y-%m-%d')}")
-    print(f"listed {table.num_rows} keys ({args.keys // args.folder_size if args.folder_size else 1} folders) in {seconds:.1f}s = "
-          f"{table.num_rows / seconds:.0f} keys/s")
-    print(f"driver peak RSS grew {(peak - before) / 1024:.0f} MiB during the listing; the listing table "
-          f"holds {table.nbytes / 2**20:.0f} MiB ({table.nbytes / table.num_rows:.0f} B/key)")
+    print(
+        f"{platform.node()} cores={os.cpu_count()} python={platform.python_version()} "
+        f"s3fs={s3fs.__version__} date={time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"listed {table.num_rows} keys ({args.keys // args.folder_size if args.folder_size else 1} folders) in {seconds:.1f}s = "
+        f"{table.num_rows / seconds:.0f} keys/s"
+    )
+    print(
+        f"driver peak RSS grew {(peak - before) / 1024:.0f} MiB during the listing; the listing table "
+        f"holds {table.nbytes / 2**20:.0f} MiB ({table.nbytes / table.num_rows:.0f} B/key)"
+    )
     proc.terminate()
 
 

@@ -55,8 +55,10 @@ def main() -> None:
             fn()
             best = min(best, time.perf_counter() - t0)
         rates[name] = args.objects / best
-    print(f"{platform.node()} {platform.processor() or platform.machine()} cores={os.cpu_count()} "
-          f"python={platform.python_version()} s3fs={s3fs.__version__} endpoint={endpoint}")
+    print(
+        f"{platform.node()} {platform.processor() or platform.machine()} cores={os.cpu_count()} "
+        f"python={platform.python_version()} s3fs={s3fs.__version__} endpoint={endpoint}"
+    )
     print(f"{args.objects} objects of {args.size} bytes, best of {args.repeat}")
     for name, rate in rates.items():
         print(f"  {name:26s} {rate:8.0f} objects/s")

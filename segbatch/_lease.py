@@ -21,8 +21,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from segbatch import _storage
 from segbatch.errors import ConfigError
@@ -82,16 +83,23 @@ class Holder:
         return (json.dumps(data, indent=1) + "\n").encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "Holder":
+    def from_bytes(cls, raw: bytes) -> Holder:
         data = json.loads(raw)
-        return cls(host=str(data.get("host", "?")), pid=int(data.get("pid", 0)), run_id=str(data.get("run_id", "?")),
-                   token=str(data.get("token", "")), acquired_at=float(data.get("acquired_at", 0)),
-                   renewed_at=float(data.get("renewed_at", 0)),
-                   timeout_s=float(data.get("timeout_s", DEFAULT_TIMEOUT_S)))
+        return cls(
+            host=str(data.get("host", "?")),
+            pid=int(data.get("pid", 0)),
+            run_id=str(data.get("run_id", "?")),
+            token=str(data.get("token", "")),
+            acquired_at=float(data.get("acquired_at", 0)),
+            renewed_at=float(data.get("renewed_at", 0)),
+            timeout_s=float(data.get("timeout_s", DEFAULT_TIMEOUT_S)),
+        )
 
     def describe(self, now: float) -> str:
-        return (f"run {self.run_id} (host {self.host}, pid {self.pid}), last renewed {_iso(self.renewed_at)} "
-                f"({max(0.0, now - self.renewed_at):.0f}s ago)")
+        return (
+            f"run {self.run_id} (host {self.host}, pid {self.pid}), last renewed {_iso(self.renewed_at)} "
+            f"({max(0.0, now - self.renewed_at):.0f}s ago)"
+        )
 
 
 def _holder_is_dead(holder: Holder) -> bool:
@@ -121,15 +129,23 @@ def _is_s3(fs) -> bool:
 class Lease:
     """``with Lease(output, options, run_id): ...`` holds OUTPUT for the block (see the module doc)."""
 
-    def __init__(self, output_url: str, storage_options: Mapping[str, Any] | None, run_id: str,
-                 timeout_s: float | None = None):
+    def __init__(
+        self, output_url: str, storage_options: Mapping[str, Any] | None, run_id: str, timeout_s: float | None = None
+    ):
         self.url = _storage.join_url(_storage.absolute_url(output_url), LEASE_NAME)
         self._fs, root = _storage.open_url(output_url, storage_options)
         self._path = _storage.join_path(root, LEASE_NAME)
         self.timeout_s = timeout_s if timeout_s is not None else lease_timeout()
         now = time.time()
-        self.holder = Holder(host=socket.gethostname(), pid=os.getpid(), run_id=run_id, token=uuid.uuid4().hex,
-                             acquired_at=now, renewed_at=now, timeout_s=self.timeout_s)
+        self.holder = Holder(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            run_id=run_id,
+            token=uuid.uuid4().hex,
+            acquired_at=now,
+            renewed_at=now,
+            timeout_s=self.timeout_s,
+        )
         self._etag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -202,7 +218,11 @@ class Lease:
             try:
                 fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{stale_etag}"')
             except OSError as exc:
-                if isinstance(exc, FileNotFoundError) or "precondition" in str(exc).lower() or exc.errno == errno.EINVAL:
+                if (
+                    isinstance(exc, FileNotFoundError)
+                    or "precondition" in str(exc).lower()
+                    or exc.errno == errno.EINVAL
+                ):
                     return False
                 raise
             self._etag = self._read_etag()
@@ -235,7 +255,11 @@ class Lease:
             try:
                 fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{self._etag}"')
             except OSError as exc:
-                if isinstance(exc, FileNotFoundError) or "precondition" in str(exc).lower() or exc.errno == errno.EINVAL:
+                if (
+                    isinstance(exc, FileNotFoundError)
+                    or "precondition" in str(exc).lower()
+                    or exc.errno == errno.EINVAL
+                ):
                     return False
                 raise
             self._etag = self._read_etag()
@@ -247,7 +271,7 @@ class Lease:
         return True
 
     # -- the lease ---------------------------------------------------------------------------------------
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         data = self.holder.to_bytes()
         for _ in range(3):
             if self._create(data):
@@ -264,22 +288,31 @@ class Lease:
                 raise LeaseHeldError(
                     f"another run is writing this OUTPUT: {current.describe(now)}",
                     f"wait for it to finish, or use another OUTPUT; a lease not renewed for {timeout:.0f}s "
-                    f"is stale and is taken over ({LEASE_NAME} in OUTPUT)")
+                    f"is stale and is taken over ({LEASE_NAME} in OUTPUT)",
+                )
             if self._replace_stale(raw, etag, data):
                 self.took_over = current
                 if dead:
-                    log.warning("!! taking over the lease of OUTPUT left by a run that is gone: %s; its process no "
-                                "longer exists on this host", current.describe(now))
+                    log.warning(
+                        "!! taking over the lease of OUTPUT left by a run that is gone: %s; its process no "
+                        "longer exists on this host",
+                        current.describe(now),
+                    )
                 else:
-                    log.warning("!! taking over a STALE lease of OUTPUT: %s; its run stopped renewing it more "
-                                "than %.0fs ago. If that run is in fact still writing, stop it now.",
-                                current.describe(now), timeout)
+                    log.warning(
+                        "!! taking over a STALE lease of OUTPUT: %s; its run stopped renewing it more "
+                        "than %.0fs ago. If that run is in fact still writing, stop it now.",
+                        current.describe(now),
+                        timeout,
+                    )
                 self._start_renewing()
                 return self
         current, _, _ = self._read()
         raise LeaseHeldError(
             "another run took this OUTPUT's lease at the same moment"
-            + (f": {current.describe(time.time())}" if current else ""), "wait for it to finish, or use another OUTPUT")
+            + (f": {current.describe(time.time())}" if current else ""),
+            "wait for it to finish, or use another OUTPUT",
+        )
 
     def _start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew_loop, name="segbatch-lease", daemon=True)
@@ -288,8 +321,10 @@ class Lease:
     def renew(self) -> None:
         self.holder.renewed_at = time.time()
         if not self._write_owned(self.holder.to_bytes()):
-            self.lost = (f"the lease {self.url} was taken over by another run (this run stalled for more than "
-                         f"{self.timeout_s:.0f}s)")
+            self.lost = (
+                f"the lease {self.url} was taken over by another run (this run stalled for more than "
+                f"{self.timeout_s:.0f}s)"
+            )
 
     def _renew_loop(self) -> None:
         interval = self.timeout_s / 4
@@ -317,10 +352,14 @@ class Lease:
             if current is not None and current.token == self.holder.token:
                 _storage.retry(self._fs.rm, self._path, what=f"delete {self.url}")
         except Exception as exc:
-            log.error("could not release the lease %s (%s); the next run takes it over after %.0fs",
-                      self.url, exc, self.timeout_s)
+            log.error(
+                "could not release the lease %s (%s); the next run takes it over after %.0fs",
+                self.url,
+                exc,
+                self.timeout_s,
+            )
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 

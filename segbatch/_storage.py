@@ -12,7 +12,8 @@ import posixpath
 import random
 import time
 import uuid
-from typing import Any, Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -117,8 +118,9 @@ def retry(fn: Callable[..., T], *args: Any, what: str = "storage call", **kwargs
         except Exception as exc:
             if attempt == RETRY_ATTEMPTS or not is_transient(exc):
                 raise
-            log.warning("%s failed (%s), try %d of %d in %.2fs", what, type(exc).__name__, attempt + 1,
-                        RETRY_ATTEMPTS, delay)
+            log.warning(
+                "%s failed (%s), try %d of %d in %.2fs", what, type(exc).__name__, attempt + 1, RETRY_ATTEMPTS, delay
+            )
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, RETRY_MAX_DELAY)
     raise AssertionError("unreachable")

@@ -8,8 +8,9 @@ that are parametrised over :func:`available_models` then cover it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from segbatch.errors import ConfigError, WeightsError
 
@@ -24,8 +25,27 @@ __all__ = ["Architecture", "available_models", "get_architecture"]
 RESIZE_SIZE = (520,)
 PIL_BILINEAR = 2
 VOC_CATEGORIES = (
-    "__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "__background__",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 
 
@@ -123,20 +143,42 @@ _URL = "https://download.pytorch.org/models"
 _REGISTRY: dict[str, Architecture] = {
     a.name: a
     for a in (
-        Architecture("deeplabv3_resnet101", _DEEPLAB_HEAD, "DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
-                     f"{_URL}/deeplabv3_resnet101_coco-586e9e4e.pth"),
-        Architecture("deeplabv3_resnet50", _DEEPLAB_HEAD, "DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
-                     f"{_URL}/deeplabv3_resnet50_coco-cd0a2569.pth"),
-        Architecture("deeplabv3_mobilenet_v3_large", _DEEPLAB_HEAD,
-                     "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
-                     f"{_URL}/deeplabv3_mobilenet_v3_large-fc3c493d.pth"),
-        Architecture("fcn_resnet101", _FCN_HEAD, "FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
-                     f"{_URL}/fcn_resnet101_coco-7ecb50ca.pth"),
-        Architecture("fcn_resnet50", _FCN_HEAD, "FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
-                     f"{_URL}/fcn_resnet50_coco-1167a1af.pth"),
-        _LRASPP("lraspp_mobilenet_v3_large", "classifier.high_classifier.weight",
-                "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
-                f"{_URL}/lraspp_mobilenet_v3_large-d234d4ea.pth"),
+        Architecture(
+            "deeplabv3_resnet101",
+            _DEEPLAB_HEAD,
+            "DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
+            f"{_URL}/deeplabv3_resnet101_coco-586e9e4e.pth",
+        ),
+        Architecture(
+            "deeplabv3_resnet50",
+            _DEEPLAB_HEAD,
+            "DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
+            f"{_URL}/deeplabv3_resnet50_coco-cd0a2569.pth",
+        ),
+        Architecture(
+            "deeplabv3_mobilenet_v3_large",
+            _DEEPLAB_HEAD,
+            "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
+            f"{_URL}/deeplabv3_mobilenet_v3_large-fc3c493d.pth",
+        ),
+        Architecture(
+            "fcn_resnet101",
+            _FCN_HEAD,
+            "FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
+            f"{_URL}/fcn_resnet101_coco-7ecb50ca.pth",
+        ),
+        Architecture(
+            "fcn_resnet50",
+            _FCN_HEAD,
+            "FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
+            f"{_URL}/fcn_resnet50_coco-1167a1af.pth",
+        ),
+        _LRASPP(
+            "lraspp_mobilenet_v3_large",
+            "classifier.high_classifier.weight",
+            "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
+            f"{_URL}/lraspp_mobilenet_v3_large-d234d4ea.pth",
+        ),
     )
 }
 

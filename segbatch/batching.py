@@ -17,7 +17,7 @@ twice or mixes shapes; rows that failed to decode pass straight through.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -117,8 +117,9 @@ def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         first_mask: list[float] = []
-        watcher = threading.Thread(target=_watch_first_file, args=(os.path.join(out, "masks"), start, proc, first_mask),
-                                   daemon=True)
+        watcher = threading.Thread(
+            target=_watch_first_file, args=(os.path.join(out, "masks"), start, proc, first_mask), daemon=True
+        )
         watcher.start()
         with PeakRSS(proc.pid, children={"actors": "Segmenter"}) as rss:
             output, _ = proc.communicate()
@@ -128,11 +129,19 @@ def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
             raise RuntimeError(f"segbatch run failed ({proc.returncode}):\n{output[-3000:]}")
         ok = sum(1 for line in output.splitlines() if " ok, " in line and line.startswith("segbatch run"))
         passes = re.search(r"forward passes: (\d+) \(([\d.]+) images per pass\)", output)
-        return Row("(c) segbatch end to end", n_images, seconds,
-                   {"driver_peak_rss_mib": rss.mib("root"), "actor_peak_rss_mib": rss.mib("actors"),
-                    "report_lines": ok, "first_mask_s": first_mask[0] if first_mask else None,
-                    "forward_passes": int(passes.group(1)) if passes else None,
-                    "images_per_forward_pass": float(passes.group(2)) if passes else None})
+        return Row(
+            "(c) segbatch end to end",
+            n_images,
+            seconds,
+            {
+                "driver_peak_rss_mib": rss.mib("root"),
+                "actor_peak_rss_mib": rss.mib("actors"),
+                "report_lines": ok,
+                "first_mask_s": first_mask[0] if first_mask else None,
+                "forward_passes": int(passes.group(1)) if passes else None,
+                "images_per_forward_pass": float(passes.group(2)) if passes else None,
+            },
+        )
 
 
 def _watch_first_file(folder: str, start: float, proc: subprocess.Popen, found: list[float]) -> None:
@@ -171,14 +180,25 @@ def stage_rates(paths: list[str], transforms) -> dict[str, float]:
     return {"decode_per_core": decode, "encode_per_core": encode}
 
 
-def plan(n_images: float, hours: float, *, infer_rate: float, decode_rate: float, encode_rate: float,
-         gpus_per_node: int, cpus_per_node: int, cpus_per_actor: float = 1.0) -> str:
+def plan(
+    n_images: float,
+    hours: float,
+    *,
+    infer_rate: float,
+    decode_rate: float,
+    encode_rate: float,
+    gpus_per_node: int,
+    cpus_per_node: int,
+    cpus_per_actor: float = 1.0,
+) -> str:
     """How many nodes label ``n_images`` in ``hours``, and which stage limits each cluster size."""
     need = n_images / (hours * 3600)
     cpu_rate_per_image = 1 / decode_rate + 1 / encode_rate  # core-seconds per image outside the model
     task_cpus = cpus_per_node - gpus_per_node * cpus_per_actor
-    per_node = {"inference": gpus_per_node * infer_rate,
-                "decode+encode CPUs": task_cpus / cpu_rate_per_image if task_cpus > 0 else 0.0}
+    per_node = {
+        "inference": gpus_per_node * infer_rate,
+        "decode+encode CPUs": task_cpus / cpu_rate_per_image if task_cpus > 0 else 0.0,
+    }
     node_rate = min(per_node.values())
     nodes = math.ceil(need / node_rate) if node_rate else math.inf
     lines = [
@@ -191,8 +211,10 @@ def plan(n_images: float, hours: float, *, infer_rate: float, decode_rate: float
     ]
     # Masks and summary files are PUTs; past one prefix's rate the store itself becomes the limit.
     puts = need * (1 + 1 / 64)
-    lines.append(f"  object-store writes: {puts:,.0f} PUT/s of the ~{S3_PUTS_PER_PREFIX:,}/s one S3 prefix takes"
-                 + ("  <- the bottleneck: spread OUTPUT over prefixes" if puts > S3_PUTS_PER_PREFIX else ""))
+    lines.append(
+        f"  object-store writes: {puts:,.0f} PUT/s of the ~{S3_PUTS_PER_PREFIX:,}/s one S3 prefix takes"
+        + ("  <- the bottleneck: spread OUTPUT over prefixes" if puts > S3_PUTS_PER_PREFIX else "")
+    )
     return "\n".join(lines)
 
 
@@ -226,9 +248,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="folder of images (make bench-data builds 128 JPEGs of 640x480)")
     parser.add_argument("--model", default="deeplabv3_mobilenet_v3_large")
     parser.add_argument("--weights", default="random")
-    parser.add_argument("--batch-size", type=_batch_sizes,
-                        help="comma-separated batch sizes for (a); the first is passed to (c) "
-                        "(default: (a) at 1 and 4, (c) with segbatch's own default)")
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_sizes,
+        help="comma-separated batch sizes for (a); the first is passed to (c) "
+        "(default: (a) at 1 and 4, (c) with segbatch's own default)",
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", help="torch device for (a) and (b) (default: cuda if available)")
     parser.add_argument("--limit", type=_positive_int, help="use only the first N images")
@@ -246,7 +271,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run the stages asked for and return the numbers (what ``--json`` writes)."""
     from PIL import Image, ImageOps
 
-    from segbatch import listing, model
+    from segbatch import listing, model, weights
 
     skip = set(filter(None, args.skip.split(",")))
     paths = listing.list_inputs(args.input, {}, ("jpg", "jpeg", "png"))["path"].to_pylist()[: args.limit]
@@ -257,7 +282,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         device = _device(args.device)
     except RuntimeError as exc:
         raise ConfigError("device", f"{args.device!r} is not a torch device ({exc})", "e.g. cpu or cuda:0") from None
-    spec = model.resolve(args.model, args.weights)
+    spec = weights.resolve(args.model, args.weights)
     transforms = spec.architecture.transforms()
     net = model.build(spec).to(device)
     first = ImageOps.exif_transpose(Image.open(paths[0])).convert("RGB")
@@ -267,22 +292,40 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if "b" not in skip:
         rows.append(one_image_loop(paths, net, transforms, device, spec.num_classes))
     if "c" not in skip:
-        run_args = ["--model", args.model, "--weights", args.weights, "--precision", args.precision, "--redo-all",
-                    *(["--batch-size", str(args.batch_size[0])] if args.batch_size else []), *args.run_arg]
+        run_args = [
+            "--model",
+            args.model,
+            "--weights",
+            args.weights,
+            "--precision",
+            args.precision,
+            "--redo-all",
+            *(["--batch-size", str(args.batch_size[0])] if args.batch_size else []),
+            *args.run_arg,
+        ]
         rows.append(end_to_end(args.input, len(paths), run_args))
-    return {"model": args.model, "weights": spec.identity, "precision": args.precision,
-            "device": _device_label(device), "images": len(paths), "first_size": f"{first.width}x{first.height}",
-            "date": time.strftime("%Y-%m-%d"), "batch_sizes": batch_sizes,
-            "rows": [{**asdict(r), "img_per_s": r.rate} for r in rows],
-            "stage_rates": stage_rates(paths[:16], transforms)}
+    return {
+        "model": args.model,
+        "weights": spec.identity,
+        "precision": args.precision,
+        "device": _device_label(device),
+        "images": len(paths),
+        "first_size": f"{first.width}x{first.height}",
+        "date": time.strftime("%Y-%m-%d"),
+        "batch_sizes": batch_sizes,
+        "rows": [{**asdict(r), "img_per_s": r.rate} for r in rows],
+        "stage_rates": stage_rates(paths[:16], transforms),
+    }
 
 
 def format_result(result: dict[str, Any]) -> str:
     """The side-by-side table and the ratios between (c) and (a), (b)."""
     rows = [Row(r["stage"], r["images"], r["seconds"], r["extra"]) for r in result["rows"]]
-    lines = [f"\nsegbatch bench: {result['model']}, weights {result['weights']}, {result['images']} images "
-             f"({result['first_size']} first), {result['precision']}, device {result['device']}",
-             f"{'stage':<44}{'images':>8}{'seconds':>10}{'img/s':>10}"]
+    lines = [
+        f"\nsegbatch bench: {result['model']}, weights {result['weights']}, {result['images']} images "
+        f"({result['first_size']} first), {result['precision']}, device {result['device']}",
+        f"{'stage':<44}{'images':>8}{'seconds':>10}{'img/s':>10}",
+    ]
     lines += [f"{row.stage:<44}{row.images:>8}{row.seconds:>10.2f}{row.rate:>10.2f}" for row in rows]
     by = {r.stage: r for r in rows}
     e2e, loop = by.get("(c) segbatch end to end"), by.get("(b) one-image loop")
@@ -293,16 +336,20 @@ def format_result(result: dict[str, Any]) -> str:
                 lines.append(f"(c)/(a, batch {b}) = {e2e.rate / bare.rate:.2f}")
         if loop:
             lines.append(f"(c)/(b) = {e2e.rate / loop.rate:.2f}")
-        lines.append(f"peak RSS: driver {e2e.extra['driver_peak_rss_mib']:.0f} MiB, "
-                     f"inference actor {e2e.extra['actor_peak_rss_mib']:.0f} MiB")
+        lines.append(
+            f"peak RSS: driver {e2e.extra['driver_peak_rss_mib']:.0f} MiB, "
+            f"inference actor {e2e.extra['actor_peak_rss_mib']:.0f} MiB"
+        )
         if e2e.extra.get("forward_passes") is not None:
             first = e2e.extra.get("first_mask_s")
             lines.append(f"(c) first mask after {first:.1f} s; " if first is not None else "(c) ")
-            lines[-1] += (f"{e2e.extra['forward_passes']} forward passes, "
-                          f"{e2e.extra['images_per_forward_pass']} images per pass")
+            lines[-1] += (
+                f"{e2e.extra['forward_passes']} forward passes, {e2e.extra['images_per_forward_pass']} images per pass"
+            )
     rates = result["stage_rates"]
-    lines.append(f"one core: decode+resize {rates['decode_per_core']:.1f} img/s, "
-                 f"PNG encode {rates['encode_per_core']:.1f} img/s")
+    lines.append(
+        f"one core: decode+resize {rates['decode_per_core']:.1f} img/s, PNG encode {rates['encode_per_core']:.1f} img/s"
+    )
     return "\n".join(lines)
 
 
@@ -310,14 +357,21 @@ def run(args: argparse.Namespace) -> int:
     result = measure(args)
     print(format_result(result))
     if args.plan:
-        infer = args.gpu_rate or max((r["img_per_s"] for r in result["rows"] if r["stage"].startswith("(a)")),
-                                     default=0.0)
+        infer = args.gpu_rate or max(
+            (r["img_per_s"] for r in result["rows"] if r["stage"].startswith("(a)")), default=0.0
+        )
         if not infer:
             raise ConfigError("gpu_rate", "--plan needs an inference rate", "pass --gpu-rate or drop --skip a")
         rates = result["stage_rates"]
-        result["plan"] = plan(args.plan, args.hours, infer_rate=infer, decode_rate=rates["decode_per_core"],
-                              encode_rate=rates["encode_per_core"], gpus_per_node=args.gpus_per_node,
-                              cpus_per_node=args.cpus_per_node)
+        result["plan"] = plan(
+            args.plan,
+            args.hours,
+            infer_rate=infer,
+            decode_rate=rates["decode_per_core"],
+            encode_rate=rates["encode_per_core"],
+            gpus_per_node=args.gpus_per_node,
+            cpus_per_node=args.cpus_per_node,
+        )
         print(result["plan"])
     if args.json:
         with open(args.json, "w") as f:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from segbatch import __version__
 from segbatch.architectures import available_models
@@ -14,7 +15,6 @@ from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, StorageError
 
 EXIT_SIGINT = 130  # stopped by Ctrl-C: rows written so far stay valid
 EXIT_SIGTERM = 143  # stopped by SIGTERM: rows written so far stay valid
-
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -31,18 +31,26 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", nargs="?", help="folder or URL prefix for masks/ and summary/")
     p.add_argument("--config", help="YAML or TOML file of the same settings as these flags (flags win)")
     p.add_argument("--manifest", help="text, CSV or Parquet file of image URLs, instead of INPUT")
-    p.add_argument("--model", help=f"torchvision model: {', '.join(available_models())} (default "
-                   f"{RunConfig.model})")
+    p.add_argument("--model", help=f"torchvision model: {', '.join(available_models())} (default {RunConfig.model})")
     p.add_argument("--weights", help="default | random | PATH_OR_URL of a state_dict")
     p.add_argument("--weights-sha256", help="refuse a weights file whose sha256 differs")
     p.add_argument("--classes", help="file of class names (one per line, or a JSON list)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 4)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
-    p.add_argument("--upsample", choices=["exact", "bilinear", "nearest"],
-                   help="logit upsampling: exact (default, reference labels), bilinear (literal), nearest (approx.)")
+    p.add_argument(
+        "--upsample",
+        choices=["exact", "bilinear", "nearest"],
+        help="logit upsampling: exact (default, reference labels), bilinear (literal), nearest (approx.)",
+    )
     p.add_argument("--extensions", help="comma-separated extensions to pick from INPUT")
-    p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
-                   metavar="KEY=VALUE", help="fsspec storage option, repeatable")
+    p.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        type=_storage_option,
+        metavar="KEY=VALUE",
+        help="fsspec storage option, repeatable",
+    )
     p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
     p.add_argument("--actors", help="inference actors: N, or MIN:MAX to autoscale (default: one per GPU)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor; fractions pack models")
@@ -55,8 +63,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redo-changed", action="store_const", const=True, help="redo inputs whose size/ETag/mtime changed")
     p.add_argument("--redo-all", action="store_const", const=True, help="redo every input")
     p.add_argument("--overlays", action="store_const", const=True, help="also write a JPEG overlay per image")
-    p.add_argument("--confidence", action="store_const", const=True,
-                   help="also write confidence/<name>.png and the summary's mean_confidence, low_confidence_share")
+    p.add_argument(
+        "--confidence",
+        action="store_const",
+        const=True,
+        help="also write confidence/<name>.png and the summary's mean_confidence, low_confidence_share",
+    )
     p.add_argument("--min-confidence", type=float, help="low_confidence_share counts pixels below this (default 0.5)")
     p.add_argument("--png-compress-level", type=int, help="zlib level of mask PNGs, 0-9 (default 1)")
     p.add_argument("--run-id", help="name this run (default: UTC time plus a random suffix)")
@@ -84,9 +96,18 @@ def _unreachable(exc: BaseException) -> bool:
     from segbatch import _storage
 
     names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
-    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
-                         "ConnectionError", "ConnectionRefusedError", "NoCredentialsError",
-                         "ServerDisconnectedError"}) or (_storage.is_transient(exc) and isinstance(exc, OSError))
+    return bool(
+        names
+        & {
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ClientConnectorError",
+            "ConnectionError",
+            "ConnectionRefusedError",
+            "NoCredentialsError",
+            "ServerDisconnectedError",
+        }
+    ) or (_storage.is_transient(exc) and isinstance(exc, OSError))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -97,22 +118,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         report = run(config)
     except RunInterrupted as exc:
-        print(f"segbatch: stopped by {exc.name}; rows written so far stay valid, the run record says how many; "
-              "rerun to resume", file=sys.stderr)
+        print(
+            f"segbatch: stopped by {exc.name}; rows written so far stay valid, the run record says how many; "
+            "rerun to resume",
+            file=sys.stderr,
+        )
         return EXIT_SIGTERM if exc.name == "SIGTERM" else EXIT_SIGINT
     except SegbatchError:
         raise
     except Exception as exc:
         if not _unreachable(exc):
             raise
-        raise StorageError(f"cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and "
-                           "credentials); nothing was done") from None
+        raise StorageError(
+            f"cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and "
+            "credentials); nothing was done"
+        ) from None
     print(report)
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from segbatch import status
+    from segbatch import _status as status
 
     result = status.collect(args.output, dict(args.storage_options or []))
     print(result)
@@ -120,7 +146,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from segbatch.report import write_report
+    from segbatch._report import write_report
 
     where = write_report(args.output, dict(args.storage_options or []), samples=args.samples, out=args.out)
     print(f"segbatch report: wrote {where}")
@@ -128,7 +154,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from segbatch.evaluate import default_json_url, evaluate, write_json
+    from segbatch._evaluate import default_json_url, evaluate, write_json
 
     storage_options = dict(args.storage_options or [])
     result = evaluate(args.output, args.ground_truth, storage_options, address=args.address, worst=args.worst)
@@ -163,12 +189,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     # Format-specific flags go through only when given, so a format that has no use for one can say so.
     options = {k: v for k, v in (("from_name", args.from_name), ("to_name", args.to_name)) if v is not None}
-    result = export(args.output, args.format, args.dest, storage_options=dict(args.storage_options or []),
-                    shard_size=args.shard_size, progress=args.progress, **options)
+    result = export(
+        args.output,
+        args.format,
+        args.dest,
+        storage_options=dict(args.storage_options or []),
+        shard_size=args.shard_size,
+        progress=args.progress,
+        **options,
+    )
     print(result)
     if result.failed:
-        raise ExportIncomplete(f"{len(result.failed)} ok rows could not be exported (listed above); "
-                               f"the other {result.images} images were")
+        raise ExportIncomplete(
+            f"{len(result.failed)} ok rows could not be exported (listed above); the other {result.images} images were"
+        )
     return 0
 
 
@@ -178,20 +212,32 @@ def _add_export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="OUTPUT's masks as COCO JSON, CVAT Segmentation mask 1.1 or Label Studio tasks")
     p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     p.add_argument("dest", help="folder or URL prefix to write to (cvat: also NAME.zip)")
-    p.add_argument("--format", required=True,
-                   help="; ".join(f"{name}: {get_exporter(name).description}" for name in formats()))
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
-                   help=f"images per output file (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument(
+        "--format", required=True, help="; ".join(f"{name}: {get_exporter(name).description}" for name in formats())
+    )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help=f"images per output file (default {DEFAULT_SHARD_SIZE})",
+    )
     p.add_argument("--from-name", help="label-studio: the BrushLabels tag's name (default tag)")
     p.add_argument("--to-name", help="label-studio: the Image tag's name (default image)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
-                   metavar="KEY=VALUE", help="fsspec storage option for OUTPUT and DEST, repeatable")
+    p.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        type=_storage_option,
+        metavar="KEY=VALUE",
+        help="fsspec storage option for OUTPUT and DEST, repeatable",
+    )
     p.set_defaults(func=_cmd_export)
 
 
 def _add_results_parsers(sub: Any) -> None:
-    from segbatch.evaluate import DEFAULT_WORST
+    from segbatch._evaluate import DEFAULT_WORST
 
     report_p = sub.add_parser("report", help="write OUTPUT/report.html: runs, class chart, sample overlays, errors")
     report_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
@@ -200,19 +246,34 @@ def _add_results_parsers(sub: Any) -> None:
     report_p.set_defaults(func=_cmd_report)
     eval_p = sub.add_parser("eval", help="mIoU and pixel accuracy of OUTPUT's masks against ground-truth PNGs")
     eval_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
-    eval_p.add_argument("--ground-truth", required=True, metavar="GT",
-                        help="folder or URL prefix mirroring INPUT: <relative path with .png>, 255 = ignore")
+    eval_p.add_argument(
+        "--ground-truth",
+        required=True,
+        metavar="GT",
+        help="folder or URL prefix mirroring INPUT: <relative path with .png>, 255 = ignore",
+    )
     eval_p.add_argument("--json", help="write the metrics JSON here instead of OUTPUT/eval.json (any fsspec URL)")
-    eval_p.add_argument("--worst", type=int, default=DEFAULT_WORST, metavar="K",
-                        help=f"list the K images with the lowest IoU (default {DEFAULT_WORST})")
+    eval_p.add_argument(
+        "--worst",
+        type=int,
+        default=DEFAULT_WORST,
+        metavar="K",
+        help=f"list the K images with the lowest IoU (default {DEFAULT_WORST})",
+    )
     eval_p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
     eval_p.set_defaults(func=_cmd_eval)
     compact_p = sub.add_parser("compact", help="merge OUTPUT's small summary files into few large ones")
     compact_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     compact_p.set_defaults(func=_cmd_compact)
     for p in (report_p, eval_p, compact_p):
-        p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
-                       metavar="KEY=VALUE", help="fsspec storage option, repeatable")
+        p.add_argument(
+            "--storage-option",
+            dest="storage_options",
+            action="append",
+            type=_storage_option,
+            metavar="KEY=VALUE",
+            help="fsspec storage option, repeatable",
+        )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -226,8 +287,14 @@ def make_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     status_p = sub.add_parser("status", help="per-run counts (ok, error, skipped), the last run and totals")
     status_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
-    status_p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option,
-                          metavar="KEY=VALUE", help="fsspec storage option, repeatable")
+    status_p.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        type=_storage_option,
+        metavar="KEY=VALUE",
+        help="fsspec storage option, repeatable",
+    )
     status_p.set_defaults(func=_cmd_status)
     from segbatch import bench
 

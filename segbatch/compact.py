@@ -33,8 +33,9 @@ import posixpath
 import signal
 import tempfile
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,8 +67,9 @@ class CompactReport:
     markers_finished: int = 0  # unfinished merges of an earlier, killed compaction that were completed
 
     def __str__(self) -> str:
-        text = (f"segbatch compact: merged {self.files_merged} summary files ({self.rows} rows) into "
-                f"{self.merged_written}")
+        text = (
+            f"segbatch compact: merged {self.files_merged} summary files ({self.rows} rows) into {self.merged_written}"
+        )
         if self.markers_finished:
             text += f"; finished {self.markers_finished} interrupted merge(s)"
         return text
@@ -85,7 +87,7 @@ def _kill_point(name: str) -> None:
 
 
 def marker_name(merged: str) -> str:
-    return MARKER_PREFIX + merged[len(MERGED_PREFIX):-len(".parquet")] + ".json"
+    return MARKER_PREFIX + merged[len(MERGED_PREFIX) : -len(".parquet")] + ".json"
 
 
 def replaced_files(fs, folder: str, names: Iterable[str]) -> set[str]:
@@ -167,8 +169,9 @@ class _Merge:
             os.remove(self.tmp)
 
 
-def compact(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
-            run_id: str | None = None) -> CompactReport:
+def compact(
+    output_url: str, storage_options: Mapping[str, Any] | None = None, *, run_id: str | None = None
+) -> CompactReport:
     """Merge OUTPUT's small summary files; with ``run_id``, only that run's ``part-<run_id>-*`` files."""
     fs, root = _storage.open_url(output_url, storage_options)
     folder = _storage.join_path(root, SUMMARY_DIR)
@@ -191,7 +194,7 @@ def compact(output_url: str, storage_options: Mapping[str, Any] | None = None, *
     merges: dict[bytes | None, _Merge] = {}
     try:
         for start in range(0, len(candidates), READ_CHUNK_FILES):
-            chunk = candidates[start:start + READ_CHUNK_FILES]
+            chunk = candidates[start : start + READ_CHUNK_FILES]
             paths = [posixpath.join(folder, n) for n in chunk]
             for name, raw in zip(chunk, _storage.read_many(fs, paths)):
                 if isinstance(raw, FileNotFoundError):
@@ -230,8 +233,7 @@ def finish_pending(output_url: str, storage_options: Mapping[str, Any] | None = 
 
 def _list(fs, folder: str) -> list[str]:
     fs.invalidate_cache(folder)
-    return sorted(posixpath.basename(p) for p in _storage.retry(fs.ls, folder, detail=False,
-                                                                  what=f"list {folder}"))
+    return sorted(posixpath.basename(p) for p in _storage.retry(fs.ls, folder, detail=False, what=f"list {folder}"))
 
 
 def _candidates(fs, folder: str, names: list[str], run_id: str | None) -> list[str]:
@@ -280,7 +282,7 @@ def _finish(fs, folder: str, marker: str, merged: str, replaces: list[str]) -> N
     """Step 4: delete the replaced files (never the merged file itself), then the marker."""
     paths = [posixpath.join(folder, n) for n in replaces if n != merged]
     for i in range(0, len(paths), DELETE_BATCH):
-        batch = paths[i:i + DELETE_BATCH]
+        batch = paths[i : i + DELETE_BATCH]
         try:
             _storage.retry(fs.rm, batch, what=f"delete {len(batch)} merged summary files")
         except FileNotFoundError:

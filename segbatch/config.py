@@ -11,8 +11,9 @@ import dataclasses
 import json
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from segbatch.errors import ConfigError
 
@@ -28,13 +29,36 @@ RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 # The type each setting must have, checked before any range check. Config files (YAML, TOML, JSON) and
 # the Python API reach RunConfig without argparse's conversions, so "5" or "false" must be refused here
 # rather than taken as a truthy string.
-_STR_FIELDS = ("input", "output", "manifest", "model", "weights", "weights_sha256", "classes", "precision",
-               "upsample", "address", "actors", "run_id")
+_STR_FIELDS = (
+    "input",
+    "output",
+    "manifest",
+    "model",
+    "weights",
+    "weights_sha256",
+    "classes",
+    "precision",
+    "upsample",
+    "address",
+    "actors",
+    "run_id",
+)
 _INT_FIELDS = ("batch_size", "max_image_pixels", "max_file_bytes", "max_model_pixels", "png_compress_level")
 _NUMBER_FIELDS = ("gpus_per_actor", "cpus_per_actor", "decode_cpus", "max_error_rate", "min_confidence")
 _BOOL_FIELDS = ("redo_changed", "redo_all", "overlays", "confidence", "progress")
-_OPTIONAL = ("manifest", "weights_sha256", "classes", "address", "actors", "run_id", "gpus_per_actor",
-             "cpus_per_actor", "max_error_rate", "batch_size", "decode_cpus")
+_OPTIONAL = (
+    "manifest",
+    "weights_sha256",
+    "classes",
+    "address",
+    "actors",
+    "run_id",
+    "gpus_per_actor",
+    "cpus_per_actor",
+    "max_error_rate",
+    "batch_size",
+    "decode_cpus",
+)
 
 
 def _parse_actors(value: str | int | None) -> tuple[int, int] | None:
@@ -52,9 +76,19 @@ def _parse_actors(value: str | int | None) -> tuple[int, int] | None:
     return bounds
 
 
-_EXAMPLES = {"batch_size": "8", "png_compress_level": "1", "max_error_rate": "0.05", "redo_all": "true",
-             "redo_changed": "true", "overlays": "false", "progress": "false", "decode_cpus": "1",
-             "max_image_pixels": "100000000", "max_file_bytes": "536870912", "max_model_pixels": "16000000"}
+_EXAMPLES = {
+    "batch_size": "8",
+    "png_compress_level": "1",
+    "max_error_rate": "0.05",
+    "redo_all": "true",
+    "redo_changed": "true",
+    "overlays": "false",
+    "progress": "false",
+    "decode_cpus": "1",
+    "max_image_pixels": "100000000",
+    "max_file_bytes": "536870912",
+    "max_model_pixels": "16000000",
+}
 
 
 @dataclass(frozen=True)
@@ -110,7 +144,7 @@ class RunConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from a mapping whose keys may use dashes or underscores (``batch-size``)."""
         known = set(cls.field_names())
         clean: dict[str, Any] = {}
@@ -130,7 +164,7 @@ class RunConfig:
             clean["actors"] = str(clean["actors"])
         return cls(**clean)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     # -- derived views --------------------------------------------------------------------------------
@@ -159,13 +193,19 @@ class RunConfig:
             else:
                 ok, want = isinstance(value, str), "a string"
             if not ok:
-                raise ConfigError(name, f"must be {want}, got {type(value).__name__} {value!r}",
-                                  f"write e.g. {name}: {_EXAMPLES.get(name, 'a value of that type')}")
+                raise ConfigError(
+                    name,
+                    f"must be {want}, got {type(value).__name__} {value!r}",
+                    f"write e.g. {name}: {_EXAMPLES.get(name, 'a value of that type')}",
+                )
         if not isinstance(self.storage_options, Mapping):
-            raise ConfigError("storage_options", f"must be a mapping of KEY: VALUE, got {type(self.storage_options).__name__}")
+            raise ConfigError(
+                "storage_options", f"must be a mapping of KEY: VALUE, got {type(self.storage_options).__name__}"
+            )
         if not isinstance(self.extensions, tuple) or not all(isinstance(e, str) for e in self.extensions):
-            raise ConfigError("extensions", "must be a list of extensions or one comma-separated string",
-                              "e.g. extensions: jpg,png")
+            raise ConfigError(
+                "extensions", "must be a list of extensions or one comma-separated string", "e.g. extensions: jpg,png"
+            )
 
     def _validate(self) -> None:
         self._check_types()
@@ -184,8 +224,11 @@ class RunConfig:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(name, f"must be a positive integer, got {value!r}")
         if self.run_id is not None and (not RUN_ID_PATTERN.fullmatch(self.run_id) or ".." in self.run_id):
-            raise ConfigError("run_id", f"{self.run_id!r} is not a valid run id",
-                              "use 1-128 of A-Z a-z 0-9 . _ -, not starting with '.' and without '..'")
+            raise ConfigError(
+                "run_id",
+                f"{self.run_id!r} is not a valid run id",
+                "use 1-128 of A-Z a-z 0-9 . _ -, not starting with '.' and without '..'",
+            )
         if self.max_error_rate is not None and not 0.0 <= float(self.max_error_rate) <= 1.0:
             raise ConfigError("max_error_rate", f"must be within 0..1, got {self.max_error_rate!r}", "e.g. 0.01 for 1%")
         if not 0 <= int(self.png_compress_level) <= 9:
@@ -203,8 +246,11 @@ class RunConfig:
         if not 0.0 <= float(self.min_confidence) <= 1.0:
             raise ConfigError("min_confidence", f"must be within 0..1, got {self.min_confidence!r}", "e.g. 0.5")
         if self.confidence and self.upsample == "nearest":
-            raise ConfigError("confidence", "needs the reference's interpolated logits; --upsample nearest skips them",
-                              "use --upsample exact (the default) or bilinear")
+            raise ConfigError(
+                "confidence",
+                "needs the reference's interpolated logits; --upsample nearest skips them",
+                "use --upsample exact (the default) or bilinear",
+            )
         if self.redo_all and self.redo_changed:
             raise ConfigError("redo_all", "already redoes everything; drop --redo-changed")
         _parse_actors(self.actors)

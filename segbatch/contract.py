@@ -119,8 +119,10 @@ def output_relpath(rel: str, folder: str, suffix: str) -> str:
     if not rel or rel.startswith("/"):
         raise UnsafePathError(f"input name {rel!r} is absolute or empty; its output would leave OUTPUT")
     if "\\" in rel:
-        raise UnsafePathError(f"input name {rel!r} holds a backslash (a file name that is not valid UTF-8 "
-                              "shows its bytes as \\xNN); rename the file")
+        raise UnsafePathError(
+            f"input name {rel!r} holds a backslash (a file name that is not valid UTF-8 "
+            "shows its bytes as \\xNN); rename the file"
+        )
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise UnsafePathError(f"input name {rel!r} has '', '.' or '..' segments; its output would leave OUTPUT")
@@ -130,7 +132,7 @@ def output_relpath(rel: str, folder: str, suffix: str) -> str:
         segment = "".join(f"%{ord(ch):02X}" if ch in _ESCAPE else ch for ch in part)
         if not last and segment.lower().endswith(suffix.lower()) and suffix.startswith("."):
             cut = len(segment) - len(suffix)
-            segment = segment[:cut] + "%2E" + segment[cut + 1:]
+            segment = segment[:cut] + "%2E" + segment[cut + 1 :]
         limit = MAX_SEGMENT_BYTES - (len(suffix.encode()) if last else 0)
         if len(segment.encode("utf-8")) > limit:
             segment = _shorten(segment, part, limit)

@@ -8,8 +8,9 @@ Nothing here raises for one bad file.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,7 @@ class ResizeSpec:
     resample: int  # PIL's filter constant for the weights' interpolation (torchvision's pil_modes_mapping)
 
     @classmethod
-    def from_transforms(cls, transforms: Any) -> "ResizeSpec":
+    def from_transforms(cls, transforms: Any) -> ResizeSpec:
         from torchvision.transforms.functional import pil_modes_mapping
 
         size = transforms.resize_size
@@ -83,7 +84,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, limits: "Limits") -> Image.Image:
+def decode_image(data: bytes, limits: Limits) -> Image.Image:
     """Bytes to an oriented RGB image, refusing oversized ones before any pixel is decoded."""
     if not data:
         raise ImageError("empty file (0 bytes)")

@@ -13,7 +13,7 @@ from importlib import resources
 
 from segbatch import RunConfig, run
 from segbatch.errors import WeightsError
-from segbatch.model import ensure_default_weights
+from segbatch.weights import ensure_default_weights
 
 BANNER = "=" * 78
 
@@ -26,9 +26,12 @@ def pick_weights(arch: str) -> str:
     try:
         cached = ensure_default_weights(arch)
     except WeightsError as exc:
-        print(f"\n{BANNER}\nPretrained weights are not available here:\n  {exc}\n"
-              f"Falling back to --weights random: an UNTRAINED model. The masks below show that the\n"
-              f"pipeline works; their labels mean nothing.\n{BANNER}\n", file=sys.stderr)
+        print(
+            f"\n{BANNER}\nPretrained weights are not available here:\n  {exc}\n"
+            f"Falling back to --weights random: an UNTRAINED model. The masks below show that the\n"
+            f"pipeline works; their labels mean nothing.\n{BANNER}\n",
+            file=sys.stderr,
+        )
         return "random"
     print(f"using torchvision's pretrained weights from the torch hub cache: {cached}")
     return "default"
@@ -42,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     weights = pick_weights(args.model)
-    config = RunConfig(input=samples_dir(), output=args.output, model=args.model, weights=weights,
-                       redo_all=True)
+    config = RunConfig(input=samples_dir(), output=args.output, model=args.model, weights=weights, redo_all=True)
     report = run(config)
     print(f"\n{report}\n")
-    print("Read the summary with pyarrow or pandas:\n"
-          f"  python -c \"import pyarrow.dataset as ds; print(ds.dataset('{args.output}/summary')"
-          ".to_table().to_pandas()[['uri','status','width','height','mask_uri']])\"")
+    print(
+        "Read the summary with pyarrow or pandas:\n"
+        f"  python -c \"import pyarrow.dataset as ds; print(ds.dataset('{args.output}/summary')"
+        ".to_table().to_pandas()[['uri','status','width','height','mask_uri']])\""
+    )
     return 0 if report.errors == 0 else 1
 
 

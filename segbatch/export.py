@@ -40,9 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segbatch import __version__, _storage, summary
+from segbatch._evaluate import locate_mask, read_label_png
 from segbatch.contract import MASKS_DIR, input_relpath, mask_name
 from segbatch.errors import ConfigError, InputError
-from segbatch.evaluate import locate_mask, read_label_png
 from segbatch.manifest import manifest_rel
 from segbatch.overlay import background_ids, class_colour
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow.compute as pc
 
@@ -39,8 +40,13 @@ class IdentityMismatchError(ConfigError):
 
 def of_run(config, spec) -> dict[str, Any]:
     """The identity of a run: what its masks depend on besides the image."""
-    return {"model": spec.arch, "weights": spec.identity, "classes": list(spec.classes),
-            "upsample": config.upsample, "precision": config.precision}
+    return {
+        "model": spec.arch,
+        "weights": spec.identity,
+        "classes": list(spec.classes),
+        "upsample": config.upsample,
+        "precision": config.precision,
+    }
 
 
 def describe(identity: Mapping[str, Any]) -> str:
@@ -85,16 +91,30 @@ def read(output_url: str, storage_options: Mapping[str, Any] | None = None) -> d
             raise ValueError("no identity mapping")
         return data
     except ValueError as exc:
-        raise ConfigError("output", f"{IDENTITY_NAME} in OUTPUT is unreadable ({exc})",
-                          "restore it from a backup, or delete it to bind OUTPUT to this run's model") from None
+        raise ConfigError(
+            "output",
+            f"{IDENTITY_NAME} in OUTPUT is unreadable ({exc})",
+            "restore it from a backup, or delete it to bind OUTPUT to this run's model",
+        ) from None
 
 
-def _write(output_url: str, storage_options, identity: dict[str, Any], run_id: str,
-           relabel_since: float | None, previous: dict[str, Any] | None) -> None:
+def _write(
+    output_url: str,
+    storage_options,
+    identity: dict[str, Any],
+    run_id: str,
+    relabel_since: float | None,
+    previous: dict[str, Any] | None,
+) -> None:
     fs, path = _location(output_url, storage_options)
-    data = {"version": IDENTITY_VERSION, "identity": identity, "bound_by_run": run_id,
-            "bound_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "relabel_since": relabel_since, "previous": previous}
+    data = {
+        "version": IDENTITY_VERSION,
+        "identity": identity,
+        "bound_by_run": run_id,
+        "bound_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "relabel_since": relabel_since,
+        "previous": previous,
+    }
     _storage.write_atomic(fs, path, (json.dumps(data, indent=1) + "\n").encode())
 
 
@@ -103,15 +123,16 @@ def _legacy_identity(output_url: str, storage_options) -> dict[str, Any] | None:
     they differ from one another or from ``current`` (the summary records only these two)."""
     from segbatch import summary
 
-    table = summary.read(output_url, storage_options, columns=["model", "weights"],
-                         filter=pc.field("status") == "ok")
+    table = summary.read(output_url, storage_options, columns=["model", "weights"], filter=pc.field("status") == "ok")
     if table.num_rows == 0:
         return None
     pairs = table.group_by(["model", "weights"]).aggregate([]).to_pylist()
     if len(pairs) == 1:
         return {"model": pairs[0]["model"], "weights": pairs[0]["weights"]}
-    return {"model": "+".join(sorted({str(p["model"]) for p in pairs})),
-            "weights": "+".join(sorted({str(p["weights"]) for p in pairs}))}
+    return {
+        "model": "+".join(sorted({str(p["model"]) for p in pairs})),
+        "weights": "+".join(sorted({str(p["weights"]) for p in pairs})),
+    }
 
 
 def bind(config, spec, run_id: str) -> Binding:
@@ -128,18 +149,29 @@ def bind(config, spec, run_id: str) -> Binding:
     diff = differences(old, mine) if old is not None else []
     if not diff:
         if data is None or data["identity"] != mine:
-            _write(config.output, config.storage_options, mine, run_id, relabel_since,
-                   data.get("previous") if data else None)
+            _write(
+                config.output,
+                config.storage_options,
+                mine,
+                run_id,
+                relabel_since,
+                data.get("previous") if data else None,
+            )
         return Binding(mine, relabel_since)
     if not config.redo_all:
         raise IdentityMismatchError(
             f"OUTPUT was labelled by [{describe(old)}]; this run is [{describe(mine)}] "
             f"(differs in {', '.join(diff)}). Mixing the two in one OUTPUT is refused",
             "pass --redo-all to relabel every input with the new model (OUTPUT then belongs to it), "
-            "or write to another OUTPUT")
+            "or write to another OUTPUT",
+        )
     since = time.time()
-    log.warning("--redo-all: OUTPUT moves from [%s] to [%s]; every input is relabelled, and until it is, "
-                "rows of the earlier model do not count as labelled", describe(old), describe(mine))
+    log.warning(
+        "--redo-all: OUTPUT moves from [%s] to [%s]; every input is relabelled, and until it is, "
+        "rows of the earlier model do not count as labelled",
+        describe(old),
+        describe(mine),
+    )
     _write(config.output, config.storage_options, mine, run_id, since, old)
     return Binding(mine, since, changed_from=old)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -52,8 +53,9 @@ class ListedInputs:
         self.listed = listed.num_rows
         if not config.redo_all:
             # Ok rows written before relabel_since are an earlier model's (identity.py): not done.
-            done = summary.done_key_chunks(config.output, config.storage_options, identity=config.redo_changed,
-                                           since=relabel_since)
+            done = summary.done_key_chunks(
+                config.output, config.storage_options, identity=config.redo_changed, since=relabel_since
+            )
             listed = drop_done(listed, done, config.redo_changed)
         self.todo = listed
 
@@ -134,8 +136,9 @@ def _under(path: str, prefixes: list[str]) -> bool:
     return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
-def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions: Iterable[str],
-                exclude_output: str | None = None) -> pa.Table:
+def list_inputs(
+    url: str, storage_options: Mapping[str, Any] | None, extensions: Iterable[str], exclude_output: str | None = None
+) -> pa.Table:
     """List INPUT recursively and keep files with one of ``extensions`` (case-insensitive).
 
     ``exclude_output`` (OUTPUT's URL) keeps OUTPUT's own tree out of the listing when the two overlap.
@@ -147,8 +150,9 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
     require_exists(fs, root, f"INPUT {url}")
     looked_for = ", ".join(f".{e}" for e in sorted(wanted))
     if _storage.retry(fs.isfile, root, what=f"check {url}"):
-        raise InputError(f"INPUT {url} is a file, not a folder: pass the folder that holds it, or list "
-                                 "it in a --manifest file")
+        raise InputError(
+            f"INPUT {url} is a file, not a folder: pass the folder that holds it, or list it in a --manifest file"
+        )
     excluded = excluded_prefixes(fs, root, exclude_output, storage_options)
     links_skipped = 0
     not_utf8 = 0
@@ -198,13 +202,18 @@ def list_inputs(url: str, storage_options: Mapping[str, Any] | None, extensions:
     batches.append(pa.record_batch(columns, schema=LISTING_SCHEMA))
     table = pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
     if links_skipped:
-        log.warning("INPUT %s: skipped %d symbolic link(s) to folders or to nothing (links to files are "
-                    "followed)", url, links_skipped)
+        log.warning(
+            "INPUT %s: skipped %d symbolic link(s) to folders or to nothing (links to files are followed)",
+            url,
+            links_skipped,
+        )
     if not_utf8:
         log.warning("INPUT %s: %d file name(s) are not valid UTF-8; each gets an error row", url, not_utf8)
     if table.num_rows == 0:
-        raise InputError(f"INPUT {url}: no images found (looked for files ending in {looked_for}, "
-                                 "case-insensitive, hidden files skipped; change the list with --extensions)")
+        raise InputError(
+            f"INPUT {url}: no images found (looked for files ending in {looked_for}, "
+            "case-insensitive, hidden files skipped; change the list with --extensions)"
+        )
     return table.sort_by("uri")
 
 
@@ -217,8 +226,7 @@ def check_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
         while path and not _storage.retry(fs.exists, path, what=f"check {url}"):
             parent = fs._parent(path)
             if not parent or parent == path:
-                raise InputError(f"OUTPUT {url}: {path or url} does not exist (check the bucket name "
-                                         "and credentials)")
+                raise InputError(f"OUTPUT {url}: {path or url} does not exist (check the bucket name and credentials)")
             path = parent
     except PermissionError as exc:
         raise InputError(f"OUTPUT {url}: access denied ({exc})") from None

@@ -54,8 +54,11 @@ class ManifestInputs:
 
     def __init__(self, config: RunConfig):
         if config.redo_changed:
-            raise ConfigError("redo_changed", "needs a listed INPUT; manifest rows carry no size/ETag/mtime",
-                              "use --redo-all, or list INPUT instead")
+            raise ConfigError(
+                "redo_changed",
+                "needs a listed INPUT; manifest rows carry no size/ETag/mtime",
+                "use --redo-all, or list INPUT instead",
+            )
         check_output(config.output, config.storage_options)
         self.url = config.manifest
         self._options = dict(config.storage_options)
@@ -92,18 +95,23 @@ class ManifestInputs:
             lines = ray.data.read_csv(self._path, filesystem=pafs)
         else:
             lines = ray.data.read_text(self._path, filesystem=pafs)
-        base = posixpath.dirname(_storage.absolute_url(self.url)) if not self._is_dir else _storage.absolute_url(self.url)
-        keys = lines.map_batches(_manifest_keys, fn_kwargs={"base_url": base}, batch_format="pyarrow",
-                                 batch_size=None)
+        base = (
+            posixpath.dirname(_storage.absolute_url(self.url)) if not self._is_dir else _storage.absolute_url(self.url)
+        )
+        keys = lines.map_batches(_manifest_keys, fn_kwargs={"base_url": base}, batch_format="pyarrow", batch_size=None)
         done = None if self._redo_all else self._done_keys()
         if done is not None:
             keys = keys.union(done)
-        partitions = max(min(int(_ray.cluster_cpus()), MIN_PARTITIONS_CAP), math.ceil(self._bytes / BYTES_PER_PARTITION))
+        partitions = max(
+            min(int(_ray.cluster_cpus()), MIN_PARTITIONS_CAP), math.ceil(self._bytes / BYTES_PER_PARTITION)
+        )
         unique = keys.groupby(URI_COLUMN, num_partitions=min(partitions, MAX_PARTITIONS)).aggregate(
-            Max("done", alias_name="done"))
+            Max("done", alias_name="done")
+        )
         self._tally = _tally_actor()
-        return unique.map_batches(_listing_rows, fn_kwargs={"tally": self._tally}, batch_format="pyarrow",
-                                  batch_size=None)
+        return unique.map_batches(
+            _listing_rows, fn_kwargs={"tally": self._tally}, batch_format="pyarrow", batch_size=None
+        )
 
     def _done_keys(self):
         """uri of every ok row in OUTPUT's summary, as a Ray Dataset (or None before the first run)."""
@@ -117,8 +125,9 @@ class ManifestInputs:
         since = getattr(self, "relabel_since", None)
         if since is not None:  # only rows of OUTPUT's current model count as done (identity.py)
             rows = rows.select_columns([URI_COLUMN, "status", "written_at"])
-            return rows.map_batches(_ok_keys, fn_kwargs={"since_ms": int(since * 1000)}, batch_format="pyarrow",
-                                    batch_size=None)
+            return rows.map_batches(
+                _ok_keys, fn_kwargs={"since_ms": int(since * 1000)}, batch_format="pyarrow", batch_size=None
+            )
         rows = rows.select_columns([URI_COLUMN, "status"])
         return rows.map_batches(_ok_keys, batch_format="pyarrow", batch_size=None)
 
@@ -220,9 +229,14 @@ def _listing_rows(batch: pa.Table, tally: Any) -> pa.Table:
             paths.append(uri)
     n = len(uris)
     return pa.table(
-        [pa.array(uris, pa.string()), pa.array(paths, pa.string()),
-         pa.array([manifest_rel(u) for u in uris], pa.string()),
-         pa.nulls(n, pa.int64()), pa.nulls(n, pa.string()), pa.nulls(n, pa.float64())],
+        [
+            pa.array(uris, pa.string()),
+            pa.array(paths, pa.string()),
+            pa.array([manifest_rel(u) for u in uris], pa.string()),
+            pa.nulls(n, pa.int64()),
+            pa.nulls(n, pa.string()),
+            pa.nulls(n, pa.float64()),
+        ],
         schema=LISTING_SCHEMA,
     )
 

@@ -1,6 +1,6 @@
-"""Stage 3, the model: weights resolution and the inference actor (the registry: segbatch.architectures).
+"""Stage 3, the model: the inference actor (the registry: segbatch.architectures; weights: segbatch.weights).
 
-Weights are resolved once in the driver (:func:`resolve`), which also pins their identity (name or
+Weights are resolved once in the driver (:func:`segbatch.weights.resolve`), which also pins their identity (name or
 sha256) and class names, so a bad checkpoint fails the run before any image is touched. Each actor of
 the pool then builds its model once in ``__init__`` (:class:`Segmenter`).
 """
@@ -8,27 +8,21 @@ the pool then builds its model once in ``__init__`` (:class:`Segmenter`).
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import torch
-from segbatch import _storage, postprocess
-from segbatch.architectures import Architecture, get_architecture
+
+from segbatch import postprocess
 from segbatch.batching import FORWARD_PASS_COLUMN
 from segbatch.errors import WeightsError
+from segbatch.weights import RANDOM_SEED, ModelSpec, _fetch, _load_checkpoint
 
 log = logging.getLogger(__name__)
-
-from segbatch.weights import (  # noqa: F401  (re-exported: segbatch.model.resolve etc.)
-    MAX_CLASSES, RANDOM_SEED, ModelSpec, _fetch, _load_checkpoint, _read_classes, ensure_default_weights, resolve,
-)
 
 
 def build(spec: ModelSpec) -> torch.nn.Module:
@@ -54,6 +48,7 @@ def build(spec: ModelSpec) -> torch.nn.Module:
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+
 def pick_device() -> torch.device:
     """CUDA when this process may use a GPU and torch sees one; otherwise the CPU, said out loud."""
     gpu_ids: list = []
@@ -67,8 +62,7 @@ def pick_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", 0)
     if gpu_ids:
-        log.warning("Ray assigned GPU %s to this actor, but torch sees no CUDA device: running on the CPU",
-                       gpu_ids)
+        log.warning("Ray assigned GPU %s to this actor, but torch sees no CUDA device: running on the CPU", gpu_ids)
     else:
         log.warning("no GPU for this actor: running inference on the CPU")
     return torch.device("cpu")
@@ -90,9 +84,16 @@ def _assigned_cpus() -> int | None:
 class Predictor:
     """A model on a device that turns uint8 images into class-id masks. Used by the actor and by bench."""
 
-    def __init__(self, spec: ModelSpec, *, precision: str = "fp32", upsample: str = "exact",
-                 device: torch.device | None = None, threads: int | None = None,
-                 min_confidence: float | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        precision: str = "fp32",
+        upsample: str = "exact",
+        device: torch.device | None = None,
+        threads: int | None = None,
+        min_confidence: float | None = None,
+    ):
         self.spec = spec
         self.min_confidence = min_confidence  # None: no confidence maps (and no cost for them)
         self.precision = precision
@@ -113,7 +114,7 @@ class Predictor:
         # Host-to-device copies run on their own stream so the next batch uploads while this one computes.
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def stage(self, images: np.ndarray) -> "Staged":
+    def stage(self, images: np.ndarray) -> Staged:
         """Start moving uint8 NHWC images to the device: pinned memory and a non-blocking copy on the
         copy stream, so it overlaps whatever the compute stream is doing. A no-op on the CPU."""
         tensor = torch.from_numpy(images)
@@ -148,7 +149,7 @@ class Predictor:
             return logits.float(), (x.shape[-2], x.shape[-1])
 
     @torch.inference_mode()
-    def masks(self, images: "torch.Tensor | Staged", sizes: list[tuple[int, int]]) -> list["Labelled"]:
+    def masks(self, images: torch.Tensor | Staged, sizes: list[tuple[int, int]]) -> list[Labelled]:
         """One :class:`Labelled` per image; ``sizes`` are the displayed (H, W).
 
         Upsampling, argmax and counts run on the model's device: only uint8 maps cross back. With
@@ -162,20 +163,25 @@ class Predictor:
             images = images.tensor
         logits, model_size = self.logits(images)
         if self.min_confidence is None:
-            labels = [postprocess.labels(logits[i], size, self.upsample, model_size).to(torch.uint8)
-                      for i, size in enumerate(sizes)]
+            labels = [
+                postprocess.labels(logits[i], size, self.upsample, model_size).to(torch.uint8)
+                for i, size in enumerate(sizes)
+            ]
             counts = [postprocess.pixel_counts(lab, self.spec.num_classes) for lab in labels]
             return [Labelled(lab.cpu().numpy(), cnt.cpu().numpy()) for lab, cnt in zip(labels, counts)]
         out = []
         for i, size in enumerate(sizes):
             lab, conf = postprocess.labels_and_confidence(logits[i], size, model_size)
             lab = lab.to(torch.uint8)
-            out.append(Labelled(
-                lab.cpu().numpy(), postprocess.pixel_counts(lab, self.spec.num_classes).cpu().numpy(),
-                confidence=conf.mul(255).round_().to(torch.uint8).cpu().numpy(),
-                mean_confidence=float(conf.mean()),
-                low_confidence_share=float((conf < self.min_confidence).float().mean()),
-            ))
+            out.append(
+                Labelled(
+                    lab.cpu().numpy(),
+                    postprocess.pixel_counts(lab, self.spec.num_classes).cpu().numpy(),
+                    confidence=conf.mul(255).round_().to(torch.uint8).cpu().numpy(),
+                    mean_confidence=float(conf.mean()),
+                    low_confidence_share=float((conf < self.min_confidence).float().mean()),
+                )
+            )
         return out
 
 
@@ -200,18 +206,35 @@ class Staged:
 class Segmenter:
     """Ray Data map step on an actor pool: one model per actor, loaded once in ``__init__``."""
 
-    def __init__(self, spec: ModelSpec, precision: str = "fp32", upsample: str = "exact",
-                 min_confidence: float | None = None, max_batch: int | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        precision: str = "fp32",
+        upsample: str = "exact",
+        min_confidence: float | None = None,
+        max_batch: int | None = None,
+        threads: int | None = None,
+    ):
         import ray
 
         self.max_batch = max_batch  # most images per forward pass; None: a batch's whole shape group
-        self.predictor = Predictor(spec, precision=precision, upsample=upsample, threads=threads or _assigned_cpus(),
-                                   min_confidence=min_confidence)
+        self.predictor = Predictor(
+            spec,
+            precision=precision,
+            upsample=upsample,
+            threads=threads or _assigned_cpus(),
+            min_confidence=min_confidence,
+        )
         self.node_id = ray.get_runtime_context().get_node_id()
         device = self.predictor.device
         self.device_name = f"{device.type}:{device.index or 0}" if device.type == "cuda" else device.type
-        log.info("segbatch actor ready: %s on %s, node %s, %d torch threads", spec.arch, self.device_name,
-                 self.node_id[:12], torch.get_num_threads())
+        log.info(
+            "segbatch actor ready: %s on %s, node %s, %d torch threads",
+            spec.arch,
+            self.device_name,
+            self.node_id[:12],
+            torch.get_num_threads(),
+        )
 
     @staticmethod
     def _host_images(rows: list[int], batch: pa.Table) -> np.ndarray:
@@ -219,8 +242,9 @@ class Segmenter:
         pixels = batch["pixels"]
         return np.stack([np.frombuffer(pixels[r].as_py(), dtype=np.uint8).reshape(shape) for r in rows])
 
-    def _infer(self, rows: list[int], batch: pa.Table, results: dict[int, Any], staged: Staged | None,
-               passes: dict[int, int]) -> None:
+    def _infer(
+        self, rows: list[int], batch: pa.Table, results: dict[int, Any], staged: Staged | None, passes: dict[int, int]
+    ) -> None:
         """Infer rows of one shape together; if that fails, try each alone so one bad image costs one row.
         ``passes`` gets, per row, the number of images in the forward pass that labelled it."""
         try:
@@ -259,7 +283,7 @@ class Segmenter:
         # upstream makes the groups full). Pass i+1 is staged (its copy to the GPU started) before pass i
         # computes.
         step = self.max_batch or batch.num_rows or 1
-        ordered = [rows[i:i + step] for rows in groups.values() for i in range(0, len(rows), step)]
+        ordered = [rows[i : i + step] for rows in groups.values() for i in range(0, len(rows), step)]
         staged = self._stage(ordered[0], batch) if ordered else None
         for i, rows in enumerate(ordered):
             following = self._stage(ordered[i + 1], batch) if i + 1 < len(ordered) else None
@@ -283,15 +307,18 @@ class Segmenter:
         out = out.append_column("mask", pa.array(masks, pa.binary()))
         out = out.append_column("pixel_counts", pa.array(counts, pa.list_(pa.int64())))
         if self.predictor.min_confidence is not None:
-            out = out.append_column("confidence", pa.array(
-                [c.confidence.tobytes() if c else b"" for c in confidence], pa.binary()))
+            out = out.append_column(
+                "confidence", pa.array([c.confidence.tobytes() if c else b"" for c in confidence], pa.binary())
+            )
             for name in ("mean_confidence", "low_confidence_share"):
-                out = out.append_column(name, pa.array([getattr(c, name) if c else None for c in confidence],
-                                                       pa.float32()))
+                out = out.append_column(
+                    name, pa.array([getattr(c, name) if c else None for c in confidence], pa.float32())
+                )
         out = out.append_column("node_id", pa.array([self.node_id] * batch.num_rows, pa.string()))
-        out = out.append_column(FORWARD_PASS_COLUMN, pa.array([passes.get(r, 0) for r in range(batch.num_rows)],
-                                                               pa.int32()))
+        out = out.append_column(
+            FORWARD_PASS_COLUMN, pa.array([passes.get(r, 0) for r in range(batch.num_rows)], pa.int32())
+        )
         return out.append_column("device", pa.array([self.device_name] * batch.num_rows, pa.string()))
 
 
-__all__ = ["Labelled", "ModelSpec", "Predictor", "Segmenter", "build", "resolve"]
+__all__ = ["Labelled", "Predictor", "Segmenter", "build"]

@@ -9,7 +9,7 @@ untinted: tinting them with the palette's black would only darken the photo.
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,8 +33,9 @@ def background_ids(classes: Sequence[str] | None) -> frozenset[int]:
     return frozenset(i for i, name in enumerate(classes or ()) if name.lower() in BACKGROUND_NAMES)
 
 
-def blend(image: Image.Image, mask: np.ndarray, *, untinted: frozenset[int] = frozenset(),
-          alpha: float = OVERLAY_ALPHA) -> Image.Image:
+def blend(
+    image: Image.Image, mask: np.ndarray, *, untinted: frozenset[int] = frozenset(), alpha: float = OVERLAY_ALPHA
+) -> Image.Image:
     """``image`` with each pixel tinted by its class's palette colour; ``mask`` must match its size."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     if rgb.shape[:2] != mask.shape:

@@ -15,12 +15,24 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from segbatch import (_lease, _ray, _storage, identity, inference, listing, manifest, preflight, resources, runs,
-                      summary, weights)
+from segbatch import (
+    _lease,
+    _ray,
+    _storage,
+    identity,
+    inference,
+    listing,
+    manifest,
+    preflight,
+    resources,
+    runs,
+    summary,
+    weights,
+)
 from segbatch.batching import FORWARD_PASS_COLUMN, ShapeBatcher
 from segbatch.config import RunConfig
-from segbatch.decode import DecodeImages, Limits
 from segbatch.contract import MASKS_DIR, SUMMARY_DIR
+from segbatch.decode import DecodeImages, Limits
 from segbatch.errors import BudgetError, ConfigError
 from segbatch.inputs import Inputs
 from segbatch.sinks import WriteOutputs
@@ -164,9 +176,14 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
         )
     ds = ds.map_batches(
         inference.Segmenter,
-        fn_constructor_kwargs={"spec": spec, "precision": config.precision, "upsample": config.upsample,
-                               "min_confidence": config.min_confidence if config.confidence else None,
-                               "max_batch": size.batch_size, "threads": size.threads},
+        fn_constructor_kwargs={
+            "spec": spec,
+            "precision": config.precision,
+            "upsample": config.upsample,
+            "min_confidence": config.min_confidence if config.confidence else None,
+            "max_batch": size.batch_size,
+            "threads": size.threads,
+        },
         compute=ActorPoolStrategy(min_size=size.min_actors, max_size=size.max_actors),
         # After the batcher, a block is one or more single-shape batches: take it whole. A manifest run
         # (row count unknown until read) groups shapes within each listing-order batch only.
@@ -177,8 +194,14 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
         # and its batches retried, so a lost worker costs time, not images (tests/test_faults.py).
     )
-    context = WriterContext(config.output, config.storage_options, input_url=config.input or "",
-                            classes=spec.classes, limits=limits, png_compress_level=config.png_compress_level)
+    context = WriterContext(
+        config.output,
+        config.storage_options,
+        input_url=config.input or "",
+        classes=spec.classes,
+        limits=limits,
+        png_compress_level=config.png_compress_level,
+    )
     # A manifest's row count is known only once Ray has read it: it counts as unbounded here.
     pending = inputs.pending if inputs.pending is not None else sys.maxsize
     ds = ds.map_batches(
@@ -214,15 +237,21 @@ def run(config: RunConfig) -> RunReport:
     preflight.check_inputs_exist(config)
     listing.check_output(config.output, config.storage_options)
     preflight.probe_output(config.output, config.storage_options)
-    spec = weights.resolve(config.model, config.weights, classes_url=config.classes, sha256=config.weights_sha256,
-                         storage_options=config.storage_options)
+    spec = weights.resolve(
+        config.model,
+        config.weights,
+        classes_url=config.classes,
+        sha256=config.weights_sha256,
+        storage_options=config.storage_options,
+    )
     run_id = config.run_id or new_run_id()
     with _lease.Lease(config.output, config.storage_options, run_id) as lease:
         return _run_holding_lease(config, spec, run_id, lease, started)
 
 
-def _run_holding_lease(config: RunConfig, spec: weights.ModelSpec, run_id: str, lease: _lease.Lease,
-                       started: float) -> RunReport:
+def _run_holding_lease(
+    config: RunConfig, spec: weights.ModelSpec, run_id: str, lease: _lease.Lease, started: float
+) -> RunReport:
     binding = identity.bind(config, spec, run_id)
     report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output))
     cleanup = binding.relabel_since is not None  # rows of an earlier model may need dropping afterwards
@@ -254,8 +283,7 @@ def _run_holding_lease(config: RunConfig, spec: weights.ModelSpec, run_id: str, 
                 _check_error_budget(config, report)
         except (RunInterrupted, KeyboardInterrupt) as exc:
             exc = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
-            report.stopped_early = (f"interrupted by {exc.name}; rows written so far stay valid, rerun to "
-                                    "resume")
+            report.stopped_early = f"interrupted by {exc.name}; rows written so far stay valid, rerun to resume"
             failure = exc
         except (BudgetError, _lease.LeaseLostError) as exc:
             report.stopped_early = report.stopped_early or str(exc)
@@ -266,8 +294,10 @@ def _run_holding_lease(config: RunConfig, spec: weights.ModelSpec, run_id: str, 
                 failure = exc
                 report.stopped_early = f"failed: {type(exc).__name__}"
             else:
-                report.stopped_early = (f"writing OUTPUT failed: {preflight.describe_write_error(fatal)}; rows "
-                                        "written so far stay valid, fix OUTPUT and rerun to resume")
+                report.stopped_early = (
+                    f"writing OUTPUT failed: {preflight.describe_write_error(fatal)}; rows "
+                    "written so far stay valid, fix OUTPUT and rerun to resume"
+                )
                 failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
         finally:
             try:
@@ -321,11 +351,11 @@ def _recount(config: RunConfig, report: RunReport) -> None:
     import pyarrow.compute as pc
 
     try:
-        rows = summary.read(config.output, config.storage_options, columns=["status"],
-                            filter=pc.field("run_id") == report.run_id)
+        rows = summary.read(
+            config.output, config.storage_options, columns=["status"], filter=pc.field("run_id") == report.run_id
+        )
     except Exception as exc:
-        log.warning("could not recount the rows of %s (%s); the record counts what the driver saw",
-                    report.run_id, exc)
+        log.warning("could not recount the rows of %s (%s); the record counts what the driver saw", report.run_id, exc)
         return
     ok = pc.sum(pc.equal(rows["status"], "ok")).as_py() or 0
     report.ok, report.errors = ok, rows.num_rows - ok

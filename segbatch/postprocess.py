@@ -14,7 +14,7 @@ interpolated. DeepLabV3 itself upsamples its stride-8 logits bilinearly to the i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,10 @@ class _Level:
         self.logits_at = logits_at
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor) -> "_Level":
+    def from_logits(cls, logits: torch.Tensor) -> _Level:
         return cls(logits.argmax(0), lambda ys, xs: logits[:, ys, xs])
 
-    def upsample(self, height: int, width: int) -> "_Level":
+    def upsample(self, height: int, width: int) -> _Level:
         h, w = self.labels.shape
         device = self.labels.device
         y0, y1, ly = _axis(h, height, device)

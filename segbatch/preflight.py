@@ -10,7 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from segbatch import _storage
 from segbatch.errors import InputError
@@ -18,8 +19,9 @@ from segbatch.errors import InputError
 PROBE_PREFIX = "._segbatch-probe-"
 
 #: errno values that no retry fixes: the run stops instead of turning every image into an error row.
-FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM,
-                                errno.ENOTDIR, errno.EFBIG})
+FATAL_WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EFBIG}
+)
 
 
 class OutputNotWritableError(InputError):
@@ -27,10 +29,15 @@ class OutputNotWritableError(InputError):
 
 
 def describe_write_error(exc: BaseException) -> str:
-    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
-              errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied",
-              errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
-              errno.EEXIST: "a file is in the way of a folder"}.get(getattr(exc, "errno", None))
+    reason = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EROFS: "read-only filesystem",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "a file is in the way of a folder",
+    }.get(getattr(exc, "errno", None))
     if isinstance(exc, PermissionError):
         reason = "permission denied"
     if isinstance(exc, (NotADirectoryError, FileExistsError)):
@@ -40,7 +47,8 @@ def describe_write_error(exc: BaseException) -> str:
 
 def is_fatal_write_error(exc: BaseException) -> bool:
     return isinstance(exc, (PermissionError, NotADirectoryError)) or (
-        isinstance(exc, OSError) and exc.errno in FATAL_WRITE_ERRNOS)
+        isinstance(exc, OSError) and exc.errno in FATAL_WRITE_ERRNOS
+    )
 
 
 def probe_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
@@ -62,8 +70,9 @@ def probe_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
     except OutputNotWritableError:
         raise
     except OSError as exc:
-        raise OutputNotWritableError(f"OUTPUT {url} is not writable: {describe_write_error(exc)}; nothing was "
-                                     "done") from None
+        raise OutputNotWritableError(
+            f"OUTPUT {url} is not writable: {describe_write_error(exc)}; nothing was done"
+        ) from None
     finally:
         for path in created:  # deepest first; rmdir leaves anything that is not empty alone
             try:

@@ -36,8 +36,17 @@ GPU_MEMORY_SHARE = 0.5  # of the device's memory the batch may take; the rest is
 MAX_GPU_BATCH = 64
 # Ray labels GPU nodes with an `accelerator_type:<TYPE>` resource; the memory of the common types (the
 # smaller variant where a type comes in two sizes).
-GPU_MEMORY_GIB = {"T4": 16, "V100": 16, "A10G": 24, "L4": 24, "A100": 40, "L40S": 48, "H100": 80, "H200": 141,
-                  "B200": 180}
+GPU_MEMORY_GIB = {
+    "T4": 16,
+    "V100": 16,
+    "A10G": 24,
+    "L4": 24,
+    "A100": 40,
+    "L40S": 48,
+    "H100": 80,
+    "H200": 141,
+    "B200": 180,
+}
 
 
 @dataclass(frozen=True)
@@ -99,10 +108,18 @@ def settle(config, cpus: float, gpus: float, gpu_bytes: int | None = None) -> Si
     else:
         per_actor = round((cpus - max(MIN_TASK_CPUS, cpus * TASK_SHARE)) / max_actors, 4)
     decode = config.decode_cpus if config.decode_cpus is not None else _decode_cpus(cpus - max_actors * per_actor)
-    batch = config.batch_size or default_batch_size(config.model, config.precision, gpus if gpus_per_actor else 0.0,
-                                                    gpu_bytes)
-    return Sizing(min_actors, max_actors, per_actor, max(1, math.ceil(per_actor - 1e-6)), float(gpus_per_actor),
-                  float(decode), batch)
+    batch = config.batch_size or default_batch_size(
+        config.model, config.precision, gpus if gpus_per_actor else 0.0, gpu_bytes
+    )
+    return Sizing(
+        min_actors,
+        max_actors,
+        per_actor,
+        max(1, math.ceil(per_actor - 1e-6)),
+        float(gpus_per_actor),
+        float(decode),
+        batch,
+    )
 
 
 def _decode_cpus(spare: float) -> float:
@@ -122,8 +139,11 @@ def gpu_batch_size(arch: str, precision: str = "fp32", gpu_bytes: int | None = N
 
 def gpu_bytes_of(resources: dict) -> int | None:
     """The smallest GPU memory among the cluster's known accelerator types, or None when none is known."""
-    known = [GPU_MEMORY_GIB[k.split(":", 1)[1]] for k in resources
-             if k.startswith("accelerator_type:") and k.split(":", 1)[1] in GPU_MEMORY_GIB]
+    known = [
+        GPU_MEMORY_GIB[k.split(":", 1)[1]]
+        for k in resources
+        if k.startswith("accelerator_type:") and k.split(":", 1)[1] in GPU_MEMORY_GIB
+    ]
     return min(known) * 1024**3 if known else None
 
 

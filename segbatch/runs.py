@@ -19,7 +19,8 @@ import posixpath
 import re
 import time
 from collections import defaultdict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -71,8 +72,11 @@ def read_records(output_url: str, storage_options: Mapping[str, Any] | None = No
     path = _storage.join_path(root, RUNS_DIR)
     if not _storage.retry(fs.exists, path, what=f"check {path}"):
         return []
-    names = [p for p in _storage.retry(fs.find, path, what=f"list {path}")
-             if p.endswith(".json") and not posixpath.basename(p).startswith(".")]
+    names = [
+        p
+        for p in _storage.retry(fs.find, path, what=f"list {path}")
+        if p.endswith(".json") and not posixpath.basename(p).startswith(".")
+    ]
     records = []
     for name, raw in zip(names, _storage.read_many(fs, names)):
         try:
@@ -101,8 +105,7 @@ def drop_superseded(output_url: str, storage_options: Mapping[str, Any] | None =
     dups = counts.filter(pc.greater(counts["uri_count"], 1))["uri"]
     if len(dups) == 0:
         return 0
-    rows = ds.to_table(columns=["uri", "run_id", "written_at", "__filename"],
-                       filter=is_ok & pc.field("uri").isin(dups))
+    rows = ds.to_table(columns=["uri", "run_id", "written_at", "__filename"], filter=is_ok & pc.field("uri").isin(dups))
     rows = rows.sort_by([("uri", "ascending"), ("written_at", "descending"), ("run_id", "descending")])
     losers: dict[str, set[tuple[str, str]]] = defaultdict(set)
     previous = None
@@ -123,8 +126,10 @@ def _rewrite_without(fs, path: str, keys: set[tuple[str, str]]) -> int:
     """Rewrite one summary file without the ok rows named by (uri, run_id); delete it if nothing is left."""
     raw = _storage.retry(fs.cat_file, path, what=f"read {path}")
     table = pq.read_table(io.BytesIO(raw))
-    drop = [status == "ok" and (uri, run_id) in keys for uri, run_id, status in
-            zip(*(table[c].to_pylist() for c in ("uri", "run_id", "status")))]
+    drop = [
+        status == "ok" and (uri, run_id) in keys
+        for uri, run_id, status in zip(*(table[c].to_pylist() for c in ("uri", "run_id", "status")))
+    ]
     kept = table.filter(pc.invert(pa.array(drop, pa.bool_())))
     if kept.num_rows == 0:
         _storage.retry(fs.rm, path, what=f"delete {path}")
@@ -147,13 +152,19 @@ def finish(config, report, *, completed: bool, cleanup: bool = False) -> None:
         try:
             drop_superseded(config.output, config.storage_options)
         except Exception as exc:
-            log.error("could not drop superseded ok rows (%s); inputs keep an extra older ok row until the next "
-                      "--redo-changed run finishes this cleanup", exc)
+            log.error(
+                "could not drop superseded ok rows (%s); inputs keep an extra older ok row until the next "
+                "--redo-changed run finishes this cleanup",
+                exc,
+            )
     try:
         compact.compact(config.output, config.storage_options, run_id=report.run_id)
     except Exception as exc:
-        log.error("could not merge the run's summary files (%s); its rows are all there, in small files: "
-                  "`segbatch compact OUTPUT` merges them", exc)
+        log.error(
+            "could not merge the run's summary files (%s); its rows are all there, in small files: "
+            "`segbatch compact OUTPUT` merges them",
+            exc,
+        )
 
 
 __all__ = ["drop_superseded", "finish", "read_records", "record"]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,11 +25,11 @@ from segbatch.writers import MaskWriter, WriterContext, get_writer
 
 WRITE_THREADS = 16  # concurrent object writes per task; object stores reward parallel PUTs
 
+
 class WriteOutputs:
     """Ray Data map step (CPU tasks): the writers (mask first) on every ok image, then the summary rows."""
 
-    def __init__(self, context: WriterContext, writer_names: Sequence[str], *, run_id: str, model: str,
-                 weights: str):
+    def __init__(self, context: WriterContext, writer_names: Sequence[str], *, run_id: str, model: str, weights: str):
         self._output = _storage.Location(context.output_url, context.storage_options)
         self._classes = context.classes
         self._run_id = run_id
@@ -99,4 +100,6 @@ class WriteOutputs:
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
         fs, root = self._output.open()
-        _storage.write_atomic(fs, _storage.join_path(root, posixpath.join(SUMMARY_DIR, name)), buf.getvalue().to_pybytes())
+        _storage.write_atomic(
+            fs, _storage.join_path(root, posixpath.join(SUMMARY_DIR, name)), buf.getvalue().to_pybytes()
+        )

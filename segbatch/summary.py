@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,18 +32,31 @@ def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -
     # Files that a finished merge replaced but a killed compaction left behind hold rows that the merged
     # file holds too: they are skipped (segbatch/compact.py).
     top = [p for p in listed if posixpath.dirname(p) == path.rstrip("/")]
-    replaced = compact.replaced_files(fs, path, [posixpath.basename(p) for p in top]) if any(
-        posixpath.basename(p).startswith(compact.MARKER_PREFIX) for p in top) else set()
-    files = [p for p in listed if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_"))
-             and not (posixpath.dirname(p) == path.rstrip("/") and posixpath.basename(p) in replaced)]
+    replaced = (
+        compact.replaced_files(fs, path, [posixpath.basename(p) for p in top])
+        if any(posixpath.basename(p).startswith(compact.MARKER_PREFIX) for p in top)
+        else set()
+    )
+    files = [
+        p
+        for p in listed
+        if p.endswith(".parquet")
+        and not posixpath.basename(p).startswith((".", "_"))
+        and not (posixpath.dirname(p) == path.rstrip("/") and posixpath.basename(p) in replaced)
+    ]
     if not files:
         return None
     # Files from older segbatch versions may lack extension columns; the contract schema fills them null.
     return pads.dataset(files, schema=SUMMARY_SCHEMA, format="parquet", filesystem=_storage.to_pyarrow_fs(fs))
 
 
-def read(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
-         columns: Sequence[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+def read(
+    output_url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+    filter: pc.Expression | None = None,
+) -> pa.Table:
     ds = dataset(output_url, storage_options)
     schema = SUMMARY_SCHEMA
     if ds is None:
@@ -62,16 +76,22 @@ def _done_filter(since: float | None) -> pc.Expression:
     return where
 
 
-def done_keys(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
-              since: float | None = None) -> pa.Table:
+def done_keys(
+    output_url: str, storage_options: Mapping[str, Any] | None = None, *, since: float | None = None
+) -> pa.Table:
     """uri (and input identity) of every ok row: what a resumed run skips. With ``since`` (epoch seconds,
     identity.py's relabel_since) only rows written since then count."""
     return read(output_url, storage_options, columns=["uri", *IDENTITY_COLUMNS], filter=_done_filter(since))
 
 
-def done_key_chunks(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
-                    identity: bool = False, since: float | None = None,
-                    chunk_rows: int = DONE_CHUNK_ROWS) -> Iterator[pa.Table]:
+def done_key_chunks(
+    output_url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    identity: bool = False,
+    since: float | None = None,
+    chunk_rows: int = DONE_CHUNK_ROWS,
+) -> Iterator[pa.Table]:
     """The ``uri`` (with ``identity``, also size/ETag/mtime) of every ok row (written since ``since``, as
     :func:`done_keys`), in tables of at most about ``chunk_rows`` rows, so that the driver never holds the
     keys of a 10^7-row summary at once."""
@@ -79,8 +99,7 @@ def done_key_chunks(output_url: str, storage_options: Mapping[str, Any] | None =
     if ds is None:
         return
     columns = ["uri", *IDENTITY_COLUMNS] if identity else ["uri"]
-    scanner = ds.scanner(columns=columns, filter=_done_filter(since), batch_readahead=2,
-                         fragment_readahead=1)
+    scanner = ds.scanner(columns=columns, filter=_done_filter(since), batch_readahead=2, fragment_readahead=1)
     batches, rows = [], 0
     for batch in scanner.to_batches():
         if batch.num_rows:

@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from segbatch import _storage
 from segbatch.architectures import Architecture, get_architecture
@@ -112,7 +113,9 @@ def resolve(
         log.warning(
             "\n%s\n!! --weights random: an UNTRAINED model (seed %d). Its masks mean nothing; use it for\n"
             "!! smoke tests and benchmarks only.\n%s",
-            "!" * 78, RANDOM_SEED, "!" * 78,
+            "!" * 78,
+            RANDOM_SEED,
+            "!" * 78,
         )
         identity, names = f"random:seed={RANDOM_SEED}", categories
     else:
@@ -144,7 +147,8 @@ def _hub_dir() -> str:
 
         return torch.hub.get_dir()
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch"
+    )
     return os.path.join(os.path.expanduser(torch_home), "hub")
 
 

@@ -9,8 +9,9 @@ the pipeline does not change.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -19,7 +20,16 @@ from segbatch import _storage
 from segbatch.contract import PALETTE, confidence_relpath, mask_relpath, overlay_relpath
 from segbatch.errors import ConfigError
 
-__all__ = ["ConfidenceWriter", "MaskWriter", "OutputWriter", "OverlayWriter", "WriterContext", "WRITERS", "encode_png", "get_writer"]
+__all__ = [
+    "ConfidenceWriter",
+    "MaskWriter",
+    "OutputWriter",
+    "OverlayWriter",
+    "WriterContext",
+    "WRITERS",
+    "encode_png",
+    "get_writer",
+]
 
 
 @dataclass(frozen=True)

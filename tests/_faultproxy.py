@@ -16,8 +16,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-            b"<Message>Please reduce your request rate.</Message></Error>")
+SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
@@ -89,13 +91,16 @@ class FaultProxy:
                 return None
             for _ in range(len(self._kinds)):
                 kind = self._kinds[(self._count // self.period) % len(self._kinds)]
-                if kind != "timeout" or sum(n for (k, _m), n in self.injected.items() if k == "timeout") < self.max_timeouts:
+                if (
+                    kind != "timeout"
+                    or sum(n for (k, _m), n in self.injected.items() if k == "timeout") < self.max_timeouts
+                ):
                     self.injected[(kind, method)] += 1
                     return kind
                 self._count += self.period  # timeouts used up: rotate to the next kind
             return None
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 

@@ -18,8 +18,9 @@ from segbatch.architectures import get_architecture
 TEST_ARCH = "deeplabv3_mobilenet_v3_large"  # the smallest architecture: fast enough for CI on 2 cores
 
 
-def make_checkpoint(path: Path, arch: str = TEST_ARCH, num_classes: int = 21, seed: int = 1234,
-                    with_aux: bool = False) -> Path:
+def make_checkpoint(
+    path: Path, arch: str = TEST_ARCH, num_classes: int = 21, seed: int = 1234, with_aux: bool = False
+) -> Path:
     """A seeded, untrained model whose masks still follow image content.
 
     Freshly initialised BatchNorm statistics (mean 0, var 1) flatten the features, and such a model
@@ -176,9 +177,17 @@ def write_output(out: Path, rows: list[dict], classes: list[str], input_root: st
             mask_uri = str(out / rel_mask)
         h, w = np.shape(row["mask"]) if ok else (None, None)
         counts = np.bincount(np.ravel(row["mask"]), minlength=len(classes)).tolist() if ok else None
-        record = {"uri": f"{input_root}/{row['rel']}", "status": "ok" if ok else "error",
-                  "error": None if ok else row["error"], "width": w, "height": h, "mask_uri": mask_uri,
-                  "pixel_counts": counts, "run_id": f"run{i}", "model": "hand-made",
-                  "written_at": row.get("written_at", 1_700_000_000_000 + i)}
+        record = {
+            "uri": f"{input_root}/{row['rel']}",
+            "status": "ok" if ok else "error",
+            "error": None if ok else row["error"],
+            "width": w,
+            "height": h,
+            "mask_uri": mask_uri,
+            "pixel_counts": counts,
+            "run_id": f"run{i}",
+            "model": "hand-made",
+            "written_at": row.get("written_at", 1_700_000_000_000 + i),
+        }
         table = pa.Table.from_pylist([record], schema=SUMMARY_SCHEMA.with_metadata(summary_metadata(tuple(classes))))
         pq.write_table(table, out / SUMMARY_DIR / f"part-{i:04d}.parquet")

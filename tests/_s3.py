@@ -23,9 +23,17 @@ FAKE_SECRET_ACCESS_KEY = "segbatchFakeSecret+9xQ2vL7mTz4Kp0RwYh3NdC8sJe1"
 SECRETS = (FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY)
 
 # Variables that could point the tests at a real account or endpoint; cleared for the session.
-_AWS_VARS_TO_CLEAR = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-                      "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
-                      "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+_AWS_VARS_TO_CLEAR = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+)
 
 
 def configure_environment(port: int) -> str:
@@ -33,16 +41,18 @@ def configure_environment(port: int) -> str:
     endpoint = f"http://{HOST}:{port}"
     for name in _AWS_VARS_TO_CLEAR:
         os.environ.pop(name, None)
-    os.environ.update({
-        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_ACCESS_KEY,
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_ENDPOINT_URL": endpoint,
-        # No shared config or credentials files: a developer's ~/.aws must not change what tests see.
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",  # no 1 s probe of an instance-metadata service
-    })
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_ACCESS_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_ENDPOINT_URL": endpoint,
+            # No shared config or credentials files: a developer's ~/.aws must not change what tests see.
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",  # no 1 s probe of an instance-metadata service
+        }
+    )
     return endpoint
 
 
@@ -55,7 +65,7 @@ class S3Endpoint:
         self._server = None
         self._lock = threading.Lock()
 
-    def start(self) -> "S3Endpoint":
+    def start(self) -> S3Endpoint:
         with self._lock:
             if self._server is None:
                 from moto.server import ThreadedMotoServer

@@ -25,6 +25,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _INTEGRATION_FIXTURES & set(item.fixturenames) or item.module.__name__ in _INTEGRATION_MODULES:
             item.add_marker(pytest.mark.integration)
+
+
 from _helpers import free_port  # noqa: E402
 from _s3 import S3Endpoint, clear_s3fs_cache, configure_environment  # noqa: E402
 
@@ -40,8 +42,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
+        )
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -16,13 +16,15 @@ SHAPES = [(520, 693), (693, 520), (520, 520), (520, 780)]
 def decoded(uris: list[str], shapes: list[tuple[int, int] | None]) -> pa.Table:
     """Rows as DecodeImages emits them; a None shape is a decode error (no pixels). Pixels are tiny
     stand-ins tagged with the shape, so a mixed-up row would show."""
-    return pa.table({
-        "uri": pa.array(uris, pa.string()),
-        "pixels": pa.array([b"" if s is None else f"{s[0]}x{s[1]}".encode() * 10 for s in shapes], pa.binary()),
-        "in_h": pa.array([0 if s is None else s[0] for s in shapes], pa.int32()),
-        "in_w": pa.array([0 if s is None else s[1] for s in shapes], pa.int32()),
-        "error": pa.array([("cannot decode" if s is None else None) for s in shapes], pa.string()),
-    })
+    return pa.table(
+        {
+            "uri": pa.array(uris, pa.string()),
+            "pixels": pa.array([b"" if s is None else f"{s[0]}x{s[1]}".encode() * 10 for s in shapes], pa.binary()),
+            "in_h": pa.array([0 if s is None else s[0] for s in shapes], pa.int32()),
+            "in_w": pa.array([0 if s is None else s[1] for s in shapes], pa.int32()),
+            "error": pa.array([("cannot decode" if s is None else None) for s in shapes], pa.string()),
+        }
+    )
 
 
 def feed(batcher: ShapeBatcher, blocks: list[pa.Table]) -> list[pa.Table]:
@@ -43,18 +45,21 @@ def blocks_of(uris, shapes, sizes: list[int]) -> list[pa.Table]:
     out, i, k = [], 0, 0
     while i < len(uris):
         step = sizes[k % len(sizes)]
-        out.append(decoded(uris[i:i + step], shapes[i:i + step]))
+        out.append(decoded(uris[i : i + step], shapes[i : i + step]))
         i, k = i + step, k + 1
     return out
 
 
-@pytest.mark.parametrize("n,batch_size,block_sizes,error_every", [
-    (320, 16, [16], 0),
-    (320, 16, [5, 16, 33, 1], 0),
-    (101, 8, [7], 9),  # decode errors and a last partial group of every shape
-    (3, 16, [1], 0),  # fewer rows than one batch
-    (64, 1, [10], 5),
-])
+@pytest.mark.parametrize(
+    "n,batch_size,block_sizes,error_every",
+    [
+        (320, 16, [16], 0),
+        (320, 16, [5, 16, 33, 1], 0),
+        (101, 8, [7], 9),  # decode errors and a last partial group of every shape
+        (3, 16, [1], 0),  # fewer rows than one batch
+        (64, 1, [10], 5),
+    ],
+)
 def test_every_row_once_never_mixed(n, batch_size, block_sizes, error_every):
     uris, shapes = interleaved(n, seed=n, error_every=error_every)
     batcher = ShapeBatcher(batch_size, expected_rows=n)

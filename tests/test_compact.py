@@ -3,7 +3,6 @@ the commands that read the summary on compacted and uncompacted outputs alike.""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -19,18 +18,28 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _helpers import TEST_ARCH, photo_like
 from segbatch import RunConfig, compact, runs, summary
+from segbatch import _status as status
 from segbatch.cli import main
 from segbatch.contract import SUMMARY_SCHEMA, summary_metadata
 
-status = importlib.import_module("segbatch.status")  # the module; `segbatch.status` is the function
+from _helpers import TEST_ARCH, photo_like
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("bg", "fg")
 
 
-def write_part(folder: Path, name: str, run_id: str, uris: list[str], *, status_of=lambda u: "ok",
-               classes=CLASSES, written_at: int = 1_700_000_000_000, drop_extensions: bool = False) -> None:
+def write_part(
+    folder: Path,
+    name: str,
+    run_id: str,
+    uris: list[str],
+    *,
+    status_of=lambda u: "ok",
+    classes=CLASSES,
+    written_at: int = 1_700_000_000_000,
+    drop_extensions: bool = False,
+) -> None:
     n = len(uris)
     cols = {f.name: pa.nulls(n, f.type) for f in SUMMARY_SCHEMA}
     cols["uri"] = pa.array(uris, pa.string())
@@ -51,8 +60,13 @@ def synthetic(out: Path, files: int, rows_per_file: int = 64, run_id: str = "r1"
     rows = []
     for i in range(files):
         uris = [f"/in/{i:05d}/{j:03d}.jpg" for j in range(rows_per_file)]
-        write_part(out / "summary", f"part-{run_id}-{i:016x}.parquet", run_id, uris,
-                   status_of=lambda u: "error" if u.endswith("007.jpg") else "ok")
+        write_part(
+            out / "summary",
+            f"part-{run_id}-{i:016x}.parquet",
+            run_id,
+            uris,
+            status_of=lambda u: "error" if u.endswith("007.jpg") else "ok",
+        )
         rows += [(u, run_id) for u in uris]
     return sorted(rows)
 
@@ -69,8 +83,7 @@ def summary_files(out: Path) -> list[str]:
 def test_compact_merges_small_files_into_one_and_readers_see_every_row_once(tmp_path, capsys):
     out = tmp_path / "out"
     rows = synthetic(out, files=40)
-    write_part(out / "summary", "part-old-0000000000000001.parquet", "old", ["/in/legacy.jpg"],
-               drop_extensions=True)
+    write_part(out / "summary", "part-old-0000000000000001.parquet", "old", ["/in/legacy.jpg"], drop_extensions=True)
     rows = sorted(rows + [("/in/legacy.jpg", "old")])
     before = status.collect(str(out))
     assert main(["compact", str(out)]) == 0
@@ -84,8 +97,7 @@ def test_compact_merges_small_files_into_one_and_readers_see_every_row_once(tmp_
     legacy = summary.read(str(out), filter=pc.field("uri") == "/in/legacy.jpg").to_pylist()[0]
     assert legacy["size"] is None and legacy["pixel_counts"] == [1, 2]  # missing extensions: null
     after = status.collect(str(out))
-    assert (after.inputs_ok, after.inputs_failing, after.extra_ok_rows) == (before.inputs_ok,
-                                                                            before.inputs_failing, 0)
+    assert (after.inputs_ok, after.inputs_failing, after.extra_ok_rows) == (before.inputs_ok, before.inputs_failing, 0)
     assert summary.done_keys(str(out)).num_rows == before.inputs_ok
     # Nothing left to merge: a second compaction changes nothing.
     assert compact.compact(str(out)).merged_written == 0
@@ -115,8 +127,9 @@ def test_files_with_different_class_names_are_not_merged_together(tmp_path):
     write_part(out / "summary", "part-b-1.parquet", "b", ["/y1"], classes=("sky", "sea", "sand"))
     write_part(out / "summary", "part-b-2.parquet", "b", ["/y2"], classes=("sky", "sea", "sand"))
     assert compact.compact(str(out)).merged_written == 2
-    classes = sorted(json.loads(pq.read_schema(out / "summary" / n).metadata[b"segbatch.classes"])
-                     for n in summary_files(out))
+    classes = sorted(
+        json.loads(pq.read_schema(out / "summary" / n).metadata[b"segbatch.classes"]) for n in summary_files(out)
+    )
     assert classes == [list(CLASSES), ["sky", "sea", "sand"]]
     assert [u for u, _ in seen_rows(out)] == ["/x1", "/x2", "/y1", "/y2"]
 
@@ -125,8 +138,9 @@ def _compact_in_subprocess(out, kill_at: str | None = None, extra_env=None) -> s
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     if kill_at:
         env[compact.KILL_ENV] = kill_at
-    return subprocess.run([sys.executable, "-m", "segbatch", "compact", str(out)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "segbatch", "compact", str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("kill_at", ["written", "marked", "published", "deleting"])
@@ -163,8 +177,12 @@ def test_sigkill_at_arbitrary_moments_never_loses_or_doubles_a_row(tmp_path):
     for delay in (1.0, 1.8, 2.6):
         shutil.rmtree(out)
         shutil.copytree(pristine, out)
-        proc = subprocess.Popen([sys.executable, "-m", "segbatch", "compact", str(out)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "segbatch", "compact", str(out)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -239,8 +257,15 @@ def two_outputs(tmp_path_factory, ray_local, checkpoint):
     for i in range(19):
         Image.fromarray(photo_like(64, 48, seed=i)).save(src / f"img{i:02d}.jpg", quality=90)
     (src / "bad.jpg").write_bytes(b"not an image")
-    config = RunConfig(input=str(src), output=str(root / "small"), model=TEST_ARCH, weights=str(checkpoint),
-                       batch_size=2, progress=False, run_id="r1")
+    config = RunConfig(
+        input=str(src),
+        output=str(root / "small"),
+        model=TEST_ARCH,
+        weights=str(checkpoint),
+        batch_size=2,
+        progress=False,
+        run_id="r1",
+    )
     original = compact.compact
     compact.compact = lambda *a, **k: compact.CompactReport()  # as a killed run or an older version leaves it
     try:
@@ -266,8 +291,16 @@ def test_a_run_leaves_one_merged_summary_file(tmp_path, ray_local, checkpoint):
     src.mkdir()
     for i in range(24):
         Image.fromarray(photo_like(40, 30, seed=i)).save(src / f"i{i:02d}.jpg", quality=90)
-    report = run(RunConfig(input=str(src), output=str(tmp_path / "out"), model=TEST_ARCH,
-                           weights=str(checkpoint), batch_size=2, progress=False))
+    report = run(
+        RunConfig(
+            input=str(src),
+            output=str(tmp_path / "out"),
+            model=TEST_ARCH,
+            weights=str(checkpoint),
+            batch_size=2,
+            progress=False,
+        )
+    )
     assert report.ok == 24
     files = summary_files(tmp_path / "out")
     assert len(files) == 1 and files[0].startswith("merged-")
@@ -282,8 +315,16 @@ def test_a_128_image_run_leaves_at_most_two_summary_files(tmp_path, ray_local, c
     src.mkdir()
     for i in range(128):
         (src / f"e{i:03d}.jpg").write_bytes(b"")
-    report = run(RunConfig(input=str(src), output=str(tmp_path / "out"), model=TEST_ARCH,
-                           weights=str(checkpoint), batch_size=4, progress=False))
+    report = run(
+        RunConfig(
+            input=str(src),
+            output=str(tmp_path / "out"),
+            model=TEST_ARCH,
+            weights=str(checkpoint),
+            batch_size=4,
+            progress=False,
+        )
+    )
     assert (report.ok, report.errors) == (0, 128)
     files = summary_files(tmp_path / "out")
     assert len(files) <= 2 and all(f.startswith("merged-") for f in files)
@@ -297,9 +338,9 @@ def test_uncompacted_output_has_small_files(two_outputs):
 
 
 def test_status_report_eval_and_resume_read_both_alike(two_outputs):
-    from segbatch.evaluate import evaluate
+    from segbatch._evaluate import evaluate
+    from segbatch._report import collect
     from segbatch.pipeline import plan_inputs
-    from segbatch.report import collect
 
     root, config = two_outputs
     results = {}
@@ -310,9 +351,17 @@ def test_status_report_eval_and_resume_read_both_alike(two_outputs):
         ev = evaluate(out, str(root / "gt"))
         plan = plan_inputs(config.replace(output=out))
         results[name] = (
-            [(r.run_id, r.ok, r.error, r.skipped) for r in st.runs], st.inputs_ok, st.inputs_failing,
-            rep.ok_images, rep.error_rows, rep.pixel_totals.tolist(), rep.classes,
-            ev.images, ev.matrix.tolist(), plan.todo["uri"].to_pylist(), plan.counts(),
+            [(r.run_id, r.ok, r.error, r.skipped) for r in st.runs],
+            st.inputs_ok,
+            st.inputs_failing,
+            rep.ok_images,
+            rep.error_rows,
+            rep.pixel_totals.tolist(),
+            rep.classes,
+            ev.images,
+            ev.matrix.tolist(),
+            plan.todo["uri"].to_pylist(),
+            plan.counts(),
         )
     assert results["small"] == results["merged"]
     runs_, inputs_ok, failing, ok_images, *_rest, todo, counts = results["merged"]

@@ -13,11 +13,18 @@ def test_defaults_follow_the_design():
     assert set(DEFAULT_EXTENSIONS) == {"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"}
 
 
-@pytest.mark.parametrize("changes,field", [
-    ({"batch_size": 0}, "batch_size"), ({"precision": "fp8"}, "precision"), ({"actors": "3:1"}, "actors"),
-    ({"max_error_rate": 2}, "max_error_rate"), ({"weights_sha256": "abc"}, "weights_sha256"),
-    ({"upsample": "cubic"}, "upsample"), ({"gpus_per_actor": 0}, "gpus_per_actor"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"precision": "fp8"}, "precision"),
+        ({"actors": "3:1"}, "actors"),
+        ({"max_error_rate": 2}, "max_error_rate"),
+        ({"weights_sha256": "abc"}, "weights_sha256"),
+        ({"upsample": "cubic"}, "upsample"),
+        ({"gpus_per_actor": 0}, "gpus_per_actor"),
+    ],
+)
 def test_bad_values_name_their_field(changes, field):
     with pytest.raises(ConfigError) as err:
         RunConfig(input="in", output="out", **changes)
@@ -35,15 +42,19 @@ def test_repr_never_shows_storage_secrets():
     assert "hunter2" not in repr(c) and "secret" in repr(c)
 
 
-@pytest.mark.parametrize("suffix,body", [
-    (".yaml", "model: deeplabv3_resnet50\nbatch-size: 8\nstorage_options:\n  anon: false\n"),
-    (".toml", 'model = "deeplabv3_resnet50"\nbatch_size = 8\n[storage_options]\nanon = false\n'),
-])
+@pytest.mark.parametrize(
+    "suffix,body",
+    [
+        (".yaml", "model: deeplabv3_resnet50\nbatch-size: 8\nstorage_options:\n  anon: false\n"),
+        (".toml", 'model = "deeplabv3_resnet50"\nbatch_size = 8\n[storage_options]\nanon = false\n'),
+    ],
+)
 def test_config_file_holds_the_same_settings_and_flags_win(tmp_path, suffix, body):
     path = tmp_path / f"run{suffix}"
     path.write_text(body)
-    args = make_parser().parse_args(["run", "in", "out", "--config", str(path), "--batch-size", "2",
-                                     "--storage-option", "default_block_size=1024"])
+    args = make_parser().parse_args(
+        ["run", "in", "out", "--config", str(path), "--batch-size", "2", "--storage-option", "default_block_size=1024"]
+    )
     c = build_config(args)
     assert (c.model, c.batch_size) == ("deeplabv3_resnet50", 2)
     assert c.storage_options == {"anon": False, "default_block_size": 1024}

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from _helpers import exif_jpeg, photo_like
 from segbatch.architectures import get_architecture
 from segbatch.decode import DecodeImages, ImageError, Limits, ResizeSpec, decode_image
+
+from _helpers import exif_jpeg, photo_like
 
 LIMITS = Limits(max_image_pixels=50_000_000, max_file_bytes=64 * 1024 * 1024, max_model_pixels=16_000_000)
 TRANSFORMS = get_architecture("deeplabv3_mobilenet_v3_large").transforms()
@@ -43,8 +44,10 @@ def _multi_frame(fmt: str) -> bytes:
 VALID = {
     "cmyk_jpeg": (lambda: encode(RGB.convert("CMYK"), "JPEG"), (60, 40)),
     "progressive_jpeg": (lambda: encode(RGB, "JPEG", progressive=True), (60, 40)),
-    "png16_gray": (lambda: encode(Image.fromarray((np.arange(2400).reshape(40, 60) * 27).astype(np.uint16)), "PNG"),
-                   (60, 40)),
+    "png16_gray": (
+        lambda: encode(Image.fromarray((np.arange(2400).reshape(40, 60) * 27).astype(np.uint16)), "PNG"),
+        (60, 40),
+    ),
     "palette_transparency": (_palette_with_transparency, (60, 40)),
     "grayscale": (lambda: encode(RGB.convert("L"), "PNG"), (60, 40)),
     "one_bit": (lambda: encode(RGB.convert("1"), "PNG"), (60, 40)),
@@ -109,13 +112,15 @@ def _bad_crc_png() -> bytes:
 
 def _bomb_png(side: int = 20000) -> bytes:
     """A side x side 1-bit PNG of a few KB: decoding it would need hundreds of MB."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
     row = b"\x00" + b"\x00" * ((side + 7) // 8)
     ihdr = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * side, 9))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * side, 9)) + chunk(b"IEND", b"")
+    )
 
 
 BROKEN = {
@@ -169,8 +174,9 @@ def test_pil_resize_is_torchvisions_resize(size):
 
     image = Image.fromarray(photo_like(max(size[0], 2), max(size[1], 2), 3)).resize(size)
     spec = ResizeSpec.from_transforms(TRANSFORMS)
-    expected = F.resize(image, list(TRANSFORMS.resize_size), interpolation=TRANSFORMS.interpolation,
-                        antialias=TRANSFORMS.antialias)
+    expected = F.resize(
+        image, list(TRANSFORMS.resize_size), interpolation=TRANSFORMS.interpolation, antialias=TRANSFORMS.antialias
+    )
     got = spec.apply(image)
     assert got.shape[:2] == spec.output_size(*size) == (expected.height, expected.width)
     assert np.array_equal(got, np.asarray(expected))
@@ -180,9 +186,11 @@ def test_decode_workers_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, pickle; from segbatch.decode import DecodeImages; d = pickle.loads(sys.stdin.buffer.read()); "
-            "import numpy as np; from PIL import Image; d._resize.apply(Image.new('RGB', (64, 48))); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, pickle; from segbatch.decode import DecodeImages; d = pickle.loads(sys.stdin.buffer.read()); "
+        "import numpy as np; from PIL import Image; d._resize.apply(Image.new('RGB', (64, 48))); "
+        "print('torch' in sys.modules)"
+    )
     import pickle
 
     data = pickle.dumps(DecodeImages("/", {}, ResizeSpec.from_transforms(TRANSFORMS), LIMITS))

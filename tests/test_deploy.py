@@ -39,90 +39,195 @@ SECONDS_PER_DAY = 86400
 # large and KubeRay's, so they are not copied in. This is the only path outside the repository the tests
 # read; the tests that need it skip when it is absent.
 KUBERAY_CRDS = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayCronJob": "ray.io_raycronjobs.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayCronJob": "ray.io_raycronjobs.yaml",
+}
 
 # -- the KubeRay v1 API, as far as these manifests use it -------------------------------------------------
 INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern":
-            r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"}]}
-RESOURCES = {"type": "object", "additionalProperties": False, "properties": {
-    "requests": {"type": "object", "additionalProperties": QUANTITY},
-    "limits": {"type": "object", "additionalProperties": QUANTITY},
-    "claims": {"type": "array"}}}
-CONTAINER = {"type": "object", "required": ["name"], "properties": {
-    "name": {"type": "string"}, "image": {"type": "string"}, "resources": RESOURCES,
-    "command": {"type": "array", "items": {"type": "string"}}, "args": {"type": "array", "items": {"type": "string"}},
-    "env": {"type": "array", "items": {"type": "object", "required": ["name"]}},
-    "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"],
-                                         "properties": {"containerPort": INT32, "name": {"type": "string"}}}},
-    "volumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"]}}}}
-POD_TEMPLATE = {"type": "object", "properties": {
-    "metadata": {"type": "object"},
-    "spec": {"type": "object", "required": ["containers"], "properties": {
-        "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
-        "serviceAccountName": {"type": "string"}, "volumes": {"type": "array"}, "tolerations": {"type": "array"},
-        "nodeSelector": STRING_MAP, "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]}}}}}
+QUANTITY = {
+    "anyOf": [
+        {"type": "integer"},
+        {
+            "type": "string",
+            "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+        },
+    ]
+}
+RESOURCES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "requests": {"type": "object", "additionalProperties": QUANTITY},
+        "limits": {"type": "object", "additionalProperties": QUANTITY},
+        "claims": {"type": "array"},
+    },
+}
+CONTAINER = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "image": {"type": "string"},
+        "resources": RESOURCES,
+        "command": {"type": "array", "items": {"type": "string"}},
+        "args": {"type": "array", "items": {"type": "string"}},
+        "env": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+        "ports": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["containerPort"],
+                "properties": {"containerPort": INT32, "name": {"type": "string"}},
+            },
+        },
+        "volumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"]}},
+    },
+}
+POD_TEMPLATE = {
+    "type": "object",
+    "properties": {
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {
+                "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
+                "serviceAccountName": {"type": "string"},
+                "volumes": {"type": "array"},
+                "tolerations": {"type": "array"},
+                "nodeSelector": STRING_MAP,
+                "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]},
+            },
+        },
+    },
+}
 MANAGED_BY = {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]}
-RAY_CLUSTER_SPEC = {"type": "object", "additionalProperties": False, "required": ["headGroupSpec"], "properties": {
-    "suspend": {"type": "boolean"},
-    "managedBy": MANAGED_BY,
-    "authOptions": {"type": "object", "additionalProperties": False, "properties": {
-        "mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"},
-        "enableK8sTokenAuth": {"type": "boolean"}}},
-    "autoscalerOptions": {"type": "object", "additionalProperties": False, "properties": {
-        "resources": RESOURCES, "image": {"type": "string"}, "imagePullPolicy": {"type": "string"},
-        "securityContext": {"type": "object"}, "idleTimeoutSeconds": INT32,
-        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}, "version": {"enum": ["v1", "v2"]},
-        "env": {"type": "array"}, "envFrom": {"type": "array"}, "volumeMounts": {"type": "array"}}},
-    "headServiceAnnotations": STRING_MAP,
-    "enableInTreeAutoscaling": {"type": "boolean"},
-    "gcsFaultToleranceOptions": {"type": "object", "required": ["redisAddress"]},
-    "headGroupSpec": {"type": "object", "additionalProperties": False, "required": ["template"], "properties": {
-        "template": POD_TEMPLATE, "headService": {"type": "object"}, "enableIngress": {"type": "boolean"},
-        "rayStartParams": STRING_MAP, "serviceType": {"type": "string"}}},
-    "rayVersion": {"type": "string"},
-    "workerGroupSpecs": {"type": "array", "items": {
-        "type": "object", "additionalProperties": False, "required": ["groupName", "template"], "properties": {
-            "suspend": {"type": "boolean"}, "groupName": {"type": "string"}, "replicas": INT32,
-            "minReplicas": INT32, "maxReplicas": INT32, "idleTimeoutSeconds": INT32, "rayStartParams": STRING_MAP,
-            "template": POD_TEMPLATE, "scaleStrategy": {"type": "object"}, "numOfHosts": INT32}}}}}
-RAY_JOB_SPEC = {"type": "object", "additionalProperties": False, "properties": {
-    "activeDeadlineSeconds": {**INT32, "minimum": 1},
-    "backoffLimit": {**INT32, "minimum": 0},
-    "rayClusterSpec": RAY_CLUSTER_SPEC,
-    "submitterPodTemplate": POD_TEMPLATE,
-    "metadata": STRING_MAP,
-    "clusterSelector": STRING_MAP,
-    "submitterConfig": {"type": "object", "additionalProperties": False, "properties": {"backoffLimit": INT32}},
-    "managedBy": MANAGED_BY,
-    "deletionStrategy": {"type": "object"},
-    "entrypoint": {"type": "string"},
-    "runtimeEnvYAML": {"type": "string"},
-    "jobId": {"type": "string"},
-    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-    "entrypointResources": {"type": "string"},
-    "entrypointNumCpus": {"type": "number"},
-    "entrypointNumGpus": {"type": "number"},
-    "ttlSecondsAfterFinished": {**INT32, "minimum": 0},
-    "shutdownAfterJobFinishes": {"type": "boolean"},
-    "suspend": {"type": "boolean"}}}
+RAY_CLUSTER_SPEC = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["headGroupSpec"],
+    "properties": {
+        "suspend": {"type": "boolean"},
+        "managedBy": MANAGED_BY,
+        "authOptions": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "mode": {"enum": ["disabled", "token"]},
+                "secretName": {"type": "string"},
+                "enableK8sTokenAuth": {"type": "boolean"},
+            },
+        },
+        "autoscalerOptions": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "resources": RESOURCES,
+                "image": {"type": "string"},
+                "imagePullPolicy": {"type": "string"},
+                "securityContext": {"type": "object"},
+                "idleTimeoutSeconds": INT32,
+                "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+                "version": {"enum": ["v1", "v2"]},
+                "env": {"type": "array"},
+                "envFrom": {"type": "array"},
+                "volumeMounts": {"type": "array"},
+            },
+        },
+        "headServiceAnnotations": STRING_MAP,
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "gcsFaultToleranceOptions": {"type": "object", "required": ["redisAddress"]},
+        "headGroupSpec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["template"],
+            "properties": {
+                "template": POD_TEMPLATE,
+                "headService": {"type": "object"},
+                "enableIngress": {"type": "boolean"},
+                "rayStartParams": STRING_MAP,
+                "serviceType": {"type": "string"},
+            },
+        },
+        "rayVersion": {"type": "string"},
+        "workerGroupSpecs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["groupName", "template"],
+                "properties": {
+                    "suspend": {"type": "boolean"},
+                    "groupName": {"type": "string"},
+                    "replicas": INT32,
+                    "minReplicas": INT32,
+                    "maxReplicas": INT32,
+                    "idleTimeoutSeconds": INT32,
+                    "rayStartParams": STRING_MAP,
+                    "template": POD_TEMPLATE,
+                    "scaleStrategy": {"type": "object"},
+                    "numOfHosts": INT32,
+                },
+            },
+        },
+    },
+}
+RAY_JOB_SPEC = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "activeDeadlineSeconds": {**INT32, "minimum": 1},
+        "backoffLimit": {**INT32, "minimum": 0},
+        "rayClusterSpec": RAY_CLUSTER_SPEC,
+        "submitterPodTemplate": POD_TEMPLATE,
+        "metadata": STRING_MAP,
+        "clusterSelector": STRING_MAP,
+        "submitterConfig": {"type": "object", "additionalProperties": False, "properties": {"backoffLimit": INT32}},
+        "managedBy": MANAGED_BY,
+        "deletionStrategy": {"type": "object"},
+        "entrypoint": {"type": "string"},
+        "runtimeEnvYAML": {"type": "string"},
+        "jobId": {"type": "string"},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "entrypointResources": {"type": "string"},
+        "entrypointNumCpus": {"type": "number"},
+        "entrypointNumGpus": {"type": "number"},
+        "ttlSecondsAfterFinished": {**INT32, "minimum": 0},
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "suspend": {"type": "boolean"},
+    },
+}
 
 
 def _resource(kind: str, spec: dict) -> dict:
-    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
-        "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind},
-        "metadata": {"type": "object", "anyOf": [{"required": ["name"]}, {"required": ["generateName"]}]},
-        "spec": spec}}
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": kind},
+            "metadata": {"type": "object", "anyOf": [{"required": ["name"]}, {"required": ["generateName"]}]},
+            "spec": spec,
+        },
+    }
 
 
 RAY_V1 = {
     "RayCluster": _resource("RayCluster", RAY_CLUSTER_SPEC),
     "RayJob": _resource("RayJob", RAY_JOB_SPEC),
-    "RayCronJob": _resource("RayCronJob", {
-        "type": "object", "additionalProperties": False, "required": ["jobTemplate", "schedule"], "properties": {
-            "jobTemplate": RAY_JOB_SPEC, "schedule": {"type": "string"}, "suspend": {"type": "boolean"}}}),
+    "RayCronJob": _resource(
+        "RayCronJob",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["jobTemplate", "schedule"],
+            "properties": {"jobTemplate": RAY_JOB_SPEC, "schedule": {"type": "string"}, "suspend": {"type": "boolean"}},
+        },
+    ),
 }
 
 
@@ -184,14 +289,15 @@ def container_path_to_repo(path: str) -> Path:
     """Map a path inside the image to the repository file the Dockerfile copied there."""
     for src, dest in re.findall(r"^COPY (?:--chown=\S+ )?(\S+/) (/\S+/)$", dockerfile(), re.M):
         if path.startswith(dest):
-            return REPO / src / path[len(dest):]
+            return REPO / src / path[len(dest) :]
     raise AssertionError(f"{path} is not inside a folder the Dockerfile copies into the image")
 
 
 def base_ray_version() -> str:
     """The Ray version in the base image's tag (the tag may be followed by a pinned digest)."""
-    (version,) = re.findall(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-py\d+-gpu(?:@sha256:[0-9a-f]{64})?$",
-                            dockerfile(), re.M)
+    (version,) = re.findall(
+        r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-py\d+-gpu(?:@sha256:[0-9a-f]{64})?$", dockerfile(), re.M
+    )
     return version
 
 
@@ -266,8 +372,10 @@ def _crd_validator(kind: str) -> jsonschema.protocols.Validator:
 
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     if not all((KUBERAY_CRDS / name).is_file() for name in CRD_FILES.values()):
-        pytest.skip(f"KubeRay's CRDs are not at {KUBERAY_CRDS} (ray.io_{{rayclusters,rayjobs,raycronjobs}}.yaml "
-                    "from ray-operator/config/crd/bases/ of ray-project/kuberay)")
+        pytest.skip(
+            f"KubeRay's CRDs are not at {KUBERAY_CRDS} (ray.io_{{rayclusters,rayjobs,raycronjobs}}.yaml "
+            "from ray-operator/config/crd/bases/ of ray-project/kuberay)"
+        )
     return _crd_validator(kind)
 
 
@@ -296,6 +404,7 @@ def ray_documents() -> dict[str, dict]:
 # (ray-operator/controllers/ray/common/job.go, GetDefaultSubmitterTemplate): no securityContext, the
 # namespace's default ServiceAccount, and its token mounted.
 KUBERAY_DEFAULT_SUBMITTER = {"spec": {"restartPolicy": "Never", "containers": [{"name": "ray-job-submitter"}]}}
+
 
 # -- the pods the manifests run ----------------------------------------------------------------------------
 def cluster_specs() -> dict[str, dict]:
@@ -342,8 +451,11 @@ def effective_security_contexts(template: dict, cluster_spec: dict | None = None
 def kuberay_pod_labels(template: dict, node_type: str, cluster: str = "segbatch") -> dict[str, str]:
     """The labels a Ray pod gets: KubeRay's (ray-operator/controllers/ray/common/pod.go, labelPod), which the
     template's own override, except ray.io/node-type, ray.io/group and ray.io/cluster."""
-    labels = {"ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "kuberay",
-              "app.kubernetes.io/created-by": "kuberay-operator"}
+    labels = {
+        "ray.io/is-ray-node": "yes",
+        "app.kubernetes.io/name": "kuberay",
+        "app.kubernetes.io/created-by": "kuberay-operator",
+    }
     labels.update(template.get("metadata", {}).get("labels", {}))
     labels.update({"ray.io/node-type": node_type, "ray.io/cluster": cluster, "ray.io/group": "headgroup"})
     return labels
@@ -363,15 +475,21 @@ def _peer_admits(peer: dict, labels: dict[str, str]) -> bool:
 def admitted(policies: list[dict], target: dict[str, str], source: dict[str, str], port: int) -> bool:
     """Whether a TCP connection from a pod labelled `source` to `port` on a pod labelled `target`, in the
     same namespace, is allowed by these NetworkPolicies (a pod no policy selects accepts everything)."""
-    selecting = [p["spec"] for p in policies if _selects(p["spec"]["podSelector"], target)
-                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    selecting = [
+        p["spec"]
+        for p in policies
+        if _selects(p["spec"]["podSelector"], target) and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
     if not selecting:
         return True
     for spec in selecting:
         for rule in spec.get("ingress", []):
             ports = rule.get("ports") or [{}]
-            port_ok = any(p.get("protocol", "TCP") == "TCP" and (
-                "port" not in p or p["port"] <= port <= p.get("endPort", p["port"])) for p in ports)
+            port_ok = any(
+                p.get("protocol", "TCP") == "TCP"
+                and ("port" not in p or p["port"] <= port <= p.get("endPort", p["port"]))
+                for p in ports
+            )
             if port_ok and (not rule.get("from") or any(_peer_admits(peer, source) for peer in rule["from"])):
                 return True
     return False
@@ -384,7 +502,7 @@ def network_policies() -> list[dict]:
 # -- tests -----------------------------------------------------------------------------------------------
 def test_every_ray_manifest_fits_the_kuberay_v1_api():
     kinds = []
-    for name, docs in manifests().items():
+    for _name, docs in manifests().items():
         for doc in docs:
             if doc["apiVersion"] == "ray.io/v1":
                 jsonschema.validate(doc, RAY_V1[doc["kind"]])
@@ -480,8 +598,11 @@ def test_manifests_run_the_image_the_dockerfile_builds():
         assert spec["rayClusterSpec"]["rayVersion"] == base_ray
 
 
-ENTRYPOINTS = {"rayjob-once.yaml": "label-once.yaml", "raycronjob-nightly.yaml": "label-nightly.yaml",
-               "cronjob-rayjob.yaml:rayjob.yaml": "label-nightly.yaml"}
+ENTRYPOINTS = {
+    "rayjob-once.yaml": "label-once.yaml",
+    "raycronjob-nightly.yaml": "label-nightly.yaml",
+    "cronjob-rayjob.yaml:rayjob.yaml": "label-nightly.yaml",
+}
 
 
 @pytest.mark.parametrize("where", sorted(ENTRYPOINTS))
@@ -547,8 +668,8 @@ def test_dockerfile_builds_on_a_cuda_base_and_prestages_with_segbatch_itself():
     text = dockerfile()
     assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.M)
     assert re.search(r"^RUN pip install --no-cache-dir -c constraints\.txt \.$", text, re.M)
-    assert "from segbatch.model import ensure_default_weights" in text
-    from segbatch.model import ensure_default_weights  # noqa: F401  (the name the build calls exists)
+    assert "from segbatch.weights import ensure_default_weights" in text
+    from segbatch.weights import ensure_default_weights  # noqa: F401  (the name the build calls exists)
 
     assert re.search(r"^COPY --chown=\S+ jobs/ /app/jobs/$", text, re.M)
     assert "ENTRYPOINT" not in "\n".join(line for line in text.splitlines() if not line.startswith("#"))
@@ -583,7 +704,8 @@ def test_the_strict_crd_schema_rejects_mistakes_at_any_depth():
     mistakes = {
         "misspelt top-level field": lambda s: s.update(shutdownAfterJobsFinish=True),
         "misspelt field in a container's securityContext": lambda s: head_pod(s)["containers"][0].update(
-            securityContext={"allowPrivilegeEscalaton": False}),
+            securityContext={"allowPrivilegeEscalaton": False}
+        ),
         "pod field put on the container": lambda s: worker_container(s).update(automountServiceAccountToken=False),
         "container field put on the pod": lambda s: head_pod(s).update(allowPrivilegeEscalation=False),
         "misspelt submitter pod field": lambda s: submitter_pod(s).update(automountServiceAcountToken=False),
@@ -606,14 +728,18 @@ def test_strict_keeps_fields_kubernetes_keeps():
     def obj(**properties):
         return {"type": "object", "properties": properties}
 
-    schema = strict(obj(
-        open={**obj(a={"type": "string"}), "x-kubernetes-preserve-unknown-fields": True},
-        map={"type": "object", "additionalProperties": obj(b={"type": "integer"})},
-        port={"x-kubernetes-int-or-string": True},
-        list={"type": "array", "items": obj(c={"type": "boolean"})}))
+    schema = strict(
+        obj(
+            open={**obj(a={"type": "string"}), "x-kubernetes-preserve-unknown-fields": True},
+            map={"type": "object", "additionalProperties": obj(b={"type": "integer"})},
+            port={"x-kubernetes-int-or-string": True},
+            list={"type": "array", "items": obj(c={"type": "boolean"})},
+        )
+    )
     validator = jsonschema.Draft202012Validator(schema)
-    assert validator.is_valid({"open": {"a": "x", "extra": 1}, "map": {"k": {"b": 1}}, "port": "http",
-                               "list": [{"c": True}]})
+    assert validator.is_valid(
+        {"open": {"a": "x", "extra": 1}, "map": {"k": {"b": 1}}, "port": "http", "list": [{"c": True}]}
+    )
     assert validator.is_valid({"port": 8265})
     for bad in ({"extra": 1}, {"map": {"k": {"b": 1, "extra": 1}}}, {"list": [{"extra": 1}]}, {"port": 1.5}):
         assert not validator.is_valid(bad), bad
@@ -627,12 +753,12 @@ def test_the_image_does_root_steps_as_root_and_leaves_no_sudo_behind():
     assert not [r for r in runs if re.search(r"(^|&&|\|\||;|\||\bthen|\bdo)\s*sudo\s", r.replace("! sudo -n true", ""))]
     users = [i for i, (instruction, _) in enumerate(steps) if instruction == "USER"]
     assert users and steps[users[0]] == ("USER", "root"), "root steps belong under an explicit USER root"
-    as_root = " && ".join(args for instruction, args in steps[users[0]:users[1]] if instruction == "RUN")
+    as_root = " && ".join(args for instruction, args in steps[users[0] : users[1]] if instruction == "RUN")
     assert "/etc/sudoers" in as_root and "NOPASSWD" in as_root, "the base image's sudo rule must be removed"
     uid, gid = image_user()
     assert uid != 0 and steps[users[-1]] == ("USER", f"{uid}:{gid}")
     # Once back to the unprivileged user, the build proves sudo is gone.
-    assert "! sudo -n true 2>/dev/null" in [args for instruction, args in steps[users[-1]:] if instruction == "RUN"]
+    assert "! sudo -n true 2>/dev/null" in [args for instruction, args in steps[users[-1] :] if instruction == "RUN"]
     # What the image's processes write at run time belongs to that user: the working directory, TORCH_HOME.
     (chown,) = re.findall(r"chown (\S+) ([^&]+)", as_root)
     assert chown[0] in ("ray:users", f"{uid}:{gid}")
@@ -671,8 +797,14 @@ def test_every_container_runs_unprivileged_as_the_images_user():
 
 # -- service account tokens --------------------------------------------------------------------------------
 # What each kubectl subcommand the CronJob's script uses needs, as RBAC verbs on the object it names.
-KUBECTL_VERBS = {"create": {"create"}, "get": {"get"}, "delete": {"delete"}, "patch": {"patch"},
-                 "wait": {"get", "list", "watch"}, "apply": {"get", "create", "patch"}}
+KUBECTL_VERBS = {
+    "create": {"create"},
+    "get": {"get"},
+    "delete": {"delete"},
+    "patch": {"patch"},
+    "wait": {"get", "list", "watch"},
+    "apply": {"get", "create", "patch"},
+}
 
 
 def test_only_pods_that_call_the_kubernetes_api_get_a_token():
@@ -697,8 +829,11 @@ def test_the_cronjob_role_allows_exactly_what_its_script_runs():
     assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"] and "resourceNames" not in rule
     assert set(rule["verbs"]) == needed
     binding = docs["RoleBinding"]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": docs["Role"]["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": docs["Role"]["metadata"]["name"],
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"]}]
     # Nothing cluster-wide, and no extra grants to the Ray pods' account: the autoscaler's Role is KubeRay's.
     kinds = [d["kind"] for docs_ in manifests().values() for d in docs_]
@@ -714,7 +849,7 @@ def test_only_the_clusters_pods_the_submitter_and_the_operator_reach_ray():
     policies = network_policies()
     assert policies, "no NetworkPolicy covers the Ray pods"
     heads, workers, submitters = [], [], []
-    for where, role, template in pod_templates():
+    for _where, role, template in pod_templates():
         if role == "head":
             heads.append(kuberay_pod_labels(template, "head"))
         elif role == "worker":
@@ -722,10 +857,13 @@ def test_only_the_clusters_pods_the_submitter_and_the_operator_reach_ray():
         elif role == "submitter":
             submitters.append(template.get("metadata", {}).get("labels", {}))
     operator = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator"}
-    strangers = [{}, {"app": "web"},
-                 # another Ray cluster's pod in the namespace, and a pod that only claims a segbatch label
-                 {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker", "app.kubernetes.io/name": "kuberay"},
-                 {"app.kubernetes.io/name": "segbatch"}]
+    strangers = [
+        {},
+        {"app": "web"},
+        # another Ray cluster's pod in the namespace, and a pod that only claims a segbatch label
+        {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker", "app.kubernetes.io/name": "kuberay"},
+        {"app.kubernetes.io/name": "segbatch"},
+    ]
     for head in heads:
         for port in RAY_PORTS:
             for stranger in strangers:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from segbatch import RunConfig, run, summary
+
 from _faultproxy import FaultProxy
 from _helpers import TEST_ARCH, photo_like, wait_for_masks
-from segbatch import RunConfig, run, summary
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -45,18 +46,28 @@ def test_bad_files_and_odd_names_become_rows_and_the_job_finishes(tmp_path, ray_
     deep = src / "a" / "b" / "c" / "d"
     deep.mkdir(parents=True)
     good = {
-        "with space.jpg": photo_like(40, 30, 1), "ünï cødé.png": photo_like(30, 40, 2), "hash#tag.png": photo_like(33, 21, 3),
-        "per%cent.png": photo_like(21, 33, 4), "what?.png": photo_like(25, 25, 5), "a/b/c/d/deep.png": photo_like(20, 30, 6),
-        "same.jpg": photo_like(30, 20, 7), "same.png": photo_like(30, 20, 8),
+        "with space.jpg": photo_like(40, 30, 1),
+        "ünï cødé.png": photo_like(30, 40, 2),
+        "hash#tag.png": photo_like(33, 21, 3),
+        "per%cent.png": photo_like(21, 33, 4),
+        "what?.png": photo_like(25, 25, 5),
+        "a/b/c/d/deep.png": photo_like(20, 30, 6),
+        "same.jpg": photo_like(30, 20, 7),
+        "same.png": photo_like(30, 20, 8),
     }
     for rel, pixels in good.items():
         Image.fromarray(pixels).save(src / rel)
-    bad = {"empty.jpg": b"", "random.png": os.urandom(3000), "page.jpg": b"<html>Not Found</html>",
-           "trunc.jpg": (src / "same.jpg").read_bytes()[:200]}
+    bad = {
+        "empty.jpg": b"",
+        "random.png": os.urandom(3000),
+        "page.jpg": b"<html>Not Found</html>",
+        "trunc.jpg": (src / "same.jpg").read_bytes()[:200],
+    }
     for rel, data in bad.items():
         (src / rel).write_bytes(data)
-    report = run(RunConfig(input=str(src), output=str(tmp_path / "out"), model=TEST_ARCH, weights="random",
-                           progress=False))
+    report = run(
+        RunConfig(input=str(src), output=str(tmp_path / "out"), model=TEST_ARCH, weights="random", progress=False)
+    )
     assert (report.ok, report.errors) == (len(good), len(bad))
     table = {Path(r["uri"]).relative_to(src).as_posix(): r for r in rows(tmp_path / "out")}
     assert set(table) == set(good) | set(bad)
@@ -72,8 +83,18 @@ def test_bad_files_and_odd_names_become_rows_and_the_job_finishes(tmp_path, ray_
 
 
 def _segbatch_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "segbatch", "run", *args, "--model", TEST_ARCH, "--weights", "random",
-            "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "segbatch",
+        "run",
+        *args,
+        "--model",
+        TEST_ARCH,
+        "--weights",
+        "random",
+        "--no-progress",
+    ]
 
 
 def test_a_killed_run_resumes_to_exactly_one_ok_row_each(tmp_path):
@@ -143,8 +164,16 @@ def test_a_killed_actor_is_replaced_and_every_image_is_labelled_once(tmp_path, r
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        report = run(RunConfig(input=str(tmp_path / "in"), output=str(out), model=TEST_ARCH, weights="random",
-                               batch_size=2, progress=False))
+        report = run(
+            RunConfig(
+                input=str(tmp_path / "in"),
+                output=str(out),
+                model=TEST_ARCH,
+                weights="random",
+                batch_size=2,
+                progress=False,
+            )
+        )
     finally:
         stop.set()
         thread.join()
@@ -158,10 +187,21 @@ def test_transient_s3_faults_are_retried_and_nothing_is_lost(tmp_path, s3_server
     images = tiny_images(tmp_path / "in", 12)
     s3_server.upload_dir(tmp_path / "in", f"s3://{s3_bucket}/in")
     with FaultProxy(s3_server.url, period=4, delay=3.0, max_timeouts=2) as proxy:
-        storage = {"endpoint_url": proxy.url,
-                   "config_kwargs": {"read_timeout": 1.5, "connect_timeout": 1.5, "retries": {"max_attempts": 2}}}
-        report = run(RunConfig(input=f"s3://{s3_bucket}/in", output=f"s3://{s3_bucket}/out", model=TEST_ARCH,
-                               weights="random", batch_size=4, storage_options=storage, progress=False))
+        storage = {
+            "endpoint_url": proxy.url,
+            "config_kwargs": {"read_timeout": 1.5, "connect_timeout": 1.5, "retries": {"max_attempts": 2}},
+        }
+        report = run(
+            RunConfig(
+                input=f"s3://{s3_bucket}/in",
+                output=f"s3://{s3_bucket}/out",
+                model=TEST_ARCH,
+                weights="random",
+                batch_size=4,
+                storage_options=storage,
+                progress=False,
+            )
+        )
         injected = dict(proxy.injected)
     assert report.errors == 0 and report.ok == len(images), report
     kinds = {kind for kind, _method in injected}
@@ -180,8 +220,9 @@ def test_error_budget_stops_the_run_with_a_clear_exit(tmp_path):
     for i in range(30):
         (src / f"broken{i:02d}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     out = tmp_path / "out"
-    done = subprocess.run(_segbatch_cmd(str(src), str(out), "--max-error-rate", "0.5"), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        _segbatch_cmd(str(src), str(out), "--max-error-rate", "0.5"), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
     assert "max-error-rate" in done.stderr and "rows written so far stay valid" in done.stderr
     written = rows(out)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from _helpers import TEST_ARCH, agreement, load_model, photo_like, reference_mask
-from segbatch import model
+from segbatch import model, weights
 from segbatch.architectures import get_architecture
+
+from _helpers import TEST_ARCH, agreement, load_model, photo_like, reference_mask
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,7 +41,7 @@ def _predict(predictor: model.Predictor, data: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def spec(checkpoint):
-    return model.resolve(TEST_ARCH, str(checkpoint))
+    return weights.resolve(TEST_ARCH, str(checkpoint))
 
 
 def test_fp32_on_cuda_matches_the_reference(spec, checkpoint):
@@ -67,5 +68,5 @@ def test_a_batch_of_equal_shapes_matches_one_at_a_time(spec):
     batch = rng.integers(0, 255, (4, 520, 693, 3), dtype=np.uint8)
     together = predictor.masks(predictor.stage(batch), [(480, 640)] * 4)
     for i in range(4):
-        alone = predictor.masks(predictor.stage(batch[i:i + 1]), [(480, 640)])[0]
+        alone = predictor.masks(predictor.stage(batch[i : i + 1]), [(480, 640)])[0]
         assert agreement(together[i][0], alone[0]) >= 0.999

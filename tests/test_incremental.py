@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _helpers import summary_table, TEST_ARCH, photo_like
 from segbatch import RunConfig, run, runs
-from segbatch.status import collect as collect_status
+from segbatch._status import collect as collect_status
 from segbatch.cli import main
-from segbatch.pipeline import plan_inputs
 from segbatch.errors import EXIT_STATUS, InputError
+from segbatch.pipeline import plan_inputs
+
+from _helpers import TEST_ARCH, photo_like, summary_table
 
 
 def ok_rows_per_input(table: pa.Table) -> dict[str, int]:
@@ -40,8 +41,9 @@ def history(tmp_path_factory, ray_local, checkpoint):
     for i in range(3):
         save(src / f"img{i}.jpg", seed=i)
     (src / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    base = RunConfig(input=str(src), output=str(out), model=TEST_ARCH, weights=str(checkpoint), batch_size=4,
-                     progress=False)
+    base = RunConfig(
+        input=str(src), output=str(out), model=TEST_ARCH, weights=str(checkpoint), batch_size=4, progress=False
+    )
     reports, statuses, plans = {}, {}, {}
 
     def step(name: str, **changes):
@@ -177,18 +179,39 @@ def test_drop_superseded_finishes_an_interrupted_cleanup(tmp_path):
 def test_drop_done_compares_identity_where_both_sides_have_it():
     from segbatch.listing import LISTING_SCHEMA, drop_done
 
-    listed = pa.table({"uri": ["same", "resized", "new", "etag-changed", "touched"],
-                       "path": ["p"] * 5, "rel": ["r"] * 5, "size": [1, 2, 3, 4, 5],
-                       "etag": [None, None, None, "e2", None], "mtime": [1.0, 2.0, 3.0, None, 9.0]},
-                      schema=LISTING_SCHEMA)
-    done = pa.table({"uri": ["same", "resized", "etag-changed", "touched"], "size": [1, 20, 4, 5],
-                     "etag": pa.array([None, None, "e1", None], pa.string()), "mtime": [1.0, 2.0, 4.0, 5.0]})
+    listed = pa.table(
+        {
+            "uri": ["same", "resized", "new", "etag-changed", "touched"],
+            "path": ["p"] * 5,
+            "rel": ["r"] * 5,
+            "size": [1, 2, 3, 4, 5],
+            "etag": [None, None, None, "e2", None],
+            "mtime": [1.0, 2.0, 3.0, None, 9.0],
+        },
+        schema=LISTING_SCHEMA,
+    )
+    done = pa.table(
+        {
+            "uri": ["same", "resized", "etag-changed", "touched"],
+            "size": [1, 20, 4, 5],
+            "etag": pa.array([None, None, "e1", None], pa.string()),
+            "mtime": [1.0, 2.0, 4.0, 5.0],
+        }
+    )
     assert drop_done(listed, done, redo_changed=False)["uri"].to_pylist() == ["new"]
     # The listing's order is kept (a real listing is sorted by uri).
-    assert drop_done(listed, done, redo_changed=True)["uri"].to_pylist() == ["resized", "new", "etag-changed",
-                                                                             "touched"]
+    assert drop_done(listed, done, redo_changed=True)["uri"].to_pylist() == [
+        "resized",
+        "new",
+        "etag-changed",
+        "touched",
+    ]
     # The same in chunks, as a resumed run reads them from a large summary.
     chunks = [done.slice(0, 1), done.slice(1, 2), done.slice(3)]
-    assert drop_done(listed, iter(chunks), redo_changed=True)["uri"].to_pylist() == ["resized", "new",
-                                                                                     "etag-changed", "touched"]
+    assert drop_done(listed, iter(chunks), redo_changed=True)["uri"].to_pylist() == [
+        "resized",
+        "new",
+        "etag-changed",
+        "touched",
+    ]
     assert drop_done(listed, iter(chunks), redo_changed=False)["uri"].to_pylist() == ["new"]

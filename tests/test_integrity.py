@@ -14,14 +14,16 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from _helpers import TEST_ARCH, photo_like, wait_for_masks
 from segbatch import RunConfig, _lease, identity, run, summary
-from segbatch.status import collect as collect_status
+from segbatch._status import collect as collect_status
 from segbatch.cli import main
-
-EXIT_CONFIG, EXIT_INPUT = 2, 4  # segbatch.errors.EXIT_STATUS: settings, inputs
-from segbatch.identity import IdentityMismatchError
 from segbatch.contract import MAX_SEGMENT_BYTES
+from segbatch.errors import EXIT_STATUS, ConfigError, InputError
+from segbatch.identity import IdentityMismatchError
+
+from _helpers import TEST_ARCH, photo_like, wait_for_masks
+
+EXIT_CONFIG, EXIT_INPUT = EXIT_STATUS[ConfigError], EXIT_STATUS[InputError]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,8 +106,11 @@ def test_rows_of_an_earlier_model_do_not_count_as_done(tmp_path):
 
     since = time.time()
     rows = {name: [None] * 2 for name in SUMMARY_SCHEMA.names}
-    rows.update(uri=[str(src / "a.jpg"), str(src / "b.jpg")], status=["ok", "ok"],
-                written_at=[int((since - 60) * 1000), int((since + 1) * 1000)])
+    rows.update(
+        uri=[str(src / "a.jpg"), str(src / "b.jpg")],
+        status=["ok", "ok"],
+        written_at=[int((since - 60) * 1000), int((since + 1) * 1000)],
+    )
     pq.write_table(pa.table(rows, schema=SUMMARY_SCHEMA), out / "summary" / "part-x.parquet")
     config = RunConfig(input=str(src), output=str(out))
     assert plan_inputs(config).pending == 0
@@ -155,8 +160,9 @@ def odd_tree(tmp_path_factory, ray_local, checkpoint):
     (src / "link.jpg").symlink_to(root / "elsewhere.jpg")
     (src / "caf\udce9.jpg").write_bytes((src / "x.jpg").read_bytes())  # not valid UTF-8 on disk
     out = src / "labels"  # OUTPUT inside INPUT
-    config = RunConfig(input=str(src), output=str(out), model=TEST_ARCH, weights=str(checkpoint),
-                       overlays=True, progress=False)
+    config = RunConfig(
+        input=str(src), output=str(out), model=TEST_ARCH, weights=str(checkpoint), overlays=True, progress=False
+    )
     first = run(config.replace(run_id="odd-1"))
     second = run(config.replace(run_id="odd-2"))
     return root, src, out, long_name, first, second
@@ -197,9 +203,29 @@ def test_a_signal_stops_the_run_cleanly_with_a_true_record(tmp_path, signum, cod
         os.link(src / "img000.jpg", src / f"img{i:03d}.jpg")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "segbatch", "run", str(src), str(out), "--model", TEST_ARCH, "--weights", "random",
-         "--batch-size", "2", "--no-progress", "--run-id", "sig"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "segbatch",
+            "run",
+            str(src),
+            str(out),
+            "--model",
+            TEST_ARCH,
+            "--weights",
+            "random",
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--run-id",
+            "sig",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_masks(proc, out, 4, timeout=240)
         proc.send_signal(signum)

@@ -12,20 +12,30 @@ import pyarrow as pa
 import pytest
 import torch
 
-from _helpers import TEST_ARCH, make_checkpoint
-from segbatch import _lease, _storage, cli, listing, manifest, model, preflight
+from segbatch import _lease, _storage, cli, listing, manifest, preflight, weights
 from segbatch.config import RunConfig, parse_storage_value
-from segbatch.errors import ConfigError, WeightsError
 from segbatch.contract import MAX_SEGMENT_BYTES, UnsafePathError, input_relpath, mask_relpath
+from segbatch.errors import ConfigError, WeightsError
+
+from _helpers import TEST_ARCH, make_checkpoint
 
 EXIT_CONFIG, EXIT_INPUT = 2, 4  # segbatch.errors.EXIT_STATUS: settings, inputs
 
 
 # -- 12: config file values of the wrong type -----------------------------------------------------------
-@pytest.mark.parametrize("field,value", [
-    ("png_compress_level", "5"), ("overlays", "false"), ("redo_all", "false"), ("max_error_rate", "5%"),
-    ("batch_size", 2.5), ("progress", 1), ("decode_cpus", "1"), ("batch_size", True),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("png_compress_level", "5"),
+        ("overlays", "false"),
+        ("redo_all", "false"),
+        ("max_error_rate", "5%"),
+        ("batch_size", 2.5),
+        ("progress", 1),
+        ("decode_cpus", "1"),
+        ("batch_size", True),
+    ],
+)
 def test_config_values_of_the_wrong_type_are_refused_naming_the_field(field, value):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_dict({"input": "in", "output": "out", field: value})
@@ -35,8 +45,14 @@ def test_config_values_of_the_wrong_type_are_refused_naming_the_field(field, val
 def test_every_setting_has_its_type_checked():
     from segbatch import config
 
-    checked = {*config._STR_FIELDS, *config._INT_FIELDS, *config._NUMBER_FIELDS, *config._BOOL_FIELDS,
-               "storage_options", "extensions"}
+    checked = {
+        *config._STR_FIELDS,
+        *config._INT_FIELDS,
+        *config._NUMBER_FIELDS,
+        *config._BOOL_FIELDS,
+        "storage_options",
+        "extensions",
+    }
     assert set(RunConfig.field_names()) == checked
 
 
@@ -48,17 +64,32 @@ def test_config_file_type_error_exits_2(tmp_path, capsys):
 
 
 # -- 13: storage-option values ---------------------------------------------------------------------------
-@pytest.mark.parametrize("text,value", [
-    ("true", True), ("false", False), ("null", None), ("5242880", 5242880), ("0.5", 0.5), ("-3", -3),
-    ("0777", "0777"), ("no", "no"), ("yes", "yes"), ("@X", "@X"), ("1e", "1e"), ("", ""), ("[1]", "[1]"),
-])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("true", True),
+        ("false", False),
+        ("null", None),
+        ("5242880", 5242880),
+        ("0.5", 0.5),
+        ("-3", -3),
+        ("0777", "0777"),
+        ("no", "no"),
+        ("yes", "yes"),
+        ("@X", "@X"),
+        ("1e", "1e"),
+        ("", ""),
+        ("[1]", "[1]"),
+    ],
+)
 def test_storage_option_values_are_json_scalars_else_strings(text, value):
     assert parse_storage_value(text) == value and type(parse_storage_value(text)) is type(value)
 
 
 def test_storage_option_secret_never_echoed(capsys):
-    args = cli.make_parser().parse_args(["run", "i", "o", "--storage-option", "secret=@hunter2:x",
-                                         "--storage-option", "mode=0777"])
+    args = cli.make_parser().parse_args(
+        ["run", "i", "o", "--storage-option", "secret=@hunter2:x", "--storage-option", "mode=0777"]
+    )
     assert cli.build_config(args).storage_options == {"secret": "@hunter2:x", "mode": "0777"}
     with pytest.raises(SystemExit):
         cli.make_parser().parse_args(["run", "i", "o", "--storage-option", "hunter2"])
@@ -154,16 +185,20 @@ def test_wrong_shaped_and_head_only_checkpoints_are_refused(good_checkpoint, tmp
     torch.save({k: v for k, v in state.items() if k.startswith("classifier.")}, tmp_path / "head.pt")
     for name, words in (("shape.pt", "size mismatch"), ("head.pt", "Missing key")):
         with pytest.raises(WeightsError, match="does not fit") as err:
-            model.resolve(TEST_ARCH, str(tmp_path / name))
+            weights.resolve(TEST_ARCH, str(tmp_path / name))
         assert words in str(err.value)
-        assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--model", TEST_ARCH,
-                         "--weights", str(tmp_path / name)]) == EXIT_INPUT
+        assert (
+            cli.main(
+                ["run", str(tmp_path), str(tmp_path / "o"), "--model", TEST_ARCH, "--weights", str(tmp_path / name)]
+            )
+            == EXIT_INPUT
+        )
 
 
 def test_default_weights_with_the_wrong_number_of_class_names_is_refused(tmp_path):
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
     with pytest.raises(WeightsError, match="names 3 classes"):
-        model.resolve(TEST_ARCH, "default", classes_url=str(tmp_path / "classes.txt"))
+        weights.resolve(TEST_ARCH, "default", classes_url=str(tmp_path / "classes.txt"))
 
 
 def test_unknown_model_is_a_bad_setting(tmp_path, capsys):
@@ -236,8 +271,15 @@ def test_local_lease_excludes_a_second_run_and_is_released(tmp_path):
 def test_stale_local_lease_is_taken_over_loudly(tmp_path, caplog):
     out = tmp_path / "out"
     out.mkdir()
-    stale = {"host": "gone", "pid": 1, "run_id": "dead-run", "token": "t", "acquired_at": time.time() - 900,
-             "renewed_at": time.time() - 600, "timeout_s": 60}
+    stale = {
+        "host": "gone",
+        "pid": 1,
+        "run_id": "dead-run",
+        "token": "t",
+        "acquired_at": time.time() - 900,
+        "renewed_at": time.time() - 600,
+        "timeout_s": 60,
+    }
     (out / _lease.LEASE_NAME).write_text(json.dumps(stale))
     lease = _lease.Lease(str(out), {}, "run-b", timeout_s=60).acquire()
     assert lease.took_over.run_id == "dead-run" and "STALE" in caplog.text and "dead-run" in caplog.text
@@ -254,8 +296,15 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, 
     gone.wait()
     out = tmp_path / "out"
     out.mkdir()
-    fresh = {"host": socket.gethostname(), "pid": gone.pid, "run_id": "killed-run", "token": "t",
-             "acquired_at": time.time(), "renewed_at": time.time(), "timeout_s": 120}
+    fresh = {
+        "host": socket.gethostname(),
+        "pid": gone.pid,
+        "run_id": "killed-run",
+        "token": "t",
+        "acquired_at": time.time(),
+        "renewed_at": time.time(),
+        "timeout_s": 120,
+    }
     (out / _lease.LEASE_NAME).write_text(json.dumps(fresh))
     lease = _lease.Lease(str(out), {}, "next", timeout_s=120).acquire()
     assert lease.took_over.run_id == "killed-run" and "is gone" in caplog.text
@@ -295,8 +344,15 @@ def test_s3_lease_uses_conditional_puts(s3_bucket, s3_server, caplog):
     first.release()
     assert s3_server.keys(s3_bucket) == []
     # A stale lease is replaced with If-Match on the copy that was read; the loser of a race gets none.
-    stale = {"host": "gone", "pid": 1, "run_id": "dead-run", "token": "t", "acquired_at": 0, "renewed_at": 0,
-             "timeout_s": 60}
+    stale = {
+        "host": "gone",
+        "pid": 1,
+        "run_id": "dead-run",
+        "token": "t",
+        "acquired_at": 0,
+        "renewed_at": 0,
+        "timeout_s": 60,
+    }
     s3_server.client().put_object(Bucket=s3_bucket, Key=f"labels/{_lease.LEASE_NAME}", Body=json.dumps(stale))
     taker = _lease.Lease(out, {}, "run-c", timeout_s=60)
     _holder, etag, raw = taker._read()
@@ -308,8 +364,9 @@ def test_s3_lease_uses_conditional_puts(s3_bucket, s3_server, caplog):
 
 
 # -- 14: bench arguments ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra", [["--batch-size", "x"], ["--skip", "z"], ["--model", "foo"], ["--limit", "0"],
-                                   ["--device", "nope"]])
+@pytest.mark.parametrize(
+    "extra", [["--batch-size", "x"], ["--skip", "z"], ["--model", "foo"], ["--limit", "0"], ["--device", "nope"]]
+)
 def test_bench_bad_arguments_are_usage_errors(tmp_path, capsys, extra):
     (tmp_path / "a.jpg").write_bytes(b"x")
     try:
@@ -323,8 +380,19 @@ def test_bench_bad_arguments_are_usage_errors(tmp_path, capsys, extra):
 
 def test_unreachable_endpoint_is_a_message_and_exit_4(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(_storage, "RETRY_ATTEMPTS", 1)
-    rc = cli.main(["run", "s3://nowhere-bucket/in", str(tmp_path / "o"), "--model", TEST_ARCH, "--weights",
-                   "random", "--storage-option", "endpoint_url=http://127.0.0.1:9"])
+    rc = cli.main(
+        [
+            "run",
+            "s3://nowhere-bucket/in",
+            str(tmp_path / "o"),
+            "--model",
+            TEST_ARCH,
+            "--weights",
+            "random",
+            "--storage-option",
+            "endpoint_url=http://127.0.0.1:9",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == EXIT_INPUT and "cannot reach storage" in err, err
 

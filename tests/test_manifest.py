@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _helpers import TEST_ARCH, photo_like
 from segbatch import RunConfig, cli, summary
-from segbatch.errors import ConfigError, EXIT_STATUS, InputError
+from segbatch.errors import EXIT_STATUS, ConfigError, InputError
 from segbatch.listing import LISTING_SCHEMA
 from segbatch.manifest import ManifestInputs
+
+from _helpers import TEST_ARCH, photo_like
 
 
 def _png(seed: int, size=(40, 30)) -> bytes:
@@ -59,8 +60,9 @@ def test_text_manifest_runs_dedups_and_resumes(images, s3_server, tmp_path, ray_
 
     rows = {r["uri"]: r for r in summary.read(out).to_pylist()}
     a, b = f"s3://{bucket}/imgs/a.png", f"s3://{bucket}/imgs/sub/b.png"
-    assert sorted(rows) == sorted([a, b, f"s3://{bucket}/imgs/missing.png", f"s3://{bucket}/imgs/../imgs/c.png",
-                                   str(local)])
+    assert sorted(rows) == sorted(
+        [a, b, f"s3://{bucket}/imgs/missing.png", f"s3://{bucket}/imgs/../imgs/c.png", str(local)]
+    )
     assert rows[a]["status"] == "ok" and rows[a]["mask_uri"] == f"{out}/masks/s3/{bucket}/imgs/a.png.png"
     assert rows[b]["status"] == "ok" and rows[b]["mask_uri"] == f"{out}/masks/s3/{bucket}/imgs/sub/b.png.png"
     assert "not found" in rows[f"s3://{bucket}/imgs/missing.png"]["error"]
@@ -103,8 +105,16 @@ def test_csv_and_parquet_manifests(images, s3_server, fmt, ray_local):
 
 
 def test_missing_manifest_and_redo_changed_are_refused(s3_bucket, tmp_path, capsys):
-    args = ["run", "--manifest", f"s3://{s3_bucket}/nope.txt", str(tmp_path / "out"), "--model", TEST_ARCH,
-            "--weights", "random"]
+    args = [
+        "run",
+        "--manifest",
+        f"s3://{s3_bucket}/nope.txt",
+        str(tmp_path / "out"),
+        "--model",
+        TEST_ARCH,
+        "--weights",
+        "random",
+    ]
     assert cli.main(args) == EXIT_STATUS[InputError]
     assert f"manifest s3://{s3_bucket}/nope.txt does not exist" in capsys.readouterr().err
     (tmp_path / "m.txt").write_text("/x.png\n")

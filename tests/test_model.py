@@ -5,28 +5,29 @@ import hashlib
 import pytest
 import torch
 
-from _helpers import TEST_ARCH, make_checkpoint
-from segbatch import model
+from segbatch import model, weights
 from segbatch.architectures import available_models
 from segbatch.errors import ConfigError, WeightsError
+
+from _helpers import TEST_ARCH, make_checkpoint
 
 
 def test_unknown_model_lists_the_valid_ones():
     with pytest.raises(ConfigError) as err:
-        model.resolve("foo", "random")
+        weights.resolve("foo", "random")
     assert err.value.field == "model"
     assert all(name in str(err.value) for name in available_models())
 
 
 def test_random_weights_warn_and_use_the_weights_categories(caplog):
-    spec = model.resolve(TEST_ARCH, "random")
+    spec = weights.resolve(TEST_ARCH, "random")
     assert spec.identity == "random:seed=0" and spec.num_classes == 21
     assert "UNTRAINED" in caplog.text
 
 
 def test_checkpoint_identity_is_its_sha256_and_aux_keys_are_accepted(tmp_path):
     path = make_checkpoint(tmp_path / "aux.pt", with_aux=True, num_classes=5)
-    spec = model.resolve(TEST_ARCH, str(path))
+    spec = weights.resolve(TEST_ARCH, str(path))
     assert spec.identity == hashlib.sha256(path.read_bytes()).hexdigest()
     assert spec.classes == tuple(f"class_{i}" for i in range(5))
     net = model.build(spec)
@@ -39,27 +40,27 @@ def test_classes_file_names_the_classes(tmp_path):
     path = make_checkpoint(tmp_path / "three.pt", num_classes=3)
     names = tmp_path / "names.txt"
     names.write_text("sky\nroad\ncar\n")
-    assert model.resolve(TEST_ARCH, str(path), classes_url=str(names)).classes == ("sky", "road", "car")
+    assert weights.resolve(TEST_ARCH, str(path), classes_url=str(names)).classes == ("sky", "road", "car")
     names.write_text("sky\nroad\n")
     with pytest.raises(WeightsError, match="2 classes"):
-        model.resolve(TEST_ARCH, str(path), classes_url=str(names))
+        weights.resolve(TEST_ARCH, str(path), classes_url=str(names))
 
 
 def test_sha256_pin_mismatch_is_refused(tmp_path):
     path = make_checkpoint(tmp_path / "w.pt", num_classes=2)
     with pytest.raises(WeightsError, match="not the pinned"):
-        model.resolve(TEST_ARCH, str(path), sha256="0" * 64)
+        weights.resolve(TEST_ARCH, str(path), sha256="0" * 64)
     good = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert model.resolve(TEST_ARCH, str(path), sha256=good).identity == good
+    assert weights.resolve(TEST_ARCH, str(path), sha256=good).identity == good
 
 
 def test_wrong_file_and_missing_file_are_clear(tmp_path):
     bad = tmp_path / "notweights.pt"
     torch.save({"foo": torch.zeros(1)}, bad)
     with pytest.raises(WeightsError, match=f"not a {TEST_ARCH} state_dict"):
-        model.resolve(TEST_ARCH, str(bad))
+        weights.resolve(TEST_ARCH, str(bad))
     with pytest.raises(WeightsError, match="does not exist"):
-        model.resolve(TEST_ARCH, str(tmp_path / "missing.pt"))
+        weights.resolve(TEST_ARCH, str(tmp_path / "missing.pt"))
 
 
 def test_pickled_objects_are_refused(tmp_path):
@@ -67,7 +68,7 @@ def test_pickled_objects_are_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"classifier.4.weight": torch.zeros(2, 256, 1, 1), "x": object()}, evil)
     with pytest.raises(WeightsError, match="not a loadable state_dict"):
-        model.resolve(TEST_ARCH, str(evil))
+        weights.resolve(TEST_ARCH, str(evil))
 
 
 def test_default_weights_say_how_to_proceed_offline(tmp_path, monkeypatch):
@@ -78,7 +79,7 @@ def test_default_weights_say_how_to_proceed_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # as on this machine, on any machine
     with pytest.raises(WeightsError, match="--weights random"):
-        model.resolve(TEST_ARCH, "default")
+        weights.resolve(TEST_ARCH, "default")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,11 +112,12 @@ def test_registered_architecture_meets_the_reference(arch, tmp_path, reference_i
     on every image, for each model in the registry, with a seeded content-sensitive checkpoint."""
     import numpy as np
 
-    from _helpers import agreement, load_model, reference_mask
     from segbatch.decode import Limits, ResizeSpec, decode_image
 
+    from _helpers import agreement, load_model, reference_mask
+
     path = make_checkpoint(tmp_path / f"{arch}.pt", arch=arch, num_classes=6, with_aux=True)
-    spec = model.resolve(arch, str(path))
+    spec = weights.resolve(arch, str(path))
     assert spec.num_classes == 6
     predictor = model.Predictor(spec, device=torch.device("cpu"))
     resize = ResizeSpec.from_transforms(spec.architecture.transforms())
@@ -124,8 +126,9 @@ def test_registered_architecture_meets_the_reference(arch, tmp_path, reference_i
     got = predictor.masks(torch.from_numpy(np.stack(resized[:2])), [(im.height, im.width) for im in images[:2]])
     got += predictor.masks(torch.from_numpy(resized[2][None]), [(images[2].height, images[2].width)])
     reference_model = load_model(path, arch)
-    scores = [agreement(mask, reference_mask(data, reference_model, arch))
-              for (mask, *_), data in zip(got, reference_images)]
+    scores = [
+        agreement(mask, reference_mask(data, reference_model, arch)) for (mask, *_), data in zip(got, reference_images)
+    ]
     assert min(scores) >= 0.995, scores
     for (mask, counts, *_), image in zip(got, images):
         assert mask.shape == (image.height, image.width)
@@ -139,7 +142,7 @@ def test_checkpoint_for_another_architecture_is_refused(arch, tmp_path):
     other = "lraspp_mobilenet_v3_large" if arch != "lraspp_mobilenet_v3_large" else TEST_ARCH
     path = make_checkpoint(tmp_path / "other.pt", arch=other, num_classes=3)
     with pytest.raises(WeightsError):
-        model.resolve(arch, str(path))
+        weights.resolve(arch, str(path))
 
 
 def test_wrong_shaped_or_head_only_checkpoint_is_refused(tmp_path):
@@ -148,17 +151,17 @@ def test_wrong_shaped_or_head_only_checkpoint_is_refused(tmp_path):
     bad = dict(state, **{name: torch.zeros(1, 1, 1, 1)})
     torch.save(bad, tmp_path / "shape.pt")
     with pytest.raises(WeightsError, match="does not fit"):
-        model.resolve(TEST_ARCH, str(tmp_path / "shape.pt"))
+        weights.resolve(TEST_ARCH, str(tmp_path / "shape.pt"))
     torch.save({k: v for k, v in state.items() if k.startswith("classifier.")}, tmp_path / "head.pt")
     with pytest.raises(WeightsError, match="Missing key"):
-        model.resolve(TEST_ARCH, str(tmp_path / "head.pt"))
+        weights.resolve(TEST_ARCH, str(tmp_path / "head.pt"))
 
 
 def test_classes_file_must_match_the_default_weights(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("a\nb\nc\nd\ne\n")
     with pytest.raises(WeightsError, match="5 classes; the model has 21"):
-        model.resolve(TEST_ARCH, "random", classes_url=str(names))
+        weights.resolve(TEST_ARCH, "random", classes_url=str(names))
 
 
 @pytest.mark.parametrize("arch", available_models())
@@ -183,8 +186,10 @@ def test_a_random_weights_driver_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from segbatch import pipeline, weights; "
-            "weights.resolve('deeplabv3_mobilenet_v3_large', 'random').architecture.resize(); "
-            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    code = (
+        "import sys; from segbatch import pipeline, weights; "
+        "weights.resolve('deeplabv3_mobilenet_v3_large', 'random').architecture.resize(); "
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_faults import assert_exactly_one_ok_row_each, tiny_images
+
+from segbatch import summary
 
 from _helpers import TEST_ARCH, wait_for_masks
-from segbatch import summary
-from test_faults import assert_exactly_one_ok_row_each, tiny_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CLUSTER = Path(__file__).with_name("_cluster.py")
@@ -19,9 +20,13 @@ CLUSTER = Path(__file__).with_name("_cluster.py")
 
 class RayCluster:
     def __init__(self, nodes: int, cpus: float = 2, gpus: float = 1):
-        self.proc = subprocess.Popen([sys.executable, str(CLUSTER), str(nodes), str(cpus), str(gpus)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CLUSTER), str(nodes), str(cpus), str(gpus)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         info = self.read()
         self.address, self.nodes = info["address"], info["nodes"]
 
@@ -54,8 +59,24 @@ def cluster():
 
 
 def segbatch_run(src: Path, out: Path, address: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "segbatch", "run", str(src), str(out), "--address", address, "--model",
-           TEST_ARCH, "--weights", "random", "--batch-size", "2", "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "segbatch",
+        "run",
+        str(src),
+        str(out),
+        "--address",
+        address,
+        "--model",
+        TEST_ARCH,
+        "--weights",
+        "random",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -13,14 +13,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from _helpers import summary_table, TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask
 from segbatch import RunConfig, run
 from segbatch.contract import SUMMARY_SCHEMA
 
+from _helpers import TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask, summary_table
+
 CONTRACT = {
-    "uri": pa.string(), "status": pa.string(), "error": pa.string(), "width": pa.int32(),
-    "height": pa.int32(), "mask_uri": pa.string(), "pixel_counts": pa.list_(pa.int64()),
-    "run_id": pa.string(), "model": pa.string(), "weights": pa.string(), "node_id": pa.string(),
+    "uri": pa.string(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "mask_uri": pa.string(),
+    "pixel_counts": pa.list_(pa.int64()),
+    "run_id": pa.string(),
+    "model": pa.string(),
+    "weights": pa.string(),
+    "node_id": pa.string(),
     "device": pa.string(),
 }
 
@@ -51,8 +60,14 @@ def write_mixed_images(root: Path) -> dict[str, tuple[int, int]]:
 def labelled(tmp_path_factory, ray_local, checkpoint):
     root = tmp_path_factory.mktemp("run")
     sizes = write_mixed_images(root / "in")
-    config = RunConfig(input=str(root / "in"), output=str(root / "out"), model=TEST_ARCH,
-                       weights=str(checkpoint), batch_size=4, progress=False)
+    config = RunConfig(
+        input=str(root / "in"),
+        output=str(root / "out"),
+        model=TEST_ARCH,
+        weights=str(checkpoint),
+        batch_size=4,
+        progress=False,
+    )
     report = run(config)
     return root, sizes, config, report
 
@@ -79,7 +94,7 @@ def test_summary_satisfies_the_contract(labelled, checkpoint):
 
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     for row in table.to_pylist():
-        rel = row["uri"][len(str(root / "in")) + 1:]
+        rel = row["uri"][len(str(root / "in")) + 1 :]
         assert (row["width"], row["height"]) == sizes[rel]
         assert row["error"] is None and row["run_id"] == report.run_id
         assert row["model"] == TEST_ARCH and row["weights"] == digest
@@ -120,8 +135,16 @@ def test_confidence_maps_and_columns_follow_the_reference_softmax(ray_local, tmp
     (tmp_path / "in").mkdir()
     for i, (rel, (w, h)) in enumerate(sizes.items()):
         Image.fromarray(photo_like(w, h, 60 + i)).save(tmp_path / "in" / rel)
-    config = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=TEST_ARCH,
-                       weights=str(checkpoint), batch_size=4, progress=False, confidence=True, min_confidence=0.6)
+    config = RunConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        model=TEST_ARCH,
+        weights=str(checkpoint),
+        batch_size=4,
+        progress=False,
+        confidence=True,
+        min_confidence=0.6,
+    )
     assert run(config).ok == len(sizes)
     rows = {r["uri"]: r for r in summary_table(tmp_path / "out").to_pylist()}
     model = load_model(checkpoint)
@@ -143,7 +166,7 @@ def test_confidence_maps_and_columns_follow_the_reference_softmax(ray_local, tmp
         assert agreement(mask, probs.argmax(0).numpy().astype(np.uint8)) >= 0.995
 
     # The report's "least confident" gallery lists them, least confident first.
-    from segbatch.report import collect
+    from segbatch._report import collect
 
     data = collect(str(tmp_path / "out"))
     by_confidence = sorted(rows.values(), key=lambda r: r["mean_confidence"])
@@ -184,23 +207,36 @@ def test_actors_that_leave_no_cpu_for_decoding_are_refused(ray_local, tmp_path):
 
     (tmp_path / "in").mkdir()
     Image.fromarray(photo_like(20, 20, 0)).save(tmp_path / "in" / "x.png")
-    config = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=TEST_ARCH,
-                       weights="random", actors="2", cpus_per_actor=1.0, progress=False)
+    config = RunConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        model=TEST_ARCH,
+        weights="random",
+        actors="2",
+        cpus_per_actor=1.0,
+        progress=False,
+    )
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 CPUs"):
         run(config)
 
 
 def test_decoding_runs_in_cpu_tasks_beside_the_actor_pool(ray_local, tmp_path, checkpoint):
     """Ray Data must not fuse decoding into the inference actor (it would then run serially with it)."""
-    from segbatch import model, pipeline
+    from segbatch import pipeline, weights
 
     (tmp_path / "in").mkdir()
     for i in range(4):
         Image.fromarray(photo_like(24, 18, i)).save(tmp_path / "in" / f"{i}.png")
-    config = RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=TEST_ARCH,
-                       weights=str(checkpoint), batch_size=2, progress=False)
+    config = RunConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        model=TEST_ARCH,
+        weights=str(checkpoint),
+        batch_size=2,
+        progress=False,
+    )
     inputs = pipeline.plan_inputs(config)
-    spec = model.resolve(TEST_ARCH, str(checkpoint))
+    spec = weights.resolve(TEST_ARCH, str(checkpoint))
     ds = pipeline.build_dataset(config, spec, inputs, "plan-test")
     assert len(ds.take_all()) == 4
     stats = ds.stats()

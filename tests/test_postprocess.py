@@ -14,8 +14,9 @@ def smooth_logits(c: int, h: int, w: int, seed: int) -> torch.Tensor:
     return F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
-@pytest.mark.parametrize("h,w,H,W", [(65, 87, 480, 640), (33, 25, 97, 131), (7, 9, 1, 1), (10, 10, 3, 300),
-                                     (40, 40, 20, 20), (1, 1, 5, 5)])
+@pytest.mark.parametrize(
+    "h,w,H,W", [(65, 87, 480, 640), (33, 25, 97, 131), (7, 9, 1, 1), (10, 10, 3, 300), (40, 40, 20, 20), (1, 1, 5, 5)]
+)
 def test_exact_matches_literal_bilinear(h, w, H, W):
     logits = smooth_logits(21, h, w, seed=h * w)
     reference = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0)
@@ -49,8 +50,10 @@ def test_pixel_counts_sum_to_the_area():
     assert counts.shape == (5,) and int(counts.sum()) == 41 * 59
 
 
-@pytest.mark.parametrize("h,w,H,W,model_size", [(65, 87, 300, 400, (520, 693)), (33, 25, 97, 131, None),
-                                                 (7, 9, 1, 1, None), (10, 10, 3, 300, (80, 80))])
+@pytest.mark.parametrize(
+    "h,w,H,W,model_size",
+    [(65, 87, 300, 400, (520, 693)), (33, 25, 97, 131, None), (7, 9, 1, 1, None), (10, 10, 3, 300, (80, 80))],
+)
 def test_confidence_is_the_literal_softmax_of_the_reference_logits(h, w, H, W, model_size):
     """Labels and confidence from the same literally upsampled logits, in row blocks (several here)."""
     logits = smooth_logits(21, h, w, seed=h + w)

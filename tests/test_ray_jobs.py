@@ -38,17 +38,42 @@ def ray_head():
     """A single-node Ray cluster (head only, 2 CPUs) on 127.0.0.1; yields its dashboard URL and env."""
     # Ray's unix sockets live under the temp dir, and their paths must stay short (108 bytes).
     temp_dir = tempfile.mkdtemp(prefix="sbjob", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    }
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
-    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
-             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "2",
-           "--disable-usage-stats", "--temp-dir", temp_dir]
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard,
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+    }
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--include-dashboard",
+        "true",
+        "--num-cpus",
+        "2",
+        "--disable-usage-stats",
+        "--temp-dir",
+        temp_dir,
+    ]
     for flag, port in ports.items():
         cmd += [flag, str(port)]
     log = open(Path(temp_dir) / "ray-start.log", "wb")
@@ -76,8 +101,10 @@ def _wait_for_dashboard(address: str, head: subprocess.Popen, log: Path) -> None
             return
         except Exception:
             if time.monotonic() > deadline:
-                pytest.fail(f"the Ray head's dashboard at {address} did not answer in {HEAD_START_TIMEOUT}s:\n"
-                            f"{log.read_text()[-3000:]}")
+                pytest.fail(
+                    f"the Ray head's dashboard at {address} did not answer in {HEAD_START_TIMEOUT}s:\n"
+                    f"{log.read_text()[-3000:]}"
+                )
             time.sleep(1)
 
 
@@ -99,8 +126,7 @@ def _stop(head: subprocess.Popen) -> None:
 def job_config(tmp: Path, src: Path, out: Path, checkpoint: Path) -> Path:
     """jobs/label-nightly.yaml with only what a CPU-only test head and test weights need changed."""
     values = yaml.safe_load((REPO / "jobs" / "label-nightly.yaml").read_text())
-    values.update(input=str(src), output=str(out), model=TEST_ARCH, weights=str(checkpoint), actors="1",
-                  batch_size=4)
+    values.update(input=str(src), output=str(out), model=TEST_ARCH, weights=str(checkpoint), actors="1", batch_size=4)
     values.pop("gpus_per_actor")  # this head has no GPU: inference falls back to CPU
     path = tmp / "label-nightly-test.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -109,15 +135,27 @@ def job_config(tmp: Path, src: Path, out: Path, checkpoint: Path) -> Path:
 
 def submit(address: str, env: dict, submission_id: str, *entrypoint: str) -> str:
     """`ray job submit` from the repo root with jobs/runtime_env.yaml, as README shows; returns its output."""
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id,
-           "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        submission_id,
+        "--runtime-env",
+        "jobs/runtime_env.yaml",
+        "--",
+        *entrypoint,
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
     status = client.get_job_status(submission_id)
     assert done.returncode == 0 and status == JobStatus.SUCCEEDED, (
-        f"job {submission_id}: {status}, exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        f"job {submission_id}: {status}, exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    )
     return client.get_job_logs(submission_id)
 
 
@@ -141,8 +179,9 @@ def test_segbatch_run_as_a_ray_job_labels_and_then_only_new_images(ray_head, che
     logs = submit(address, env, "segbatch-second", *entrypoint, "job-second")
     assert "2 ok, 0 error, 3 skipped" in logs
 
-    table = pads.dataset(out / "summary", format="parquet").to_table(columns=["uri", "status", "run_id",
-                                                                               "node_id", "device"])
+    table = pads.dataset(out / "summary", format="parquet").to_table(
+        columns=["uri", "status", "run_id", "node_id", "device"]
+    )
     second = table.filter(pc.equal(table["run_id"], "job-second"))
     assert sorted(second["uri"].to_pylist()) == [str(src / "new10.jpg"), str(src / "new11.jpg")]
     first = table.filter(pc.equal(table["run_id"], "job-first"))

@@ -86,8 +86,14 @@ def test_a_simulated_sixteen_core_cluster(tmp_path):
         "ray.shutdown()\n"
     )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     size = json.loads(out.stdout.strip().splitlines()[-1])
     assert (size["max_actors"], size["threads"], size["cpus_per_actor"], size["gpus_per_actor"]) == (4, 4, 3.5, 0.0)

@@ -19,26 +19,47 @@ import pytest
 from PIL import Image, ImageOps
 
 from segbatch import RunConfig, cli, run
+from segbatch._evaluate import confusion_matrix, metrics
 from segbatch.contract import input_relpath, mask_name, mask_relpath, overlay_relpath
 from segbatch.errors import EXIT_STATUS, InputError
-from segbatch.evaluate import confusion_matrix, metrics
 from segbatch.overlay import background_ids, blend, class_colour, encode_jpeg
 
 from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs
 
 # PASCAL VOC's colours as the devkit's VOClabelcolormap lists them (class id -> RGB), written out here
 # rather than computed, so the palette code is checked against the published values.
-VOC_COLOURS = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128),
-               5: (128, 0, 128), 6: (0, 128, 128), 7: (128, 128, 128), 8: (64, 0, 0), 9: (192, 0, 0),
-               12: (64, 0, 128), 14: (64, 128, 128), 15: (192, 128, 128), 20: (0, 64, 128), 255: (224, 224, 192)}
+VOC_COLOURS = {
+    0: (0, 0, 0),
+    1: (128, 0, 0),
+    2: (0, 128, 0),
+    3: (128, 128, 0),
+    4: (0, 0, 128),
+    5: (128, 0, 128),
+    6: (0, 128, 128),
+    7: (128, 128, 128),
+    8: (64, 0, 0),
+    9: (192, 0, 0),
+    12: (64, 0, 128),
+    14: (64, 128, 128),
+    15: (192, 128, 128),
+    20: (0, 64, 128),
+    255: (224, 224, 192),
+}
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory, ray_local, checkpoint):
     root = tmp_path_factory.mktemp("results")
     rels = write_inputs(root / "in")
-    config = RunConfig(input=str(root / "in"), output=str(root / "out"), model=TEST_ARCH,
-                       weights=str(checkpoint), batch_size=4, progress=False, overlays=True)
+    config = RunConfig(
+        input=str(root / "in"),
+        output=str(root / "out"),
+        model=TEST_ARCH,
+        weights=str(checkpoint),
+        batch_size=4,
+        progress=False,
+        overlays=True,
+    )
     report = run(config)
     assert (report.ok, report.errors) == (len(rels) - 1, 1)
     rows = pads.dataset(root / "out" / "summary", format="parquet").to_table().to_pylist()
@@ -50,6 +71,7 @@ def mask_of(root: Path, rel: str) -> np.ndarray:
 
 
 # -- masks and overlays --------------------------------------------------------------------------------
+
 
 def test_mask_png_shows_voc_colours_while_its_values_stay_class_ids(labelled):
     root, rels, rows = labelled
@@ -73,17 +95,17 @@ def test_mask_png_shows_voc_colours_while_its_values_stay_class_ids(labelled):
     assert len(seen) >= 2, "the seeded model should label more than one class"
     palette = Image.open(root / "out" / mask_relpath(rels[0])).getpalette()
     for cid, rgb in VOC_COLOURS.items():
-        assert tuple(palette[3 * cid:3 * cid + 3]) == rgb, cid
+        assert tuple(palette[3 * cid : 3 * cid + 3]) == rgb, cid
 
 
 def test_run_with_overlays_writes_one_blended_jpeg_per_ok_image(labelled):
     root, rels, rows = labelled
-    classes = json.loads(pads.dataset(root / "out" / "summary", format="parquet").schema.metadata[
-        b"segbatch.classes"])
+    classes = json.loads(pads.dataset(root / "out" / "summary", format="parquet").schema.metadata[b"segbatch.classes"])
     untinted = background_ids(classes)
     assert untinted == {0}  # torchvision's VOC names call class 0 "__background__"
-    written = sorted(p.relative_to(root / "out").as_posix() for p in (root / "out" / "overlays").rglob("*")
-                     if p.is_file())
+    written = sorted(
+        p.relative_to(root / "out").as_posix() for p in (root / "out" / "overlays").rglob("*") if p.is_file()
+    )
     assert written == sorted(overlay_relpath(r) for r in rels if r != BROKEN)
     for rel in rels:
         if rel == BROKEN:
@@ -110,7 +132,7 @@ def test_run_with_overlays_writes_one_blended_jpeg_per_ok_image(labelled):
 
 
 def test_mask_names_invert_to_input_names():
-    for rel in ["a.jpg", "sub/dir/b.PNG", "odd name/x#1%.png", "q?:*\"<>|.tif", "masks/m.jpg"]:
+    for rel in ["a.jpg", "sub/dir/b.PNG", "odd name/x#1%.png", 'q?:*"<>|.tif', "masks/m.jpg"]:
         assert input_relpath(mask_relpath(rel)) == rel
     with pytest.raises(ValueError):
         input_relpath("summary/part.parquet")
@@ -118,14 +140,17 @@ def test_mask_names_invert_to_input_names():
 
 # -- evaluation ----------------------------------------------------------------------------------------
 
+
 def test_masks_are_found_below_the_output_given_even_after_a_move():
 
     assert mask_name("/runs/out/masks/sub/a.jpg.png", "/in/sub/a.jpg", "/runs/out/masks/") == "masks/sub/a.jpg.png"
-    assert mask_name("s3://b/out/masks/x%231%25.png.png", "s3://b/in/x#1%.png", "b/out/masks/") == \
-        "masks/x%231%25.png.png"
+    assert (
+        mask_name("s3://b/out/masks/x%231%25.png.png", "s3://b/in/x#1%.png", "b/out/masks/") == "masks/x%231%25.png.png"
+    )
     # OUTPUT copied from /old/masks/run to /new: the rows still name the old place.
-    assert mask_name("/old/masks/run/masks/masks/m.jpg.png", "/in/masks/m.jpg", "/new/masks/") == \
-        "masks/masks/m.jpg.png"
+    assert (
+        mask_name("/old/masks/run/masks/masks/m.jpg.png", "/in/masks/m.jpg", "/new/masks/") == "masks/masks/m.jpg.png"
+    )
     with pytest.raises(ValueError, match="does not match"):
         mask_name("/elsewhere/masks/b.jpg.png", "/in/a.jpg", "/new/masks/")
 
@@ -144,14 +169,12 @@ def torchvision_reference_confusion(gt: np.ndarray, pred: np.ndarray, n: int) ->
     a, b = torch.from_numpy(gt.astype(np.int64)).flatten(), torch.from_numpy(pred.astype(np.int64)).flatten()
     k = (a >= 0) & (a < n)
     inds = n * a[k].to(torch.int64) + b[k]
-    return torch.bincount(inds, minlength=n ** 2).reshape(n, n).numpy()
+    return torch.bincount(inds, minlength=n**2).reshape(n, n).numpy()
 
 
 def test_metrics_match_a_hand_computation():
-    gt = np.array([[0, 0, 1, 1],
-                   [0, 2, 2, 255]])
-    pred = np.array([[0, 1, 1, 1],
-                     [0, 2, 0, 1]])
+    gt = np.array([[0, 0, 1, 1], [0, 2, 2, 255]])
+    pred = np.array([[0, 1, 1, 1], [0, 2, 0, 1]])
     m = confusion_matrix(gt, pred, 4)
     # Counted by hand: gt 0 -> pred 0,1,0 ; gt 1 -> 1,1 ; gt 2 -> 2,0 ; the 255 pixel is ignored.
     expected = np.zeros((4, 4), dtype=np.int64)
@@ -251,8 +274,9 @@ HAND_IMAGES = {  # rel: (prediction, ground truth); 255 = ignore
 def hand_output(tmp_path):
     from _helpers import write_output
 
-    write_output(tmp_path / "out", [{"rel": rel, "mask": pred} for rel, (pred, _gt) in HAND_IMAGES.items()],
-                 HAND_CLASSES)
+    write_output(
+        tmp_path / "out", [{"rel": rel, "mask": pred} for rel, (pred, _gt) in HAND_IMAGES.items()], HAND_CLASSES
+    )
     (tmp_path / "gt").mkdir()
     for rel, (_pred, gt) in HAND_IMAGES.items():
         Image.fromarray(np.asarray(gt, dtype=np.uint8), mode="L").save(tmp_path / "gt" / rel.replace(".jpg", ".png"))
@@ -265,12 +289,18 @@ def test_eval_per_class_iou_confusion_and_worst_images_match_a_hand_computation(
     printed = capsys.readouterr().out
     result = json.loads((out / "eval.json").read_text())  # written into OUTPUT when --json is not given
     # Rows ground truth, columns prediction, summed by hand over a, b and c.
-    matrix = [[6, 0, 1, 0],  # bg: 4 (a) + 2 (b) right, 1 (b) predicted dog
-              [0, 4, 0, 2],  # cat: 4 (a) right, 2 (c) predicted tree
-              [0, 0, 2, 0],  # dog: 2 (b)
-              [0, 0, 0, 2]]  # tree: 2 (c)
-    assert result["confusion_matrix"] == {"rows": "ground truth", "columns": "prediction",
-                                          "classes": HAND_CLASSES, "counts": matrix}
+    matrix = [
+        [6, 0, 1, 0],  # bg: 4 (a) + 2 (b) right, 1 (b) predicted dog
+        [0, 4, 0, 2],  # cat: 4 (a) right, 2 (c) predicted tree
+        [0, 0, 2, 0],  # dog: 2 (b)
+        [0, 0, 0, 2],
+    ]  # tree: 2 (c)
+    assert result["confusion_matrix"] == {
+        "rows": "ground truth",
+        "columns": "prediction",
+        "classes": HAND_CLASSES,
+        "counts": matrix,
+    }
     iou = [6 / 7, 4 / 6, 2 / 3, 2 / 4]  # diag / (GT pixels + predicted pixels - diag)
     assert [c["iou"] for c in result["per_class"]] == pytest.approx(iou)
     assert [c["support"] for c in result["per_class"]] == [7, 6, 2, 2]
@@ -280,20 +310,21 @@ def test_eval_per_class_iou_confusion_and_worst_images_match_a_hand_computation(
     assert result["pixel_accuracy"] == pytest.approx(14 / 17)
     assert [(w["uri"], w["miou"], w["pixel_accuracy"], w["pixels"]) for w in result["worst_images"]] == [
         ("/in/c.jpg", pytest.approx(1 / 4), pytest.approx(2 / 4), 4),
-        ("/in/b.jpg", pytest.approx(2 / 3), pytest.approx(4 / 5), 5)]
+        ("/in/b.jpg", pytest.approx(2 / 3), pytest.approx(4 / 5), 5),
+    ]
     assert "worst 2 images by IoU" in printed and "0.2500  0.5000  /in/c.jpg" in printed
 
     # The report shows them, from OUTPUT/eval.json.
     assert cli.main(["report", str(out), "--samples", "0"]) == 0
     html = (out / "report.html").read_text()
-    section = html[html.index('id="evaluation"'):html.index('id="gallery"')]
+    section = html[html.index('id="evaluation"') : html.index('id="gallery"')]
     assert f"{sum(iou) / 4:.4f}" in section and f"{14 / 17:.4f}" in section
-    worst = section[section.index('id="worst"'):section.index('id="confusion"')]
+    worst = section[section.index('id="worst"') : section.index('id="confusion"')]
     assert worst.index("/in/c.jpg") < worst.index("/in/b.jpg") and "/in/a.jpg" not in worst
-    per_class = section[section.index('id="per-class"'):section.index('id="worst"')]
+    per_class = section[section.index('id="per-class"') : section.index('id="worst"')]
     for name, value, support in zip(HAND_CLASSES, iou, [7, 6, 2, 2], strict=True):
         assert re.search(rf"{name}</td>\s*<td class=\"n\">{value:.4f}</td><td class=\"n\">{support}</td>", per_class)
-    confusion = section[section.index('id="confusion"'):]
+    confusion = section[section.index('id="confusion"') :]
     cells = [int(v) for v in re.findall(r'<td class="n(?: diag)?">(\d+)</td>', confusion)]
     assert cells == [v for row in matrix for v in row]
 
@@ -301,8 +332,10 @@ def test_eval_per_class_iou_confusion_and_worst_images_match_a_hand_computation(
 def test_eval_json_goes_where_json_says_and_report_skips_evaluation_without_it(ray_local, hand_output, tmp_path):
     out = hand_output / "out"
     target = tmp_path / "elsewhere" / "m.json"
-    assert cli.main(["eval", str(out), "--ground-truth", str(hand_output / "gt"), "--worst", "0",
-                     "--json", str(target)]) == 0
+    assert (
+        cli.main(["eval", str(out), "--ground-truth", str(hand_output / "gt"), "--worst", "0", "--json", str(target)])
+        == 0
+    )
     assert json.loads(target.read_text())["worst_images"] == []
     assert not (out / "eval.json").exists()
     assert cli.main(["report", str(out), "--samples", "0"]) == 0
@@ -317,6 +350,7 @@ def test_eval_refuses_an_output_without_summary(tmp_path, capsys):
 
 
 # -- report --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def report_html(labelled):
@@ -334,22 +368,22 @@ def test_report_is_self_contained_and_holds_every_part(labelled, report_html):
     assert not re.search(r"url\((?![\"']?(data:|#))", html)
     # Runs: counts, model and throughput.
     run_id = next(iter(rows.values()))["run_id"]
-    runs_section = html[html.index('id="runs"'):html.index('id="classes"')]
+    runs_section = html[html.index('id="runs"') : html.index('id="classes"')]
     assert run_id in runs_section and TEST_ARCH in runs_section
     assert re.search(r'<td class="n">6</td>\s*<td class="n bad">1</td>', runs_section)
     assert re.search(r'title="from run record[^"]*">\d+\.\d\d<', runs_section)
     # Chart: an inline SVG with one bar per class seen, in that class's VOC colour.
-    chart = html[html.index('id="class-chart"'):html.index("</figure>", html.index('id="class-chart"'))]
+    chart = html[html.index('id="class-chart"') : html.index("</figure>", html.index('id="class-chart"'))]
     assert "<svg" in chart and "share of all pixels" in chart
     counts = np.sum([r["pixel_counts"] for r in rows.values() if r["status"] == "ok"], axis=0)
     for cid in np.flatnonzero(counts):
         assert "fill: #%02x%02x%02x" % class_colour(int(cid)) in chart, cid
     # Gallery: 4 JPEG overlays with a legend.
-    gallery = html[html.index('id="gallery"'):html.index('id="errors"')]
+    gallery = html[html.index('id="gallery"') : html.index('id="errors"')]
     assert len(re.findall(r'<img src="data:image/jpeg;base64,', gallery)) == 4
     assert "__background__" in gallery and 'class="legend"' in gallery
     # Errors: the broken file, grouped under its message.
-    errors = html[html.index('id="errors"'):]
+    errors = html[html.index('id="errors"') :]
     assert str(root / "in" / BROKEN) in errors and rows[str(root / "in" / BROKEN)]["error"] in errors
 
 
@@ -369,9 +403,17 @@ def test_report_refuses_an_output_without_summary(tmp_path, capsys):
 
 # -- the report in a real browser ----------------------------------------------------------------------
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync", "--hide-scrollbars",
-                  "--force-device-scale-factor=1"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+]
 WINDOW = (1200, 2000)  # CSS px; with scale factor 1 a screenshot pixel is a CSS pixel
 BROWSER_TIMEOUT = 90  # seconds per chromium call; a cold start on a loaded 2-core machine takes ~5
 
@@ -396,8 +438,14 @@ def chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProce
     exe = shutil.which("chromium")
     if exe is None:
         pytest.skip("chromium is not installed (.ci/run installs Debian's chromium: apt-get install -y chromium)")
-    args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
-            f"--window-size={WINDOW[0]},{WINDOW[1]}", *extra, url]
+    args = [
+        exe,
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        *extra,
+        url,
+    ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=BROWSER_TIMEOUT, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     return done
@@ -420,7 +468,7 @@ def test_report_renders_in_chromium_with_chart_and_gallery_visible(labelled, rep
         left, top, width, height = (int(round(v)) for v in box)
         assert width > min_size and height > min_size, box  # laid out, not collapsed
         assert left >= 0 and top >= 0 and left + width <= WINDOW[0] and top + height <= WINDOW[1], box
-        return shot[top:top + height, left:left + width]
+        return shot[top : top + height, left : left + width]
 
     # The chart: the bars of the classes with most pixels are drawn in their VOC colours.
     chart = region(found["chart"])
@@ -438,11 +486,18 @@ def test_report_renders_in_chromium_with_chart_and_gallery_visible(labelled, rep
         assert np.abs(shown - np.asarray(thumb, dtype=np.float32)).mean() < 12
     # The legend's swatches are the mask colours of the classes in the samples.
     legend = region(found["legend"], min_size=10)
-    assert sum((legend == np.array(class_colour(int(c)), np.uint8)).all(axis=-1).sum() > 20
-               for c in np.flatnonzero(counts) if c != 0) >= 2
+    assert (
+        sum(
+            (legend == np.array(class_colour(int(c)), np.uint8)).all(axis=-1).sum() > 20
+            for c in np.flatnonzero(counts)
+            if c != 0
+        )
+        >= 2
+    )
 
 
 # -- object storage ------------------------------------------------------------------------------------
+
 
 def test_overlays_report_and_eval_on_s3(s3_bucket, s3_server, ray_local, checkpoint, tmp_path, capsys):
     from _s3 import clear_s3fs_cache
@@ -453,8 +508,22 @@ def test_overlays_report_and_eval_on_s3(s3_bucket, s3_server, ray_local, checkpo
         Image.fromarray(photo_like(*size, 30 + i)).save(local / f"img{i}.jpg", quality=90)
     s3_server.upload_dir(local, f"s3://{s3_bucket}/in")
     out = f"s3://{s3_bucket}/out"
-    assert cli.main(["run", f"s3://{s3_bucket}/in", out, "--model", TEST_ARCH, "--weights", str(checkpoint),
-                     "--overlays", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                f"s3://{s3_bucket}/in",
+                out,
+                "--model",
+                TEST_ARCH,
+                "--weights",
+                str(checkpoint),
+                "--overlays",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     clear_s3fs_cache()
     client = s3_server.client()
     keys = set(s3_server.keys(s3_bucket))
@@ -464,8 +533,9 @@ def test_overlays_report_and_eval_on_s3(s3_bucket, s3_server, ray_local, checkpo
     for i in range(2):
         body = client.get_object(Bucket=s3_bucket, Key=f"out/masks/img{i}.jpg.png")["Body"].read()
         client.put_object(Bucket=s3_bucket, Key=f"gt/img{i}.png", Body=body)
-    assert cli.main(["eval", out, "--ground-truth", f"s3://{s3_bucket}/gt",
-                     "--json", f"s3://{s3_bucket}/eval.json"]) == 0
+    assert (
+        cli.main(["eval", out, "--ground-truth", f"s3://{s3_bucket}/gt", "--json", f"s3://{s3_bucket}/eval.json"]) == 0
+    )
     result = json.loads(client.get_object(Bucket=s3_bucket, Key="eval.json")["Body"].read())
     assert (result["images"], result["missing_ground_truth"], result["errors"]) == (2, 1, 0)
     assert result["pixel_accuracy"] == 1.0 and result["miou"] == 1.0

@@ -18,8 +18,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from _helpers import TEST_ARCH, exif_jpeg, photo_like
 from segbatch import cli
+
+from _helpers import TEST_ARCH, exif_jpeg, photo_like
 
 COMPARED = ["status", "error", "width", "height", "pixel_counts", "model", "weights", "device", "size"]
 
@@ -53,11 +54,16 @@ def storage(tmp_path_factory, s3_server, checkpoint):
     client.put_object(Bucket=bucket, Key="models/classes.txt", Body="\n".join(classes).encode())
     (root / "classes.txt").write_text("\n".join(classes))
     settings = {"model": TEST_ARCH, "batch_size": 2, "progress": False}
-    client.put_object(Bucket=bucket, Key="conf/run.yaml", Body=yaml.safe_dump(
-        {**settings, "weights": f"s3://{bucket}/models/seeded.pt", "classes": f"s3://{bucket}/models/classes.txt"}
-    ).encode())
-    (root / "run.yaml").write_text(yaml.safe_dump(
-        {**settings, "weights": str(checkpoint), "classes": str(root / "classes.txt")}))
+    client.put_object(
+        Bucket=bucket,
+        Key="conf/run.yaml",
+        Body=yaml.safe_dump(
+            {**settings, "weights": f"s3://{bucket}/models/seeded.pt", "classes": f"s3://{bucket}/models/classes.txt"}
+        ).encode(),
+    )
+    (root / "run.yaml").write_text(
+        yaml.safe_dump({**settings, "weights": str(checkpoint), "classes": str(root / "classes.txt")})
+    )
     yield {"root": root, "bucket": bucket, "rels": rels, "classes": classes}
     clear_s3fs_cache()
     s3_server.delete_bucket(bucket)
@@ -89,8 +95,10 @@ def runs(storage, ray_local):
         fs.invalidate_cache()
         files = [p for p in fs.find(root + "/summary") if p.endswith(".parquet")]
         table = pa.concat_tables(pq.read_table(io.BytesIO(fs.cat_file(p))) for p in files)
-        masks = {row["uri"]: np.asarray(Image.open(io.BytesIO(fs.cat_file(fs._strip_protocol(row["mask_uri"])))))
-                 for row in table.to_pylist()}
+        masks = {
+            row["uri"]: np.asarray(Image.open(io.BytesIO(fs.cat_file(fs._strip_protocol(row["mask_uri"])))))
+            for row in table.to_pylist()
+        }
         results[combo] = (inp.rstrip("/"), out.rstrip("/"), table.sort_by("uri"), masks)
     return results
 
@@ -101,12 +109,12 @@ def test_every_combination_gives_the_same_masks_and_rows(runs, storage, combo):
     _, _, ref_table, ref_masks = runs["local->local"]
     ref_in = runs["local->local"][0]
     rels = storage["rels"]
-    assert sorted(u[len(inp) + 1:] for u in table["uri"].to_pylist()) == rels
+    assert sorted(u[len(inp) + 1 :] for u in table["uri"].to_pylist()) == rels
     assert set(table["status"].to_pylist()) == {"ok"}, table.select(["uri", "error"]).to_pylist()
     for col in COMPARED:
         assert table[col].to_pylist() == ref_table[col].to_pylist(), col
     for row in table.to_pylist():
-        rel = row["uri"][len(inp) + 1:]
+        rel = row["uri"][len(inp) + 1 :]
         assert row["mask_uri"].startswith(out + "/masks/")
         assert np.array_equal(masks[row["uri"]], ref_masks[f"{ref_in}/{rel}"]), rel
     # The classes come from the classes file, read from the same side as the input.

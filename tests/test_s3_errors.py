@@ -7,10 +7,11 @@ import json
 import pytest
 from PIL import Image
 
-from _helpers import TEST_ARCH, photo_like
-from segbatch import RunConfig, cli, model, pipeline, summary
+from segbatch import RunConfig, cli, pipeline, summary, weights
 from segbatch.errors import EXIT_STATUS, InputError
 from segbatch.listing import list_inputs
+
+from _helpers import TEST_ARCH, photo_like
 
 
 def _fast(*args: str) -> list[str]:
@@ -47,23 +48,39 @@ def test_vanished_and_denied_objects_become_error_rows(s3_bucket, s3_server, tmp
     for name, seed in (("ok.png", 1), ("gone.png", 2), ("denied.png", 3), ("ok2.png", 4)):
         Image.fromarray(photo_like(40, 30, seed)).save(tmp_path / name)
     s3_server.upload_dir(tmp_path, f"s3://{s3_bucket}/in")
-    config = RunConfig(input=f"s3://{s3_bucket}/in", output=f"s3://{s3_bucket}/out", model=TEST_ARCH,
-                       weights="random", batch_size=2, progress=False)
+    config = RunConfig(
+        input=f"s3://{s3_bucket}/in",
+        output=f"s3://{s3_bucket}/out",
+        model=TEST_ARCH,
+        weights="random",
+        batch_size=2,
+        progress=False,
+    )
     todo = pipeline.plan_inputs(config)
     assert todo.counts() == (4, 0)
 
     client = s3_server.client()
     client.delete_object(Bucket=s3_bucket, Key="in/gone.png")
     # moto enforces an explicit Deny in a bucket policy on object reads, as S3 does.
-    client.put_bucket_policy(Bucket=s3_bucket, Policy=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
-                       "Resource": f"arn:aws:s3:::{s3_bucket}/in/denied.png"}],
-    }))
-    spec = model.resolve(TEST_ARCH, "random")
+    client.put_bucket_policy(
+        Bucket=s3_bucket,
+        Policy=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Deny",
+                        "Principal": "*",
+                        "Action": "s3:GetObject",
+                        "Resource": f"arn:aws:s3:::{s3_bucket}/in/denied.png",
+                    }
+                ],
+            }
+        ),
+    )
+    spec = weights.resolve(TEST_ARCH, "random")
     rows = {}
-    for batch in pipeline.build_dataset(config, spec, todo, "r1").iter_batches(batch_size=None,
-                                                                                 batch_format="pyarrow"):
+    for batch in pipeline.build_dataset(config, spec, todo, "r1").iter_batches(batch_size=None, batch_format="pyarrow"):
         rows.update((r["uri"], r) for r in batch.to_pylist())
     base = f"s3://{s3_bucket}/in/"
     assert rows[base + "ok.png"]["status"] == "ok" and rows[base + "ok2.png"]["status"] == "ok"
@@ -86,18 +103,31 @@ def test_storage_options_from_config_file_and_flags(s3_bucket, s3_server, tmp_pa
     conf = tmp_path / "run.yaml"
     conf.write_text(f"""
 input: s3://{s3_bucket}/in/
-output: {tmp_path / 'out'}
+output: {tmp_path / "out"}
 storage_options:
   endpoint_url: http://127.0.0.1:1          # nothing listens here; the flag below replaces it
   config_kwargs: {{max_pool_connections: 4}}
 """)
-    args = cli.make_parser().parse_args(["run", "--config", str(conf), "--storage-option",
-                                         f"endpoint_url={s3_server.url}", "--storage-option",
-                                         f"key={FAKE_ACCESS_KEY_ID}", "--storage-option",
-                                         f"secret={FAKE_SECRET_ACCESS_KEY}"])
+    args = cli.make_parser().parse_args(
+        [
+            "run",
+            "--config",
+            str(conf),
+            "--storage-option",
+            f"endpoint_url={s3_server.url}",
+            "--storage-option",
+            f"key={FAKE_ACCESS_KEY_ID}",
+            "--storage-option",
+            f"secret={FAKE_SECRET_ACCESS_KEY}",
+        ]
+    )
     config = cli.build_config(args)
-    assert config.storage_options == {"endpoint_url": s3_server.url, "config_kwargs": {"max_pool_connections": 4},
-                                      "key": FAKE_ACCESS_KEY_ID, "secret": FAKE_SECRET_ACCESS_KEY}
+    assert config.storage_options == {
+        "endpoint_url": s3_server.url,
+        "config_kwargs": {"max_pool_connections": 4},
+        "key": FAKE_ACCESS_KEY_ID,
+        "secret": FAKE_SECRET_ACCESS_KEY,
+    }
     assert FAKE_SECRET_ACCESS_KEY not in repr(config)
     table = list_inputs(config.input, config.storage_options, config.extensions)
     assert table["uri"].to_pylist() == [f"s3://{s3_bucket}/in/a.png"]

@@ -32,9 +32,23 @@ def test_no_secret_in_terminal_logs_or_outputs(s3_bucket, s3_server, tmp_path, c
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "RAY_ADDRESS")}
     ray_tmp = tempfile.mkdtemp(prefix="sbs", dir="/tmp")  # short: Ray's socket paths have a length limit
     env["RAY_TMPDIR"] = ray_tmp
-    cmd = [sys.executable, "-m", "segbatch", "run", f"s3://{s3_bucket}/in/", f"s3://{s3_bucket}/out/",
-           "--model", TEST_ARCH, "--weights", f"s3://{s3_bucket}/w/seeded.pt", "--batch-size", "2",
-           "--storage-option", f"endpoint_url={s3_server.url}", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "segbatch",
+        "run",
+        f"s3://{s3_bucket}/in/",
+        f"s3://{s3_bucket}/out/",
+        "--model",
+        TEST_ARCH,
+        "--weights",
+        f"s3://{s3_bucket}/w/seeded.pt",
+        "--batch-size",
+        "2",
+        "--storage-option",
+        f"endpoint_url={s3_server.url}",
+        "--no-progress",
+    ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, timeout=540, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import collections
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from _helpers import TEST_ARCH, agreement, load_model, photo_like, reference_mask
 from segbatch import RunConfig, run
+
+from _helpers import TEST_ARCH, agreement, load_model, photo_like, reference_mask
 
 # Six sizes interleaved in listing order; the weights' 520-px resize maps them to four model shapes.
 SIZES = [(64, 48), (48, 64), (80, 60), (60, 80), (50, 50), (96, 54)]
-SHAPE_OF = {(64, 48): "693x520", (48, 64): "520x693", (80, 60): "693x520", (60, 80): "520x693",
-            (50, 50): "520x520", (96, 54): "924x520"}
+SHAPE_OF = {
+    (64, 48): "693x520",
+    (48, 64): "520x693",
+    (80, 60): "693x520",
+    (60, 80): "520x693",
+    (50, 50): "520x520",
+    (96, 54): "924x520",
+}
 COUNT = 30
 BATCH = 4
 
@@ -32,8 +38,14 @@ def interleaved(tmp_path_factory, ray_local, checkpoint):
         Image.fromarray(photo_like(*size, seed=100 + i)).save(root / "in" / rel)
         sizes[rel] = size
     (root / "in" / "broken.jpg").write_bytes(b"not a jpeg")  # an error row passes through the batcher
-    config = RunConfig(input=str(root / "in"), output=str(root / "out"), model=TEST_ARCH,
-                       weights=str(checkpoint), batch_size=BATCH, progress=False)
+    config = RunConfig(
+        input=str(root / "in"),
+        output=str(root / "out"),
+        model=TEST_ARCH,
+        weights=str(checkpoint),
+        batch_size=BATCH,
+        progress=False,
+    )
     return root, sizes, run(config)
 
 
@@ -52,7 +64,7 @@ def test_passes_are_full_and_every_image_is_labelled_once(interleaved):
 def test_masks_of_full_passes_match_the_reference(interleaved, checkpoint):
     root, sizes, _report = interleaved
     model = load_model(checkpoint)
-    for rel in list(sizes)[:len(SIZES) * 2]:
+    for rel in list(sizes)[: len(SIZES) * 2]:
         expected = reference_mask((root / "in" / rel).read_bytes(), model)
         got = np.asarray(Image.open(root / "out" / "masks" / (rel + ".png")))
         assert agreement(got, expected) >= 0.995, rel

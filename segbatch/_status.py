@@ -6,8 +6,9 @@ and the ``OUTPUT/runs/*.json`` records for what the summary cannot say: skipped 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,20 +52,25 @@ class Status:
         for r in self.runs:
             skipped = "-" if r.skipped is None else str(r.skipped)
             note = "" if r.completed in (True, None) else "  (stopped early)"
-            lines.append(f"  {r.run_id:<{width}}  {r.started_at or '-':<20}  {r.ok:>8}  {r.error:>8}  "
-                         f"{skipped:>8}{note}")
+            lines.append(
+                f"  {r.run_id:<{width}}  {r.started_at or '-':<20}  {r.ok:>8}  {r.error:>8}  {skipped:>8}{note}"
+            )
         last = self.last_run
         lines.append(f"last run: {last.run_id}, finished {last.finished_at or 'at an unknown time'}")
         if self.identity:
             lines.append(f"labelled by: {self.identity}")
         lines.append(f"inputs with an ok row: {self.inputs_ok}")
         if self.earlier_model_ok:
-            lines.append(f"WARNING: {self.earlier_model_ok} of them only have an ok row from the model OUTPUT was "
-                         "labelled with before; the next `segbatch run` relabels them")
+            lines.append(
+                f"WARNING: {self.earlier_model_ok} of them only have an ok row from the model OUTPUT was "
+                "labelled with before; the next `segbatch run` relabels them"
+            )
         lines.append(f"inputs whose latest row is an error: {self.inputs_failing}")
         if self.extra_ok_rows:
-            lines.append(f"WARNING: {self.extra_ok_rows} extra ok rows from an unfinished redo cleanup; "
-                         "the next `segbatch run --redo-changed` removes them")
+            lines.append(
+                f"WARNING: {self.extra_ok_rows} extra ok rows from an unfinished redo cleanup; "
+                "the next `segbatch run --redo-changed` removes them"
+            )
         return "\n".join(lines)
 
 
@@ -88,8 +94,9 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None) -
     per_run: dict[str, RunCounts] = {}
     first_written: dict[str, Any] = {}
     grouped = table.group_by(["run_id", "status"]).aggregate([("uri", "count"), ("written_at", "min")])
-    for run_id, st, count, written in zip(*(grouped[c].to_pylist() for c in
-                                            ("run_id", "status", "uri_count", "written_at_min"))):
+    for run_id, st, count, written in zip(
+        *(grouped[c].to_pylist() for c in ("run_id", "status", "uri_count", "written_at_min"))
+    ):
         counts = per_run.setdefault(run_id, RunCounts(run_id))
         if st == "ok":
             counts.ok += count

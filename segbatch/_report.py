@@ -18,19 +18,21 @@ import heapq
 import io
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from segbatch import _storage, evaluate, overlay, runs, summary
+from segbatch import _evaluate as evaluate
+from segbatch import _storage, overlay, runs, summary
+from segbatch._evaluate import locate_mask, read_label_png
 from segbatch.contract import EVAL_NAME, REPORT_NAME
 from segbatch.errors import ConfigError, InputError
-from segbatch.evaluate import locate_mask, read_label_png
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,19 @@ MAX_RESOLVE_URIS = 100_000  # error URIs checked for a later ok row; beyond it t
 SAMPLE_THREADS = 8  # samples read and drawn at once; they are object-store reads, mostly waiting
 MAX_CONFUSION_CLASSES = 20  # confusion matrix rows/columns shown (classes with most GT + predicted pixels)
 
-COLUMNS = ["uri", "status", "error", "mask_uri", "pixel_counts", "run_id", "model", "weights", "device",
-           "written_at", "mean_confidence"]
+COLUMNS = [
+    "uri",
+    "status",
+    "error",
+    "mask_uri",
+    "pixel_counts",
+    "run_id",
+    "model",
+    "weights",
+    "device",
+    "written_at",
+    "mean_confidence",
+]
 
 
 @dataclass
@@ -150,10 +163,23 @@ class _Collector:
 
     def _add_runs(self, table: pa.Table) -> None:
         grouped = table.group_by(["run_id", "status", "model", "weights", "device"], use_threads=False).aggregate(
-            [("uri", "count"), ("written_at", "min"), ("written_at", "max")])
-        for run_id, status, model, weights, device, count, first, last in zip(*(
-                grouped[c].to_pylist() for c in ("run_id", "status", "model", "weights", "device", "uri_count",
-                                                 "written_at_min", "written_at_max"))):
+            [("uri", "count"), ("written_at", "min"), ("written_at", "max")]
+        )
+        for run_id, status, model, weights, device, count, first, last in zip(
+            *(
+                grouped[c].to_pylist()
+                for c in (
+                    "run_id",
+                    "status",
+                    "model",
+                    "weights",
+                    "device",
+                    "uri_count",
+                    "written_at_min",
+                    "written_at_max",
+                )
+            )
+        ):
             stats = self.runs.setdefault(run_id, RunStats(run_id))
             if status == "ok":
                 stats.ok += count
@@ -234,15 +260,20 @@ def _resolve_errors(output_url: str, storage_options: Mapping[str, Any], groups:
     uris = set().union(*(g.uris for g in groups)) if groups else set()
     if not uris:
         return
-    ok = summary.read(output_url, storage_options, columns=["uri"],
-                      filter=(pc.field("status") == "ok") & pc.field("uri").isin(sorted(uris)))
+    ok = summary.read(
+        output_url,
+        storage_options,
+        columns=["uri"],
+        filter=(pc.field("status") == "ok") & pc.field("uri").isin(sorted(uris)),
+    )
     fixed = set(ok["uri"].to_pylist())
     for group in groups:
         group.resolved = len(group.uris & fixed)
 
 
-def _thumbnail(uri: str, mask_uri: str, output: tuple[Any, str], storage_options: Mapping[str, Any],
-               untinted: frozenset[int]) -> Sample:
+def _thumbnail(
+    uri: str, mask_uri: str, output: tuple[Any, str], storage_options: Mapping[str, Any], untinted: frozenset[int]
+) -> Sample:
     from segbatch.config import RunConfig
     from segbatch.decode import Limits, decode_image
 
@@ -272,8 +303,9 @@ def _thumbnail(uri: str, mask_uri: str, output: tuple[Any, str], storage_options
     return Sample(uri, "data:image/jpeg;base64," + base64.b64encode(jpeg).decode(), note, top)
 
 
-def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
-            samples: int = DEFAULT_SAMPLES) -> ReportData:
+def collect(
+    output_url: str, storage_options: Mapping[str, Any] | None = None, *, samples: int = DEFAULT_SAMPLES
+) -> ReportData:
     storage_options = dict(storage_options or {})
     ds = summary.dataset(output_url, storage_options)
     if ds is None:
@@ -286,8 +318,10 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
     records = {r.get("run_id"): r for r in runs.read_records(output_url, storage_options)}
     for run_id, stats in collector.runs.items():
         stats.record = records.get(run_id)
-    run_list = sorted(collector.runs.values(),
-                      key=lambda r: ((r.record or {}).get("started_at") or str(r.first_write or ""), r.run_id))
+    run_list = sorted(
+        collector.runs.values(),
+        key=lambda r: ((r.record or {}).get("started_at") or str(r.first_write or ""), r.run_id),
+    )
 
     groups = sorted(collector.errors.values(), key=lambda g: (-g.count, g.message))
     resolved_checked = collector.error_uri_count < MAX_RESOLVE_URIS
@@ -308,15 +342,21 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None, *
     n = max(len(classes), len(collector.pixel_totals))
     pad = lambda a: np.pad(a, (0, n - len(a)))  # noqa: E731
     return ReportData(
-        output=_storage.absolute_url(output_url), classes=list(classes),
-        generated_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), runs=run_list,
-        pixel_totals=pad(collector.pixel_totals), images_with=pad(collector.images_with),
-        ok_images=collector.ok_images, error_rows=collector.error_rows,
-        error_groups=groups[:SHOWN_ERROR_GROUPS], other_errors=collector.other_errors + sum(
-            g.count for g in groups[SHOWN_ERROR_GROUPS:]),
-        resolved_checked=resolved_checked, samples=[s for s in picked if s is not None],
+        output=_storage.absolute_url(output_url),
+        classes=list(classes),
+        generated_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        runs=run_list,
+        pixel_totals=pad(collector.pixel_totals),
+        images_with=pad(collector.images_with),
+        ok_images=collector.ok_images,
+        error_rows=collector.error_rows,
+        error_groups=groups[:SHOWN_ERROR_GROUPS],
+        other_errors=collector.other_errors + sum(g.count for g in groups[SHOWN_ERROR_GROUPS:]),
+        resolved_checked=resolved_checked,
+        samples=[s for s in picked if s is not None],
         least_confident=[s for s in least_confident if s is not None],
-        evaluation=_read_evaluation(output_url, storage_options))
+        evaluation=_read_evaluation(output_url, storage_options),
+    )
 
 
 def _read_evaluation(output_url: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -333,19 +373,27 @@ def evaluation_view(ev: dict[str, Any]) -> dict[str, Any]:
     per_class = ev.get("per_class")
     if per_class is None:  # written before per_class existed: rebuild it from the older keys
         iou, gt, pred = ev.get("per_class_iou", {}), ev.get("ground_truth_pixels", {}), ev.get("predicted_pixels", {})
-        per_class = [{"id": i, "class": name, "iou": iou[name], "support": gt.get(name, 0),
-                      "predicted": pred.get(name, 0)} for i, name in enumerate(iou)]
+        per_class = [
+            {"id": i, "class": name, "iou": iou[name], "support": gt.get(name, 0), "predicted": pred.get(name, 0)}
+            for i, name in enumerate(iou)
+        ]
     seen = [c for c in per_class if c["support"] or c["predicted"]]
     matrix = (ev.get("confusion_matrix") or {}).get("counts")
     shown = sorted(seen, key=lambda c: -(c["support"] + c["predicted"]))[:MAX_CONFUSION_CLASSES]
     shown = sorted(shown, key=lambda c: c["id"])
     rows = [[matrix[a["id"]][b["id"]] for b in shown] for a in shown] if matrix else []
-    return {"classes": seen, "worst": ev.get("worst_images", []), "matrix_classes": shown, "matrix": rows,
-            "matrix_cut": len(seen) - len(shown)}
+    return {
+        "classes": seen,
+        "worst": ev.get("worst_images", []),
+        "matrix_classes": shown,
+        "matrix": rows,
+        "matrix_cut": len(seen) - len(shown),
+    }
 
 
-def _try_thumbnail(row: tuple[str, str], output: tuple[Any, str], storage_options: Mapping[str, Any],
-                   untinted: frozenset[int]):
+def _try_thumbnail(
+    row: tuple[str, str], output: tuple[Any, str], storage_options: Mapping[str, Any], untinted: frozenset[int]
+):
     try:
         return _thumbnail(row[0], row[1], output, storage_options, untinted)
     except Exception as exc:  # a sample that cannot be drawn leaves the gallery one short, nothing more
@@ -369,12 +417,13 @@ def class_chart_svg(data: ReportData) -> str:
     pixel_share = [100.0 * data.pixel_totals[i] / total for i in shown]
     image_share = [100.0 * data.images_with[i] / max(1, data.ok_images) for i in shown]
     # Text stays text (not paths) and "$" in a class name is not maths: smaller, searchable SVG.
-    with rc_context({"svg.fonttype": "none", "text.parse_math": False, "font.size": 9,
-                     "svg.hashsalt": "segbatch"}):
+    with rc_context({"svg.fonttype": "none", "text.parse_math": False, "font.size": 9, "svg.hashsalt": "segbatch"}):
         fig = Figure(figsize=(9, 0.9 + 0.26 * len(shown)), layout="constrained")
         axes = fig.subplots(1, 2, sharey=True)
-        for ax, values, title in ((axes[0], pixel_share, "share of all pixels"),
-                                  (axes[1], image_share, "share of images containing the class")):
+        for ax, values, title in (
+            (axes[0], pixel_share, "share of all pixels"),
+            (axes[1], image_share, "share of images containing the class"),
+        ):
             bars = ax.barh(range(len(shown)), values, color=colours, edgecolor="#444444", linewidth=0.5)
             ax.bar_label(bars, fmt="%.1f%%", padding=2, fontsize=8)
             ax.set_title(title)
@@ -387,7 +436,7 @@ def class_chart_svg(data: ReportData) -> str:
         buf = io.StringIO()
         fig.savefig(buf, format="svg", metadata={"Date": None})
     svg = buf.getvalue()
-    return svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG sits inside HTML
+    return svg[svg.index("<svg") :]  # drop the XML prolog and DOCTYPE: the SVG sits inside HTML
 
 
 _TEMPLATE = """<!DOCTYPE html>
@@ -521,13 +570,23 @@ def render(data: ReportData) -> str:
     untinted = sorted(overlay.background_ids(data.classes))
     untinted_note = ("; " + ", ".join(data.class_name(i) for i in untinted) + " is left untinted") if untinted else ""
     return env.from_string(_TEMPLATE).render(
-        d=data, chart=class_chart_svg(data), legend=legend, untinted_note=untinted_note,
-        colour=lambda cid: "#%02x%02x%02x" % overlay.class_colour(cid), evaluation_view=evaluation_view,
-        num=lambda v: "-" if v is None else f"{v:.4f}")
+        d=data,
+        chart=class_chart_svg(data),
+        legend=legend,
+        untinted_note=untinted_note,
+        colour=lambda cid: "#%02x%02x%02x" % overlay.class_colour(cid),
+        evaluation_view=evaluation_view,
+        num=lambda v: "-" if v is None else f"{v:.4f}",
+    )
 
 
-def write_report(output_url: str, storage_options: Mapping[str, Any] | None = None, *,
-                 samples: int = DEFAULT_SAMPLES, out: str | None = None) -> str:
+def write_report(
+    output_url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    out: str | None = None,
+) -> str:
     """Write the report to ``OUTPUT/report.html`` (or to ``out``) and return where it went."""
     if samples < 0:
         raise ConfigError("samples", f"must be 0 or more, got {samples}")

@@ -19,8 +19,9 @@ import heapq
 import io
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,16 +37,18 @@ MAX_LISTED = 1000  # missing or failed images named in the result; the counts st
 MAX_BLOCKS = 10_000  # blocks the image table is cut into; more only adds scheduling overhead
 DEFAULT_WORST = 10  # images listed by `--worst`: a page of the most wrong masks to look at first
 
-_BATCH_SCHEMA = pa.schema([
-    ("kind", pa.string()),  # "matrix" (one per task), "missing" or "error" (one per image), "worst"
-    ("uri", pa.string()),
-    ("error", pa.string()),
-    ("matrix", pa.binary()),  # int64 (n, n) confusion matrix of the task's images, row-major
-    ("images", pa.int64()),
-    ("miou", pa.float64()),  # "worst" rows: the image's own mIoU, pixel accuracy and labelled pixels
-    ("accuracy", pa.float64()),
-    ("pixels", pa.int64()),
-])
+_BATCH_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),  # "matrix" (one per task), "missing" or "error" (one per image), "worst"
+        ("uri", pa.string()),
+        ("error", pa.string()),
+        ("matrix", pa.binary()),  # int64 (n, n) confusion matrix of the task's images, row-major
+        ("images", pa.int64()),
+        ("miou", pa.float64()),  # "worst" rows: the image's own mIoU, pixel accuracy and labelled pixels
+        ("accuracy", pa.float64()),
+        ("pixels", pa.int64()),
+    ]
+)
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -74,13 +77,16 @@ def read_label_png(data: bytes, what: str) -> np.ndarray:
     """Class ids of a single-channel PNG; palette images give their indices, not their colours."""
     image = Image.open(io.BytesIO(data))
     if image.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-        raise ValueError(f"{what} is mode {image.mode}: expected single-channel class ids (mode L or P, "
-                         f"like VOC SegmentationClass PNGs)")
+        raise ValueError(
+            f"{what} is mode {image.mode}: expected single-channel class ids (mode L or P, "
+            f"like VOC SegmentationClass PNGs)"
+        )
     return np.asarray(image).astype(np.int64)
 
 
-def locate_mask(mask_uri: str, uri: str, output: tuple[Any, str],
-                storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+def locate_mask(
+    mask_uri: str, uri: str, output: tuple[Any, str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[Any, str]:
     """(filesystem, path) of a summary row's mask: below OUTPUT (``output`` is its opened ``(fs, root)``),
     even when OUTPUT was moved since the run, else wherever its ``mask_uri`` points."""
     fs, root = output
@@ -94,8 +100,14 @@ class ConfusionBatch:
     """Ray Data map step (CPU tasks): one summed confusion matrix per batch, plus a row per missing GT or
     failed image."""
 
-    def __init__(self, output_url: str, ground_truth_url: str, storage_options: Mapping[str, Any],
-                 num_classes: int, worst: int = DEFAULT_WORST):
+    def __init__(
+        self,
+        output_url: str,
+        ground_truth_url: str,
+        storage_options: Mapping[str, Any],
+        num_classes: int,
+        worst: int = DEFAULT_WORST,
+    ):
         self._output = _storage.Location(output_url, storage_options)
         self._gt = _storage.Location(ground_truth_url, storage_options)
         self._n = num_classes
@@ -122,8 +134,13 @@ class ConfusionBatch:
             except ValueError as exc:
                 problem("error", uri, str(exc))
                 continue
-            jobs.append((uri, _storage.join_path(self._root, mask_rel),
-                         _storage.join_path(self._gt_root, ground_truth_relpath(rel))))
+            jobs.append(
+                (
+                    uri,
+                    _storage.join_path(self._root, mask_rel),
+                    _storage.join_path(self._gt_root, ground_truth_relpath(rel)),
+                )
+            )
         gts = _storage.read_many(self._gt_fs, [j[2] for j in jobs])
         have = [(job, gt) for job, gt in zip(jobs, gts) if not isinstance(gt, FileNotFoundError)]
         for job, gt in zip(jobs, gts):
@@ -142,11 +159,14 @@ class ConfusionBatch:
                 gt = read_label_png(gt_data, f"ground truth {gt_path}")
                 pred = read_label_png(mask_data, f"mask {mask_path}")
                 if gt.shape != pred.shape:
-                    raise ValueError(f"ground truth {gt_path} is {gt.shape[1]}x{gt.shape[0]} but the mask is "
-                                     f"{pred.shape[1]}x{pred.shape[0]}")
+                    raise ValueError(
+                        f"ground truth {gt_path} is {gt.shape[1]}x{gt.shape[0]} but the mask is "
+                        f"{pred.shape[1]}x{pred.shape[0]}"
+                    )
                 if pred.size and int(pred.max()) >= self._n:
-                    raise ValueError(f"mask {mask_path} holds class id {int(pred.max())}, but there are "
-                                     f"{self._n} classes")
+                    raise ValueError(
+                        f"mask {mask_path} holds class id {int(pred.max())}, but there are {self._n} classes"
+                    )
             except Exception as exc:  # one bad file costs its image, never the evaluation
                 problem("error", uri, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
                 continue
@@ -182,12 +202,15 @@ class EvalResult:
         """Each class's IoU, its support (ground-truth pixels) and its predicted pixels."""
         _acc, iou, _miou = metrics(self.matrix)
         support, predicted = self.matrix.sum(1).tolist(), self.matrix.sum(0).tolist()
-        return [{"id": i, "class": name, "iou": iou[i], "support": support[i], "predicted": predicted[i]}
-                for i, name in enumerate(self.classes)]
+        return [
+            {"id": i, "class": name, "iou": iou[i], "support": support[i], "predicted": predicted[i]}
+            for i, name in enumerate(self.classes)
+        ]
 
     def worst_images(self) -> list[dict[str, Any]]:
-        return [{"uri": uri, "miou": miou, "pixel_accuracy": acc, "pixels": pixels}
-                for miou, uri, acc, pixels in self.worst]
+        return [
+            {"uri": uri, "miou": miou, "pixel_accuracy": acc, "pixels": pixels} for miou, uri, acc, pixels in self.worst
+        ]
 
     def as_dict(self) -> dict[str, Any]:
         acc, iou, miou = metrics(self.matrix)
@@ -205,8 +228,12 @@ class EvalResult:
             "ground_truth_pixels": dict(zip(self.classes, self.matrix.sum(1).tolist())),
             "predicted_pixels": dict(zip(self.classes, self.matrix.sum(0).tolist())),
             "per_class": self.per_class(),
-            "confusion_matrix": {"rows": "ground truth", "columns": "prediction", "classes": self.classes,
-                                 "counts": self.matrix.tolist()},
+            "confusion_matrix": {
+                "rows": "ground truth",
+                "columns": "prediction",
+                "classes": self.classes,
+                "counts": self.matrix.tolist(),
+            },
             "worst_images": self.worst_images(),
         }
 
@@ -237,8 +264,14 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def evaluate(output_url: str, ground_truth_url: str, storage_options: Mapping[str, Any] | None = None, *,
-             address: str | None = None, worst: int = DEFAULT_WORST) -> EvalResult:
+def evaluate(
+    output_url: str,
+    ground_truth_url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    address: str | None = None,
+    worst: int = DEFAULT_WORST,
+) -> EvalResult:
     """Compare every ok mask of OUTPUT with its ground truth under ``ground_truth_url``."""
     storage_options = dict(storage_options or {})
     classes = summary.classes(output_url, storage_options)
@@ -247,12 +280,10 @@ def evaluate(output_url: str, ground_truth_url: str, storage_options: Mapping[st
     gt_fs, gt_root = _storage.open_url(ground_truth_url, storage_options)
     if not _storage.retry(gt_fs.exists, gt_root, what=f"check {ground_truth_url}"):
         raise InputError(f"ground truth {ground_truth_url} does not exist")
-    table = summary.read(output_url, storage_options, columns=["uri", "mask_uri"],
-                         filter=pc.field("status") == "ok")
+    table = summary.read(output_url, storage_options, columns=["uri", "mask_uri"], filter=pc.field("status") == "ok")
     if worst < 0:
         raise ConfigError("worst", f"must be 0 or more, got {worst}")
-    result = EvalResult(classes=list(classes), matrix=np.zeros((len(classes),) * 2, dtype=np.int64),
-                        worst_k=worst)
+    result = EvalResult(classes=list(classes), matrix=np.zeros((len(classes),) * 2, dtype=np.int64), worst_k=worst)
     if table.num_rows == 0:
         return result
 
@@ -263,7 +294,10 @@ def evaluate(output_url: str, ground_truth_url: str, storage_options: Mapping[st
         blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
         ds = ray.data.from_arrow(blocks).map_batches(
             ConfusionBatch(output_url, ground_truth_url, storage_options, len(classes), worst),
-            batch_size=EVAL_BATCH_ROWS, batch_format="pyarrow", num_cpus=1)
+            batch_size=EVAL_BATCH_ROWS,
+            batch_format="pyarrow",
+            num_cpus=1,
+        )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             _accumulate(result, batch)
     result.missing_examples.sort()
@@ -312,5 +346,14 @@ def read_json(output_url: str, storage_options: Mapping[str, Any] | None = None)
         return None
 
 
-__all__ = ["DEFAULT_WORST", "EvalResult", "confusion_matrix", "default_json_url", "evaluate", "locate_mask",
-           "metrics", "read_json", "write_json"]
+__all__ = [
+    "DEFAULT_WORST",
+    "EvalResult",
+    "confusion_matrix",
+    "default_json_url",
+    "evaluate",
+    "locate_mask",
+    "metrics",
+    "read_json",
+    "write_json",
+]
