@@ -4,7 +4,7 @@ the image and the pods keep their least-privilege settings (deploy/README.md "Se
 
 Two schemas check the ray.io/v1 manifests:
 - KubeRay's own generated CRDs (ray-operator/config/crd/bases/ray.io_*.yaml, Apache-2.0, about a megabyte
-  each), which are not vendored but kept beside the repository (KUBERAY_CRDS below). Their
+  each), which are not vendored: the folder holding them is named by $SEGBATCH_KUBERAY_CRDS. Their
   openAPIV3Schema covers every field down to the pod templates; `strict` makes it refuse unknown keys too,
   so a misspelt or misplaced field (the mistakes a YAML edit makes) fails here rather than being pruned
   silently by the API server. These tests skip when the CRDs are absent.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -35,10 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 SECONDS_PER_DAY = 86400
-# KubeRay's generated CRDs live next to the repository, at ../shared/kuberay-crds from its root: they are
-# large and KubeRay's, so they are not copied in. This is the only path outside the repository the tests
-# read; the tests that need it skip when it is absent.
-KUBERAY_CRDS = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"
+# KubeRay's generated CRDs are large and KubeRay's, so they are not copied in: $SEGBATCH_KUBERAY_CRDS names
+# a folder holding them (CI sets it). The tests that need them skip when it is unset or incomplete.
+KUBERAY_CRDS = Path(os.environ.get("SEGBATCH_KUBERAY_CRDS", "/nonexistent"))
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayJob": "ray.io_rayjobs.yaml",
@@ -373,8 +373,8 @@ def _crd_validator(kind: str) -> jsonschema.protocols.Validator:
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     if not all((KUBERAY_CRDS / name).is_file() for name in CRD_FILES.values()):
         pytest.skip(
-            f"KubeRay's CRDs are not at {KUBERAY_CRDS} (ray.io_{{rayclusters,rayjobs,raycronjobs}}.yaml "
-            "from ray-operator/config/crd/bases/ of ray-project/kuberay)"
+            f"KubeRay's CRDs are not at SEGBATCH_KUBERAY_CRDS={KUBERAY_CRDS} (set it to a folder of "
+            "ray.io_{rayclusters,rayjobs,raycronjobs}.yaml from ray-operator/config/crd/bases/ of ray-project/kuberay)"
         )
     return _crd_validator(kind)
 
