@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 TASK_SHARE = 0.125  # of a CPU-only cluster's cores kept for decode and write tasks
 MIN_TASK_CPUS = 0.25  # ... and never less than this
+MANIFEST_TASK_CPUS = 1.0  # a manifest run's read and group-by tasks each take a whole CPU (Ray Data's default)
 THREADS_PER_ACTOR = 4  # torch threads per CPU inference actor, about
 CPUS_PER_GPU_ACTOR = 1.0  # a GPU actor's host work (staging, copying masks back) needs one core
 MAX_DECODE_CPUS = 1.0  # a decode/write task never reserves more than one CPU
@@ -106,7 +107,10 @@ def settle(config, cpus: float, gpus: float, gpu_bytes: int | None = None) -> Si
     elif gpus_per_actor:
         per_actor = min(CPUS_PER_GPU_ACTOR, max(0.25, (cpus - MIN_TASK_CPUS) / max_actors / 2))
     else:
-        per_actor = round((cpus - max(MIN_TASK_CPUS, cpus * TASK_SHARE)) / max_actors, 4)
+        # A manifest is read and de-duplicated by Ray Data tasks of one CPU each while the pool runs: keep
+        # one free, or they never start beside the actors (a deadlock).
+        floor = MANIFEST_TASK_CPUS if getattr(config, "manifest", None) else MIN_TASK_CPUS
+        per_actor = max(MIN_TASK_CPUS, round((cpus - max(floor, cpus * TASK_SHARE)) / max_actors, 4))
     decode = config.decode_cpus if config.decode_cpus is not None else _decode_cpus(cpus - max_actors * per_actor)
     batch = config.batch_size or default_batch_size(
         config.model, config.precision, gpus if gpus_per_actor else 0.0, gpu_bytes

@@ -55,6 +55,17 @@ def test_flags_win_over_the_plan():
     assert size.max_actors == 2 and size.cpus_per_actor == 7.0 and size.threads == 7
 
 
+def test_manifest_runs_keep_a_whole_cpu_for_their_read_and_group_by_tasks():
+    """Ray Data reads and de-duplicates a manifest with tasks of one CPU each while the pool runs; a pool
+    that left less would never let them start (the run would hang)."""
+    listed = settle(RunConfig(input="in", output="out"), 2, 0)
+    manifest = settle(RunConfig(manifest="m.txt", output="out"), 2, 0)
+    assert listed.cpus_per_actor == 1.75
+    assert 2 - manifest.max_actors * manifest.cpus_per_actor >= 1.0
+    assert manifest.threads == 1 and manifest.decode_cpus == 0.5
+    assert settle(RunConfig(manifest="m.txt", output="out"), 16, 0).cpus_per_actor == 3.5  # 1/8 kept anyway
+
+
 def test_default_batch_size_cpu_and_gpu():
     assert settle(RunConfig(model="deeplabv3_mobilenet_v3_large"), 2, 0).batch_size == 4
     gpu = settle(RunConfig(model="deeplabv3_resnet101"), 16, 1)
