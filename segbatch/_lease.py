@@ -210,23 +210,23 @@ class Lease:
             # Unreadable: treat as a lease renewed at the file's mtime by an unknown holder.
             return Holder("?", 0, "?", "", 0.0, 0.0, self.timeout_s), etag, raw
 
+    def _put_if_match(self, data: bytes, etag: str | None) -> bool:
+        """S3: overwrite the lease only if it is still the copy with ``etag``; False if it changed."""
+        bucket, key, _ = self._fs.split_path(self._path)
+        try:
+            self._fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{etag}"')
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) or "precondition" in str(exc).lower() or exc.errno == errno.EINVAL:
+                return False
+            raise
+        self._etag = self._read_etag()
+        return True
+
     def _replace_stale(self, stale_raw: bytes, stale_etag: str | None, data: bytes) -> bool:
         """Replace exactly the stale copy that was read; False if someone else got there first."""
         fs, path = self._fs, self._path
         if _is_s3(fs):
-            bucket, key, _ = fs.split_path(path)
-            try:
-                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{stale_etag}"')
-            except OSError as exc:
-                if (
-                    isinstance(exc, FileNotFoundError)
-                    or "precondition" in str(exc).lower()
-                    or exc.errno == errno.EINVAL
-                ):
-                    return False
-                raise
-            self._etag = self._read_etag()
-            return True
+            return self._put_if_match(data, stale_etag)
         if _is_local(fs):
             aside = f"{path}.stale-{uuid.uuid4().hex[:12]}"
             try:
@@ -251,19 +251,7 @@ class Lease:
         """Overwrite the lease if it is still ours; False when it was taken over."""
         fs, path = self._fs, self._path
         if _is_s3(fs) and self._etag:
-            bucket, key, _ = fs.split_path(path)
-            try:
-                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{self._etag}"')
-            except OSError as exc:
-                if (
-                    isinstance(exc, FileNotFoundError)
-                    or "precondition" in str(exc).lower()
-                    or exc.errno == errno.EINVAL
-                ):
-                    return False
-                raise
-            self._etag = self._read_etag()
-            return True
+            return self._put_if_match(data, self._etag)
         current, _etag, _raw = self._read()
         if current is None or current.token != self.holder.token:
             return False

@@ -26,6 +26,17 @@ def _storage_option(text: str) -> tuple[str, Any]:
     return key, parse_storage_value(value)
 
 
+def _add_storage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        type=_storage_option,
+        metavar="KEY=VALUE",
+        help="fsspec storage option, repeatable",
+    )
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", help="folder or URL prefix of images (listed recursively)")
     p.add_argument("output", nargs="?", help="folder or URL prefix for masks/ and summary/")
@@ -43,14 +54,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="logit upsampling: exact (default, reference labels), bilinear (literal), nearest (approx.)",
     )
     p.add_argument("--extensions", help="comma-separated extensions to pick from INPUT")
-    p.add_argument(
-        "--storage-option",
-        dest="storage_options",
-        action="append",
-        type=_storage_option,
-        metavar="KEY=VALUE",
-        help="fsspec storage option, repeatable",
-    )
+    _add_storage_option(p)
     p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
     p.add_argument("--actors", help="inference actors: N, or MIN:MAX to autoscale (default: one per GPU)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor; fractions pack models")
@@ -225,14 +229,7 @@ def _add_export_parser(sub: Any) -> None:
     p.add_argument("--from-name", help="label-studio: the BrushLabels tag's name (default tag)")
     p.add_argument("--to-name", help="label-studio: the Image tag's name (default image)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.add_argument(
-        "--storage-option",
-        dest="storage_options",
-        action="append",
-        type=_storage_option,
-        metavar="KEY=VALUE",
-        help="fsspec storage option for OUTPUT and DEST, repeatable",
-    )
+    _add_storage_option(p)
     p.set_defaults(func=_cmd_export)
 
 
@@ -266,14 +263,7 @@ def _add_results_parsers(sub: Any) -> None:
     compact_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     compact_p.set_defaults(func=_cmd_compact)
     for p in (report_p, eval_p, compact_p):
-        p.add_argument(
-            "--storage-option",
-            dest="storage_options",
-            action="append",
-            type=_storage_option,
-            metavar="KEY=VALUE",
-            help="fsspec storage option, repeatable",
-        )
+        _add_storage_option(p)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -287,14 +277,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     status_p = sub.add_parser("status", help="per-run counts (ok, error, skipped), the last run and totals")
     status_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
-    status_p.add_argument(
-        "--storage-option",
-        dest="storage_options",
-        action="append",
-        type=_storage_option,
-        metavar="KEY=VALUE",
-        help="fsspec storage option, repeatable",
-    )
+    _add_storage_option(status_p)
     status_p.set_defaults(func=_cmd_status)
     from segbatch import bench
 
