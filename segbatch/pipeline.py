@@ -155,7 +155,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
     ds = inputs.dataset(size.batch_size)
     ds = ds.map_batches(
         DecodeImages(config.input, config.storage_options, spec.architecture.resize(), limits),
-        batch_size=max(size.batch_size, DECODE_BATCH_ROWS),  # slices of a listing block, one task per block
+        batch_size=_decode_rows(inputs.pending, size),
         batch_format="pyarrow",
         num_cpus=size.decode_cpus,
         # The reservation also keeps Ray Data from fusing decoding into the inference actor (it fuses
@@ -186,8 +186,9 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
         },
         compute=ActorPoolStrategy(min_size=size.min_actors, max_size=size.max_actors),
         # After the batcher, a block is one or more single-shape batches: take it whole. A manifest run
-        # (row count unknown until read) groups shapes within each listing-order batch only.
-        batch_size=None if inputs.pending is not None else size.batch_size,
+        # (row count unknown until read) groups shapes within each listing-order batch only. Ray Data
+        # wants a batch size with GPUs: the batcher's full batches are exactly that many rows.
+        batch_size=size.batch_size if inputs.pending is None or size.gpus_per_actor else None,
         batch_format="pyarrow",
         num_gpus=size.gpus_per_actor or None,
         num_cpus=size.cpus_per_actor,
@@ -211,6 +212,13 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
         num_cpus=size.decode_cpus,
     )
     return ds
+
+
+def _decode_rows(pending: int | None, size: resources.Sizing) -> int:
+    """Images per decode task: DECODE_BATCH_ROWS, fewer for a small run so that every inference actor
+    gets blocks of its own (each decode task's output reaches the pool as one block)."""
+    rows = DECODE_BATCH_ROWS if pending is None else min(DECODE_BATCH_ROWS, math.ceil(pending / (4 * size.max_actors)))
+    return max(size.batch_size, rows)
 
 
 def _check_cpus_left_for_tasks(size: resources.Sizing) -> None:
