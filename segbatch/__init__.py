@@ -24,6 +24,7 @@ _EXPORTS = {
     "available_models": ("segbatch.architectures", "available_models"),
     "SegbatchError": ("segbatch.errors", "SegbatchError"),
     "ConfigError": ("segbatch.errors", "ConfigError"),
+    "IncompleteRunError": ("segbatch.errors", "IncompleteRunError"),
     "InputError": ("segbatch.errors", "InputError"),
     "WeightsError": ("segbatch.errors", "WeightsError"),
     "StorageError": ("segbatch.errors", "StorageError"),

@@ -45,9 +45,11 @@ from segbatch.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 1_000_000  # rows per merged file
-MAX_BYTES = 128 * 1024**2  # about this many bytes per merged file (checked after each row group)
-ROW_GROUP_ROWS = 131_072  # rows per row group: large enough that reading one column is a few big reads
+# A merged file is sorted by `uri` (so a listing read task reads only the row groups whose `uri` range its
+# chunk of names touches, segbatch/listing.py's DoneIndex), and sorting holds the file's rows in memory:
+MAX_ROWS = 262_144  # rows per merged file (~40-100 MB held while it is sorted)
+MAX_BYTES = 128 * 1024**2  # about this many bytes per merged file, as held in memory before writing
+ROW_GROUP_ROWS = 16_384  # rows per row group: a resume lookup reads one or two of them per 1,024 names
 SMALL_MERGED_ROWS = MAX_ROWS // 4  # `segbatch compact` merges merged files smaller than this again
 READ_CHUNK_FILES = 256  # small files fetched at once (concurrently on object stores)
 DELETE_BATCH = 500  # files per delete call (S3 takes up to 1000 keys per request)
@@ -133,7 +135,7 @@ class _Merge:
     replaces: list[str] = field(default_factory=list)
     rows: int = 0
     pending: list[pa.Table] = field(default_factory=list)
-    pending_rows: int = 0
+    pending_bytes: int = 0  # bytes held (Arrow's in-memory size)
 
     def open(self, fs) -> None:
         metadata = {CLASSES_METADATA_KEY: self.classes} if self.classes is not None else None
@@ -150,17 +152,17 @@ class _Merge:
         self.replaces.append(name)
         self.rows += table.num_rows
         self.pending.append(table)
-        self.pending_rows += table.num_rows
-        if self.pending_rows >= ROW_GROUP_ROWS:
-            self.flush()
+        self.pending_bytes += table.nbytes
 
     def flush(self) -> None:
+        """Write the held rows sorted by ``uri``: each row group then covers a narrow ``uri`` range."""
         if self.pending:
-            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROW_GROUP_ROWS)
-            self.pending, self.pending_rows = [], 0
+            table = pa.concat_tables(self.pending).sort_by("uri")
+            self.writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            self.pending, self.pending_bytes = [], 0
 
     def full(self) -> bool:
-        return self.rows >= MAX_ROWS or (self.rows and os.path.getsize(self.tmp) >= MAX_BYTES)
+        return self.rows >= MAX_ROWS or self.pending_bytes >= MAX_BYTES
 
     def discard(self) -> None:
         if self.writer is not None:

@@ -18,6 +18,7 @@ __all__ = [
     "CLASSES_METADATA_KEY",
     "CONFIDENCE_DIR",
     "EVAL_NAME",
+    "FORWARD_PASS_COLUMN",
     "MASKS_DIR",
     "MAX_SEGMENT_BYTES",
     "OVERLAYS_DIR",
@@ -46,6 +47,9 @@ CONFIDENCE_DIR = "confidence"  # `run --confidence`: one 8-bit PNG per ok input,
 REPORT_NAME = "report.html"  # `segbatch report`
 EVAL_NAME = "eval.json"  # `segbatch eval` (unless --json), shown by `segbatch report`
 CLASSES_METADATA_KEY = b"segbatch.classes"  # summary schema metadata: JSON list of class names
+#: Per row passed from the model to the driver: how many images shared the forward pass that labelled it
+#: (0: none). The driver tallies it into forward passes; it is not a summary column.
+FORWARD_PASS_COLUMN = "forward_pass"
 
 #: The summary's columns: the contract's first, then segbatch's documented extensions.
 SUMMARY_SCHEMA = pa.schema(

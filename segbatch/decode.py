@@ -64,6 +64,33 @@ class ResizeSpec:
         return np.asarray(image, dtype=np.uint8)
 
 
+#: One input image's fields as they travel from decoding to writing: the listing's, then what decoding
+#: found (displayed size after EXIF orientation, or the error that makes it an error row).
+IMAGE_FIELDS = ("uri", "path", "rel", "size", "etag", "mtime", "width", "height", "error")
+_IMAGE_TYPE = pa.struct(
+    [
+        ("uri", pa.string()),
+        ("path", pa.string()),
+        ("rel", pa.string()),
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("mtime", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+#: The rows decoding hands to the model: one per forward pass.
+PASS_SCHEMA = pa.schema(
+    [
+        ("pixels", pa.binary()),  # N resized images of one shape, N x in_h x in_w x 3 uint8, row-major
+        ("in_h", pa.int32()),  # the model input's height (0: a row of failed inputs, no pixels)
+        ("in_w", pa.int32()),
+        ("images", pa.list_(_IMAGE_TYPE)),  # the N images, in the order of their pixels
+    ]
+)
+
+
 class ImageError(ValueError):
     """One input cannot be labelled; the message is for a person and ends up in the ``error`` column."""
 
@@ -130,7 +157,15 @@ class DecodeImages:
     settings only, and the filesystem is opened on first use in each worker.
     """
 
-    def __init__(self, input_url: str, storage_options: Mapping[str, Any], resize: ResizeSpec, limits: Limits):
+    def __init__(
+        self,
+        input_url: str,
+        storage_options: Mapping[str, Any],
+        resize: ResizeSpec,
+        limits: Limits,
+        max_batch: int | None = None,
+    ):
+        self._max_batch = max_batch  # most images per forward pass
         # A manifest run has no INPUT root: every URL then names its own filesystem.
         self._input = _storage.Location(input_url, storage_options) if input_url else None
         self._storage_options = dict(storage_options)
@@ -157,6 +192,10 @@ class DecodeImages:
             return None, 0, 0, f"cannot decode image: {type(exc).__name__}: {exc}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Listing rows -> one row per forward pass (:data:`PASS_SCHEMA`): the images of one model-input
+        shape, at most ``max_batch`` of them, packed into one ``pixels`` value, so that however Ray cuts
+        the stream into blocks downstream, a forward pass stays whole. Inputs that failed share one row
+        without pixels."""
         from segbatch.contract import UnsafePathError, mask_relpath
 
         errors: list[str | None] = []
@@ -172,24 +211,35 @@ class DecodeImages:
         else:
             uris = batch["uri"].to_pylist()
             contents = iter(_storage.read_urls([u for u, e in zip(uris, errors) if e is None], self._storage_options))
-        pixels, in_h, in_w, widths, heights = [], [], [], [], []
+        rows = batch.select(list(IMAGE_FIELDS[:6])).to_pylist()
+        groups: dict[tuple[int, int], list[tuple[dict, np.ndarray]]] = {}
+        failed: list[dict] = []
         for i, err in enumerate(errors):
-            image, w, h = None, None, None
+            row = rows[i]
+            image = None
             if err is None:
-                image, w, h, errors[i] = self.decode_one(next(contents))
-            pixels.append(image.tobytes() if image is not None else b"")
-            in_h.append(image.shape[0] if image is not None else 0)
-            in_w.append(image.shape[1] if image is not None else 0)
-            widths.append(w if image is not None else None)
-            heights.append(h if image is not None else None)
-        out = batch.drop_columns([c for c in ("error",) if c in batch.column_names])
-        for name, values, typ in (
-            ("pixels", pixels, pa.binary()),  # the resized image, HxWx3 uint8, row-major
-            ("in_h", in_h, pa.int32()),
-            ("in_w", in_w, pa.int32()),
-            ("width", widths, pa.int32()),  # displayed size, after EXIF orientation
-            ("height", heights, pa.int32()),
-            ("error", errors, pa.string()),
-        ):
-            out = out.append_column(name, pa.array(values, typ))
-        return out
+                image, row["width"], row["height"], err = self.decode_one(next(contents))
+            if image is None:
+                row.update(width=None, height=None, error=err)
+                failed.append(row)
+            else:
+                row["error"] = None
+                groups.setdefault(image.shape[:2], []).append((row, image))
+        passes: list[tuple[bytes, int, int, list[dict]]] = []
+        step = self._max_batch or max(1, batch.num_rows)
+        for (h, w), members in groups.items():
+            for start in range(0, len(members), step):
+                part = members[start : start + step]
+                pixels = b"".join(img.tobytes() for _, img in part)
+                passes.append((pixels, h, w, [r for r, _ in part]))
+        if failed:
+            passes.append((b"", 0, 0, failed))
+        return pa.table(
+            {
+                "pixels": pa.array([p[0] for p in passes], pa.binary()),
+                "in_h": pa.array([p[1] for p in passes], pa.int32()),
+                "in_w": pa.array([p[2] for p in passes], pa.int32()),
+                "images": pa.array([p[3] for p in passes], PASS_SCHEMA.field("images").type),
+            },
+            schema=PASS_SCHEMA,
+        )

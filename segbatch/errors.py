@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "EXIT_STATUS",
     "ExportIncomplete",
+    "IncompleteRunError",
     "InputError",
     "SegbatchError",
     "StorageError",
@@ -51,6 +52,11 @@ class BudgetError(SegbatchError, RuntimeError):
     """More images failed than --max-error-rate allows; the rows written so far stay valid."""
 
 
+class IncompleteRunError(SegbatchError):
+    """A run ended without a row for every input it listed: it is not recorded as complete, and a rerun
+    labels exactly the inputs still missing."""
+
+
 class ExportIncomplete(SegbatchError):
     """`segbatch export` wrote its files, but some ok rows' masks could not be exported (each is listed)."""
 
@@ -64,6 +70,7 @@ EXIT_STATUS: dict[type[SegbatchError], int] = {
     WeightsError: 4,
     StorageError: 4,
     ExportIncomplete: 5,  # export: written, without the images listed
+    IncompleteRunError: 6,  # run: some listed inputs came back without a row; rerun to complete
 }
 
 

@@ -1,9 +1,10 @@
 """What every kind of input (a listed INPUT, a manifest) offers the pipeline.
 
 The pipeline knows inputs only through :class:`Inputs`: :class:`segbatch.listing.ListedInputs` lists a
-folder or prefix in the driver, :class:`segbatch.manifest.ManifestInputs` lets Ray read a file of URLs.
-Both yield rows of :data:`segbatch.listing.LISTING_SCHEMA` and both have already dropped the inputs that
-OUTPUT holds an ok row for.
+folder or prefix in Ray read tasks, :class:`segbatch.manifest.ManifestInputs` lets Ray read a file of
+URLs. Both yield rows of :data:`segbatch.listing.LISTING_SCHEMA`, both have already dropped the inputs
+that OUTPUT holds an ok row for, and both report how many they listed and skipped through
+segbatch/_tally.py.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ __all__ = ["Inputs"]
 
 
 class Inputs(Protocol):
-    @property
-    def pending(self) -> int | None:
-        """Inputs still to do; None where that is known only once Ray has read them."""
+    #: Listing parts that each report their final counts (read tasks); None where unknown in advance.
+    parts: int | None
+    #: Rows per block handed to decoding (a whole number of forward passes).
+    block_rows: int
 
-    def counts(self) -> tuple[int, int]:
-        """(inputs listed, of which skipped as already labelled), as far as known now."""
+    def plan(self, *, run_id: str, batch_size: int, spread: int, max_shards: int, resize: Any) -> None:
+        """Fix the run's sizing before :meth:`dataset` (driver only, before any listing)."""
 
-    def dataset(self, batch_size: int) -> Any:
+    def dataset(self) -> Any:
         """The lazy Ray Dataset of the listing rows still to do; needs a running Ray."""
+
+    def verification(self, run_id: str) -> Inputs:
+        """The same inputs, less every one that run ``run_id`` wrote a row for."""

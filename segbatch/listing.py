@@ -1,23 +1,43 @@
-"""Stage 1, listing: which inputs a run should process.
+"""Stage 1, listing (Ray read tasks): which inputs a run processes, streamed into the run as it is found.
 
-The listing is an Arrow table with one row per input (:data:`LISTING_SCHEMA`). It is built in the driver
-from a recursive listing of INPUT, one directory page at a time, and then filtered against the summary
-of earlier runs by reading only its key columns.
+INPUT is split into shards in the driver by one bounded look at its top level (:func:`plan_shards`): the
+files at the top are one shard, and its folders are spread over the others. Each shard is one Ray read
+task (:class:`ListingDatasource`), so listing runs on the cluster's CPUs, beside decoding, and the driver
+never holds the listing. A read task:
+
+1. walks its folders in sorted order, one page at a time (a paginated, recursive ``ListObjectsV2`` on S3;
+   ``os.scandir`` on local disk; ``fs.walk`` elsewhere) and cuts the stream into chunks of
+   :data:`LIST_CHUNK_ROWS` rows;
+2. drops the inputs that OUTPUT already holds an ok row for (:class:`DoneIndex`: only the summary row
+   groups whose ``uri`` range a chunk touches are read; merged summary files are sorted by ``uri``);
+3. with a batch size above one, reads each image's header for its model-input shape (:func:`probe_shape`)
+   and cuts the rows into blocks of single-shape runs of ``batch_size`` rows (:class:`ShapeCutter`), so
+   each forward pass is full without a central batching step. Only names travel here; no pixel does;
+4. reports its counts (listed, skipped) to the driver through Ray's key-value store (segbatch/_tally.py).
+
+A read task is a pure function of INPUT and OUTPUT's summary: Ray retries a dead one from the start.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import posixpath
-from collections.abc import Iterable, Mapping
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segbatch import _storage, summary
+from segbatch import _storage
 from segbatch.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -30,51 +50,30 @@ LISTING_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("etag", pa.string()),
         ("mtime", pa.float64()),  # seconds since the epoch
+        # The model-input shape read from the image's header (0: not probed, or unreadable); decoding
+        # computes the real one, so a wrong probe costs a smaller forward pass, never a wrong mask.
+        ("model_h", pa.int32()),
+        ("model_w", pa.int32()),
     ]
 )
 
+LIST_CHUNK_ROWS = 1024  # listed rows looked up against the summary and probed together
+PLAN_SCAN_ENTRIES = 1000  # top-level entries the driver looks at (one S3 page); a larger top level is one shard
+MAX_SHARDS_PER_CPU = 2  # read tasks per cluster CPU at most: enough to list on every node
+MIN_MAX_SHARDS = 8
+BLOCK_ROWS = 32  # images per block handed to decoding (a decode task reads a block's images concurrently)
+MAX_HELD_ROWS = 8192  # names a read task holds per shape while filling batches (~1 MB); past it, partial batches
+PROBE_THREADS = 16  # concurrent header reads per read task: object stores answer each in tens of ms
+PROBE_BYTES = 64 * 1024  # bytes read to find an image's size and EXIF orientation (JPEG headers fit)
+REPORT_EVERY = 1.0  # seconds between a read task's count reports
+LIST_TASK_CPUS = 0.05  # a read task mostly waits on storage; it must never starve decoding of CPUs
+EXIF_ORIENTATION = 0x0112
+ORIENTATIONS_SWAPPING_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 
-LISTING_BATCH_ROWS = 65_536  # rows held as Python objects before they move into an Arrow batch
-# The listing goes to Ray in a number of blocks set by the cluster, not by the input count: the driver's
-# bookkeeping grows with the blocks of a run (docs/benchmarks.md, "Driver memory"). Decoding takes
-# batch-sized slices of a block (pipeline.DECODE_BATCH_ROWS), so large blocks do not mean large tasks.
-BLOCKS_PER_CPU = 4  # enough blocks that every CPU of the cluster has decode work queued
-MIN_INPUT_BLOCKS = 32
-MAX_INPUT_BLOCKS = 10_000  # a cap for very large clusters; more only adds scheduling overhead
 
-
-class ListedInputs:
-    """The inputs of a listed INPUT (:class:`segbatch.inputs.Inputs`): listed in the driver, less the
-    ones with an ok row in OUTPUT (all of them with ``redo_all``)."""
-
-    def __init__(self, config: Any, relabel_since: float | None = None):
-        listed = list_inputs(config.input, config.storage_options, config.extensions, exclude_output=config.output)
-        check_output(config.output, config.storage_options)
-        self.listed = listed.num_rows
-        if not config.redo_all:
-            # Ok rows written before relabel_since are an earlier model's (identity.py): not done.
-            done = summary.done_key_chunks(
-                config.output, config.storage_options, identity=config.redo_changed, since=relabel_since
-            )
-            listed = drop_done(listed, done, config.redo_changed)
-        self.todo = listed
-
-    @property
-    def pending(self) -> int:
-        return self.todo.num_rows
-
-    def counts(self) -> tuple[int, int]:
-        return self.listed, self.listed - self.todo.num_rows
-
-    def dataset(self, batch_size: int):
-        import ray
-
-        from segbatch import _ray
-
-        n = self.todo.num_rows
-        blocks = min(MAX_INPUT_BLOCKS, max(MIN_INPUT_BLOCKS, BLOCKS_PER_CPU * int(_ray.cluster_cpus())))
-        rows_per_block = max(batch_size, math.ceil(n / blocks))
-        return ray.data.from_arrow([self.todo.slice(i, rows_per_block) for i in range(0, n, rows_per_block)])
+# --------------------------------------------------------------------------------------------------
+# INPUT's names: which files count, and OUTPUT's own tree kept out
+# --------------------------------------------------------------------------------------------------
 
 
 def require_exists(fs, path: str, label: str) -> None:
@@ -136,80 +135,687 @@ def _under(path: str, prefixes: list[str]) -> bool:
     return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _is_s3(fs) -> bool:
+    return hasattr(fs, "call_s3") and hasattr(fs, "split_path")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards: planned in the driver by one bounded look at INPUT's top level
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One read task's part of INPUT: top-level files (with their info), and folders walked recursively."""
+
+    index: int
+    files: tuple[tuple[str, dict], ...] = ()
+    dirs: tuple[str, ...] = ()
+
+
+def _scan_top(fs, root: str, limit: int) -> tuple[list[tuple[str, dict]], list[str], bool]:
+    """(files with info, folders, complete) at INPUT's top level, looking at no more than ``limit`` entries."""
+    files: list[tuple[str, dict]] = []
+    dirs: list[str] = []
+    if _is_local(fs):
+        with os.scandir(root) as it:
+            for n, entry in enumerate(it):
+                if n >= limit:
+                    return [], [], False
+                path = _storage.join_path(root, entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(path)
+                else:
+                    files.append((path, {}))  # stat()ed by the read task
+        return sorted(files), sorted(dirs), True
+    if _is_s3(fs):
+        bucket, key, _ = fs.split_path(root)
+        prefix = key.rstrip("/") + "/" if key else ""
+        page = _storage.retry(
+            fs.call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=limit, what="list"
+        )
+        if page.get("IsTruncated"):
+            return [], [], False
+        for obj in page.get("Contents", []):
+            files.append((f"{bucket}/{obj['Key']}", _s3_info(obj)))
+        for common in page.get("CommonPrefixes", []):
+            dirs.append(f"{bucket}/{common['Prefix'].rstrip('/')}")
+        return sorted(files), sorted(dirs), True
+    entries = _storage.retry(fs.ls, root, detail=True, what=f"list {root}")
+    if len(entries) > limit:
+        return [], [], False
+    for info in entries:
+        (dirs if info.get("type") == "directory" else files).append(
+            info["name"] if info.get("type") == "directory" else (info["name"], info)
+        )
+    return sorted(files, key=lambda f: f[0]), sorted(dirs), True
+
+
+def plan_shards(fs, root: str, excluded: list[str], max_shards: int) -> list[Shard]:
+    """Read tasks for INPUT: its top-level files as one, its folders spread round-robin over the rest.
+    A top level of more than :data:`PLAN_SCAN_ENTRIES` entries is walked by one task, which streams it."""
+    files, dirs, complete = _scan_top(fs, root, PLAN_SCAN_ENTRIES)
+    if not complete:
+        return [Shard(0, dirs=(root,))]
+    dirs = [d for d in dirs if not _under(d, excluded)]
+    if not dirs:
+        return [Shard(0, files=tuple(files))]
+    tasks = max(1, min(max_shards - 1, len(dirs)))
+    groups = [tuple(dirs[i::tasks]) for i in range(tasks)]
+    shards = [Shard(0, files=tuple(files))] if files else []
+    return shards + [Shard(len(shards) + i, dirs=g) for i, g in enumerate(groups)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Walking a shard: (path, info) in sorted order, streamed
+# --------------------------------------------------------------------------------------------------
+
+
+def _s3_info(obj: Mapping[str, Any]) -> dict:
+    return {"size": obj.get("Size"), "ETag": obj.get("ETag"), "LastModified": obj.get("LastModified"), "type": "file"}
+
+
+def _walk_s3(fs, top: str) -> Iterator[tuple[str, dict]]:
+    """Every key below ``top``, in key order: a recursive listing, one page of 1,000 keys at a time."""
+    bucket, key, _ = fs.split_path(top)
+    prefix = key.rstrip("/") + "/" if key else ""
+    token = None
+    while True:
+        kwargs = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        page = _storage.retry(fs.call_s3, "list_objects_v2", what=f"list s3://{bucket}/{prefix}", **kwargs)
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):  # a folder placeholder, not an object
+                yield f"{bucket}/{obj['Key']}", _s3_info(obj)
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
+
+
+class _WalkStats:
+    def __init__(self) -> None:
+        self.links_skipped = 0
+
+
+def _walk_local(top: str, stats: _WalkStats, excluded: list[str]) -> Iterator[tuple[str, dict]]:
+    """Files below ``top`` in the byte order of their paths (a folder sorts as ``name/``), so that
+    consecutive rows have close ``uri`` values. A folder's names are held while it is walked, not its
+    files' info: each file is stat()ed when its turn comes."""
+    try:
+        with os.scandir(top) as it:
+            entries = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in it]
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        log.warning("cannot list %s: %s", top, exc)
+        return
+    entries.sort(key=lambda item: item[0])
+    for key, entry in entries:
+        path = _storage.join_path(top, entry.name)
+        if key.endswith("/"):
+            if not _under(path, excluded):
+                yield from _walk_local(path, stats, excluded)
+            continue
+        info = _local_info(path, entry)
+        if info is None:
+            stats.links_skipped += 1
+            continue
+        yield path, info
+
+
+def _local_info(path: str, entry: Any = None) -> dict | None:
+    """size and mtime of a file; a symbolic link is followed when it names a file (None otherwise)."""
+    try:
+        st = entry.stat(follow_symlinks=True) if entry is not None else os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return {"size": st.st_size, "mtime": st.st_mtime, "type": "file"}
+
+
+def _walk_fsspec(fs, top: str, stats: _WalkStats, excluded: list[str]) -> Iterator[tuple[str, dict]]:
+    for dirpath, dirs, files in _storage.retry(lambda: fs.walk(top, detail=True), what=f"list {top}"):
+        for d in [d for d in dirs if _under(_storage.join_path(dirpath, d), excluded)]:
+            del dirs[d]  # walk() honours in-place pruning (topdown)
+        for name, info in sorted(files.items()):
+            if info.get("type", "file") != "file":
+                continue
+            yield info.get("name") or _storage.join_path(dirpath, name), info
+        fs.invalidate_cache(dirpath)  # the filesystem's cached listing of this folder is not needed again
+
+
+def _walk_shard(fs, shard: Shard, stats: _WalkStats, excluded: list[str]) -> Iterator[tuple[str, dict]]:
+    for path, info in shard.files:
+        if _is_local(fs):
+            info = _local_info(path)
+            if info is None:
+                stats.links_skipped += 1
+                continue
+        yield path, info
+    for top in shard.dirs:
+        if _is_local(fs):
+            yield from _walk_local(top, stats, excluded)
+        elif _is_s3(fs):
+            yield from _walk_s3(fs, top)
+        else:
+            yield from _walk_fsspec(fs, top, stats, excluded)
+
+
+def _listed_chunks(
+    fs, root: str, root_url: str, walk: Iterable[tuple[str, dict]], wanted: frozenset[str], excluded: list[str]
+) -> Iterator[tuple[pa.Table, int]]:
+    """Listing rows (shape not probed) in chunks of :data:`LIST_CHUNK_ROWS`, with how many names in each
+    were not valid UTF-8."""
+    columns: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names[:6]}
+    not_utf8 = 0
+    for path, info in walk:
+        if not _wanted(path, wanted) or (excluded and _under(path, excluded)):
+            continue
+        rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+        shown = _printable(path)
+        if shown != path:
+            not_utf8 += 1
+            path, rel = shown, _printable(rel)
+        size, etag, mtime = _storage.file_identity(info)
+        columns["uri"].append(_storage.join_url(root_url, rel))
+        columns["path"].append(path)
+        columns["rel"].append(rel)
+        columns["size"].append(size)
+        columns["etag"].append(etag)
+        columns["mtime"].append(mtime)
+        if len(columns["uri"]) >= LIST_CHUNK_ROWS:
+            yield _with_shapes(columns), not_utf8
+            columns, not_utf8 = {name: [] for name in columns}, 0
+    if columns["uri"]:
+        yield _with_shapes(columns), not_utf8
+
+
+def _with_shapes(columns: dict[str, list], shapes: list[tuple[int, int]] | None = None) -> pa.Table:
+    n = len(columns["uri"])
+    zeros = np.zeros(n, dtype=np.int32)
+    h = pa.array([s[0] for s in shapes], pa.int32()) if shapes else pa.array(zeros)
+    w = pa.array([s[1] for s in shapes], pa.int32()) if shapes else pa.array(zeros)
+    return pa.table({**columns, "model_h": h, "model_w": w}, schema=LISTING_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------------
+# What is done already: the summary's ok rows, read by uri range
+# --------------------------------------------------------------------------------------------------
+
+
+class DoneIndex:
+    """OUTPUT's ok rows, looked up by ``uri`` range without holding them: the ``uri`` min/max of every
+    summary row group is read once (from the files' footers); a chunk of listed rows reads only the row
+    groups whose range overlaps its own, and the last few row groups read stay cached (consecutive chunks
+    fall in the same ones, since both the listing and merged summary files are sorted by ``uri``)."""
+
+    CACHED_ROW_GROUPS = 4
+
+    def __init__(
+        self,
+        output_url: str,
+        storage_options: Mapping[str, Any] | None,
+        identity: bool,
+        since: float | None,
+        rows_of_run: str | None = None,
+        run_id: str = "",
+    ):
+        from segbatch import summary
+
+        self._identity = identity
+        self._columns = ["uri", *summary.IDENTITY_COLUMNS] if identity else ["uri"]
+        if rows_of_run is not None:
+            self._filter = pc.field("run_id") == rows_of_run
+        else:
+            # Rows of the running run itself are never "done before": a read task that Ray retries mid-run
+            # must list exactly what its first attempt listed, though write tasks have added rows since.
+            self._filter = summary.done_filter(since) & (pc.field("run_id") != run_id)
+        self._groups: list[tuple[str | None, str | None, Any, int]] = []
+        self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        ds = summary.dataset(output_url, storage_options)
+        for fragment in ds.get_fragments() if ds is not None else ():
+            meta = fragment.metadata
+            column = _column_index(meta, "uri")
+            for rg in range(meta.num_row_groups):
+                lo = hi = None
+                if column is not None:
+                    st = meta.row_group(rg).column(column).statistics
+                    if st is not None and st.has_min_max:
+                        lo, hi = st.min, st.max
+                self._groups.append((lo, hi, fragment, rg))
+
+    @property
+    def row_groups(self) -> int:
+        return len(self._groups)
+
+    def _load(self, index: int) -> pa.Table:
+        key = (index, 0)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        from segbatch.contract import SUMMARY_SCHEMA
+
+        _, _, fragment, rg = self._groups[index]
+        table = fragment.subset(row_group_ids=[rg]).to_table(
+            schema=SUMMARY_SCHEMA, columns=self._columns, filter=self._filter
+        )
+        self._cache[key] = table
+        if len(self._cache) > self.CACHED_ROW_GROUPS:
+            self._cache.popitem(last=False)
+        return table
+
+    def drop(self, chunk: pa.Table) -> pa.Table:
+        """``chunk`` without the inputs that have an ok row (see :func:`drop_done`)."""
+        if chunk.num_rows == 0 or not self._groups:
+            return chunk
+        bounds = pc.min_max(chunk["uri"])
+        lo, hi = bounds["min"].as_py(), bounds["max"].as_py()
+        touched = [
+            self._load(i)
+            for i, (g_lo, g_hi, _, _) in enumerate(self._groups)
+            if g_lo is None or g_hi is None or not (g_hi < lo or g_lo > hi)
+        ]
+        return drop_done(chunk, touched, self._identity)
+
+
+def _column_index(meta, name: str) -> int | None:
+    if meta.num_row_groups == 0:
+        return None
+    group = meta.row_group(0)
+    for i in range(group.num_columns):
+        if group.column(i).path_in_schema == name:
+            return i
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes: read from the image header, so that forward passes can be filled before decoding
+# --------------------------------------------------------------------------------------------------
+
+
+def probe_shape(fs, path: str, size: int | None, resize: Any) -> tuple[int, int]:
+    """The model-input (height, width) of one image from its header (EXIF orientation applied, then the
+    weights' resize); (0, 0) when the header cannot be read. Reads at most about :data:`PROBE_BYTES`."""
+    if not size:
+        return 0, 0
+    from PIL import Image
+
+    try:
+        opener = open(path, "rb") if _is_local(fs) else fs.open(path, "rb", block_size=PROBE_BYTES)
+        with opener as f, Image.open(f) as image:
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION) in ORIENTATIONS_SWAPPING_AXES:
+                width, height = height, width
+    except Exception:  # decoding reports what is wrong with the file; a probe only groups
+        return 0, 0
+    return resize.output_size(width, height)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks: single-shape runs of batch_size rows
+# --------------------------------------------------------------------------------------------------
+
+
+class ShapeCutter:
+    """Cuts a stream of listing rows into blocks for decoding, each made of whole single-shape runs of
+    ``batch_size`` rows (full forward passes), about ``block_rows`` rows a block.
+
+    It holds names only, at most ``batch_size - 1`` per shape between releases and ``max_held_rows`` in
+    all (past it the fullest shape goes as a partial run: many rare shapes cost small passes, not
+    memory). :meth:`flush` releases the partial runs at the end of the task's input, spread over up to
+    ``spread`` blocks so that a small run still reaches every inference actor."""
+
+    def __init__(self, batch_size: int, block_rows: int, spread: int = 1, max_held_rows: int = MAX_HELD_ROWS):
+        self.batch_size = max(1, batch_size)
+        self.block_rows = max(self.batch_size, block_rows)
+        self.spread = max(1, spread)
+        self.max_held_rows = max_held_rows
+        self._held: dict[tuple[int, int], list[pa.Table]] = {}
+        self._counts: dict[tuple[int, int], int] = {}
+        self._ready: list[pa.Table] = []  # whole runs, in the order they filled
+        self._ready_rows = 0
+
+    def add(self, rows: pa.Table) -> Iterator[pa.Table]:
+        if self.batch_size == 1:
+            self._push(rows)
+        else:
+            keys = list(zip(rows["model_h"].to_pylist(), rows["model_w"].to_pylist()))
+            order: dict[tuple[int, int], list[int]] = {}
+            for i, key in enumerate(keys):
+                order.setdefault(key, []).append(i)
+            for key, idx in order.items():
+                self._held.setdefault(key, []).append(rows.take(pa.array(idx, pa.int64())))
+                self._counts[key] = self._counts.get(key, 0) + len(idx)
+                while self._counts.get(key, 0) >= self.batch_size:
+                    self._push(self._take(key, self.batch_size))
+            while sum(self._counts.values()) > self.max_held_rows:
+                fullest = max(self._counts, key=self._counts.__getitem__)
+                self._push(self._take(fullest, self._counts[fullest]))
+        while self._ready_rows >= self.block_rows:
+            yield self._block(self.block_rows)
+
+    def flush(self) -> Iterator[pa.Table]:
+        for key in sorted(self._counts, key=self._counts.__getitem__, reverse=True):
+            self._push(self._take(key, self._counts[key]))
+        if not self._ready_rows:
+            return
+        # The tail: no fuller than needed to give each of `spread` actors a block of its own.
+        per_block = max(self.batch_size, math.ceil(self._ready_rows / self.spread))
+        per_block = min(self.block_rows, math.ceil(per_block / self.batch_size) * self.batch_size)
+        while self._ready_rows:
+            yield self._block(per_block)
+
+    def _push(self, run: pa.Table) -> None:
+        if run.num_rows:
+            self._ready.append(run)
+            self._ready_rows += run.num_rows
+
+    def _block(self, rows: int) -> pa.Table:
+        """Whole runs from the front of the ready list, about ``rows`` rows (a run is never split, except
+        the pass-through runs of batch size 1)."""
+        taken, n = [], 0
+        while self._ready and n < rows:
+            run = self._ready[0]
+            if self.batch_size == 1 and n + run.num_rows > rows:
+                taken.append(run.slice(0, rows - n))
+                self._ready[0] = run.slice(rows - n)
+                n = rows
+                break
+            taken.append(self._ready.pop(0))
+            n += run.num_rows
+        self._ready_rows -= n
+        return pa.concat_tables(taken).combine_chunks()
+
+    def _take(self, key: tuple[int, int], n: int) -> pa.Table:
+        held = pa.concat_tables(self._held.pop(key))
+        count = self._counts.pop(key)
+        if count > n:
+            self._held[key] = [held.slice(n)]
+            self._counts[key] = count - n
+        return held.slice(0, n)
+
+
+# --------------------------------------------------------------------------------------------------
+# The read task
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListingSettings:
+    """Everything a listing read task needs; built in the driver, pickled into the tasks."""
+
+    run_id: str
+    input_url: str
+    storage_options: Mapping[str, Any]
+    extensions: frozenset[str]
+    output_url: str | None
+    redo_all: bool = False
+    redo_changed: bool = False
+    since: float | None = None  # ok rows written before this (epoch s) are an earlier model's: not done
+    batch_size: int = 1
+    block_rows: int = BLOCK_ROWS
+    spread: int = 1
+    resize: Any = None  # segbatch.decode.ResizeSpec, for probing shapes; None: no probing
+    excluded: tuple[str, ...] = field(default_factory=tuple)
+    # Set to check a run: then an input counts as done when that run wrote any row for it, ok or error.
+    rows_of_run: str | None = None
+
+
+def read_shard(settings: ListingSettings, shard: Shard, report: bool = True) -> Iterator[pa.Table]:
+    """The blocks of one shard: listed, less what is done, cut into single-shape runs."""
+    fs, root = _storage.open_url(settings.input_url, settings.storage_options)
+    root_url = _storage.absolute_url(settings.input_url)
+    excluded = list(settings.excluded)
+    stats = _WalkStats()
+    done = None
+    if not settings.redo_all and settings.output_url:
+        done = DoneIndex(
+            settings.output_url,
+            settings.storage_options,
+            settings.redo_changed and settings.rows_of_run is None,
+            settings.since,
+            settings.rows_of_run,
+            settings.run_id,
+        )
+    probing = settings.resize is not None and settings.batch_size > 1
+    cutter = ShapeCutter(settings.batch_size, settings.block_rows, settings.spread)
+    listed = skipped = not_utf8 = 0
+    last_report = time.monotonic()
+    part = f"list-{shard.index:05d}"
+    with ThreadPoolExecutor(PROBE_THREADS) if probing else _NoPool() as pool:
+        walk = _walk_shard(fs, shard, stats, excluded)
+        for chunk, bad_names in _listed_chunks(fs, root, root_url, walk, settings.extensions, excluded):
+            listed += chunk.num_rows
+            not_utf8 += bad_names
+            if done is not None:
+                kept = done.drop(chunk)
+                skipped += chunk.num_rows - kept.num_rows
+                chunk = kept
+            if probing and chunk.num_rows:
+                probe = functools.partial(probe_shape, fs, resize=settings.resize)
+                shapes = list(pool.map(probe, chunk["path"].to_pylist(), chunk["size"].to_pylist()))
+                chunk = _set_shapes(chunk, shapes)
+            yield from cutter.add(chunk)
+            if report and time.monotonic() - last_report >= REPORT_EVERY:
+                _report(settings.run_id, part, listed, skipped, finished=False)
+                last_report = time.monotonic()
+        yield from cutter.flush()
+    if stats.links_skipped:
+        log.warning(
+            "skipped %d symbolic link(s) to folders or to nothing (links to files are followed)", stats.links_skipped
+        )
+    if not_utf8:
+        log.warning("%d file name(s) are not valid UTF-8; each gets an error row", not_utf8)
+    if report:
+        _report(settings.run_id, part, listed, skipped, finished=True)
+
+
+class _NoPool:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _set_shapes(chunk: pa.Table, shapes: list[tuple[int, int]]) -> pa.Table:
+    h = pa.array([s[0] for s in shapes], pa.int32())
+    w = pa.array([s[1] for s in shapes], pa.int32())
+    chunk = chunk.set_column(chunk.schema.get_field_index("model_h"), "model_h", h)
+    return chunk.set_column(chunk.schema.get_field_index("model_w"), "model_w", w)
+
+
+def _report(run_id: str, part: str, listed: int, skipped: int, finished: bool) -> None:
+    from segbatch import _tally
+
+    _tally.put(run_id, part, listed, skipped, finished)
+
+
+def _read_task_fn(settings: ListingSettings, shard: Shard) -> Iterator[pa.Table]:
+    return read_shard(settings, shard)
+
+
+class ListingDatasource:
+    """A Ray Data datasource of one read task per shard (built lazily: ray is imported by the caller)."""
+
+    def __new__(cls, settings: ListingSettings, shards: list[Shard]):
+        from ray.data import Datasource, ReadTask
+        from ray.data.block import BlockMetadata
+
+        class _Datasource(Datasource):
+            def get_name(self) -> str:
+                return "ListImages"
+
+            def estimate_inmemory_data_size(self) -> int | None:
+                return None
+
+            def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+                meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+                return [
+                    ReadTask(functools.partial(_read_task_fn, settings, shard), meta, schema=LISTING_SCHEMA)
+                    for shard in shards
+                ]
+
+        return _Datasource()
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline's view: ListedInputs
+# --------------------------------------------------------------------------------------------------
+
+
+class ListedInputs:
+    """The inputs of a listed INPUT (:class:`segbatch.inputs.Inputs`): planned in the driver, listed by
+    Ray read tasks during the run, less the ones with an ok row in OUTPUT (all of them with ``redo_all``)."""
+
+    parts_known = True  # the driver knows the read tasks' number, so it knows when listing is complete
+
+    def __init__(self, config: Any, relabel_since: float | None = None, run_id: str = "plan"):
+        self._config = config
+        fs, root = _storage.open_url(config.input, config.storage_options)
+        fs.invalidate_cache(root)  # a cached listing from earlier in this process would miss new files
+        require_exists(fs, root, f"INPUT {config.input}")
+        if _storage.retry(fs.isfile, root, what=f"check {config.input}"):
+            raise InputError(
+                f"INPUT {config.input} is a file, not a folder: pass the folder that holds it, or list it in a "
+                "--manifest file"
+            )
+        check_output(config.output, config.storage_options)
+        self._fs, self._root = fs, root
+        self._excluded = excluded_prefixes(fs, root, config.output, config.storage_options)
+        self._settings = ListingSettings(
+            run_id=run_id,
+            input_url=config.input,
+            storage_options=dict(config.storage_options),
+            extensions=frozenset(e.lower() for e in config.extensions),
+            output_url=config.output,
+            redo_all=config.redo_all,
+            redo_changed=config.redo_changed,
+            since=relabel_since,
+            excluded=tuple(self._excluded),
+        )
+        self.shards: list[Shard] = []
+        self._check_not_empty()
+
+    def _check_not_empty(self) -> None:
+        """Refuse an INPUT whose top level shows no image and no folder before anything starts."""
+        files, dirs, complete = _scan_top(self._fs, self._root, PLAN_SCAN_ENTRIES)
+        wanted = self._settings.extensions
+        if complete and not any(_wanted(p, wanted) for p, _ in files) and not dirs:
+            raise self.no_images_error()
+
+    def no_images_error(self) -> InputError:
+        looked_for = ", ".join(f".{e}" for e in sorted(self._settings.extensions))
+        return InputError(
+            f"INPUT {self._config.input}: no images found (looked for files ending in {looked_for}, "
+            "case-insensitive, hidden files skipped; change the list with --extensions)"
+        )
+
+    def plan(self, *, run_id: str, batch_size: int, spread: int, max_shards: int, resize: Any) -> None:
+        block = max(BLOCK_ROWS, batch_size)
+        self._settings = ListingSettings(
+            **{
+                **self._settings.__dict__,
+                "run_id": run_id,
+                "batch_size": batch_size,
+                "block_rows": math.ceil(block / batch_size) * batch_size,
+                "spread": spread,
+                "resize": resize,
+            }
+        )
+        self.shards = plan_shards(self._fs, self._root, self._excluded, max_shards)
+
+    @property
+    def block_rows(self) -> int:
+        return self._settings.block_rows
+
+    @property
+    def parts(self) -> int:
+        """Read tasks of the run: each reports its counts once when it has listed everything."""
+        return len(self.shards)
+
+    @property
+    def run_id(self) -> str:
+        return self._settings.run_id
+
+    def verification(self, run_id: str) -> ListedInputs:
+        """The same listing, less every input run ``run_id`` wrote a row for: what that run missed."""
+        import copy
+
+        check = copy.copy(self)
+        check._settings = ListingSettings(
+            **{
+                **self._settings.__dict__,
+                "run_id": f"{run_id}-check",
+                "rows_of_run": run_id,
+                "redo_all": False,
+                "batch_size": 1,
+                "resize": None,
+            }
+        )
+        return check
+
+    def dataset(self):
+        """The lazy Ray Dataset of the listing rows still to do (after :meth:`plan`); needs a running Ray."""
+        import ray
+
+        return ray.data.read_datasource(
+            ListingDatasource(self._settings, self.shards),
+            num_cpus=LIST_TASK_CPUS,
+            override_num_blocks=len(self.shards),
+        )
+
+    def todo(self) -> pa.Table:
+        """Every listing row still to do, listed in this process (tests and tools; a run never does this)."""
+        return self._list_here()[0]
+
+    def counts(self) -> tuple[int, int]:
+        """(inputs listed, of which skipped as already labelled), listed in this process like :meth:`todo`."""
+        return self._list_here()[1:]
+
+    def _list_here(self) -> tuple[pa.Table, int, int]:
+        if not self.shards:
+            self.plan(run_id="local", batch_size=1, spread=1, max_shards=MIN_MAX_SHARDS, resize=None)
+        settings = ListingSettings(**{**self._settings.__dict__, "redo_all": True})
+        listed = sum(t.num_rows for shard in self.shards for t in read_shard(settings, shard, report=False))
+        tables = [t for shard in self.shards for t in read_shard(self._settings, shard, report=False)]
+        todo = pa.concat_tables(tables).sort_by("uri") if tables else LISTING_SCHEMA.empty_table()
+        return todo, listed, listed - todo.num_rows
+
+
 def list_inputs(
     url: str, storage_options: Mapping[str, Any] | None, extensions: Iterable[str], exclude_output: str | None = None
 ) -> pa.Table:
-    """List INPUT recursively and keep files with one of ``extensions`` (case-insensitive).
+    """List INPUT recursively in this process and keep files with one of ``extensions`` (case-insensitive),
+    sorted by ``uri``. Runs list in Ray read tasks instead (:class:`ListedInputs`); tools and tests use this.
 
     ``exclude_output`` (OUTPUT's URL) keeps OUTPUT's own tree out of the listing when the two overlap.
     Symbolic links to files are followed; links to folders and broken links are skipped and counted."""
     fs, root = _storage.open_url(url, storage_options)
-    root_url = _storage.absolute_url(url)
-    wanted = frozenset(e.lower() for e in extensions)
-    fs.invalidate_cache(root)  # a cached listing from earlier in this process would miss new files
+    fs.invalidate_cache(root)
     require_exists(fs, root, f"INPUT {url}")
-    looked_for = ", ".join(f".{e}" for e in sorted(wanted))
     if _storage.retry(fs.isfile, root, what=f"check {url}"):
         raise InputError(
             f"INPUT {url} is a file, not a folder: pass the folder that holds it, or list it in a --manifest file"
         )
     excluded = excluded_prefixes(fs, root, exclude_output, storage_options)
-    links_skipped = 0
-    not_utf8 = 0
-
-    columns: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
-    batches: list[pa.RecordBatch] = []
-    # walk() hands back one directory page at a time, so the driver never holds the backend's whole
-    # detailed listing, only the few columns kept below.
-    for dirpath, dirs, files in _storage.retry(lambda: fs.walk(root, detail=True), what=f"list {url}"):
-        if excluded:
-            for d in [d for d in dirs if _under(_storage.join_path(dirpath, d), excluded)]:
-                del dirs[d]  # walk() honours in-place pruning (topdown)
-        for name, info in sorted(files.items()):
-            if not _wanted(name, wanted):
-                continue
-            if info.get("type", "file") != "file":
-                if not info.get("islink"):
-                    continue
-                try:  # a symbolic link: follow it when it names a file
-                    info = {**fs.info(info.get("name") or _storage.join_path(dirpath, name)), "name": info.get("name")}
-                except OSError:
-                    info = {"type": "broken"}
-                if info.get("type") != "file":
-                    links_skipped += 1
-                    continue
-            path = info.get("name") or _storage.join_path(dirpath, name)
-            if excluded and _under(path, excluded):
-                continue
-            rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
-            shown = _printable(path)
-            if shown != path:
-                not_utf8 += 1
-                path, rel = shown, _printable(rel)
-            size, etag, mtime = _storage.file_identity(info)
-            columns["uri"].append(_storage.join_url(root_url, rel))
-            columns["path"].append(path)
-            columns["rel"].append(rel)
-            columns["size"].append(size)
-            columns["etag"].append(etag)
-            columns["mtime"].append(mtime)
-        # Drop the filesystem's cached copy of this folder's listing (s3fs keeps every page's info dicts,
-        # ~1 KB a key), and move the rows into Arrow (~170 B a key) once a batch is full.
-        fs.invalidate_cache(dirpath)
-        if len(columns["uri"]) >= LISTING_BATCH_ROWS:
-            batches.append(pa.record_batch(columns, schema=LISTING_SCHEMA))
-            columns = {name: [] for name in LISTING_SCHEMA.names}
-    batches.append(pa.record_batch(columns, schema=LISTING_SCHEMA))
-    table = pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
-    if links_skipped:
-        log.warning(
-            "INPUT %s: skipped %d symbolic link(s) to folders or to nothing (links to files are followed)",
-            url,
-            links_skipped,
-        )
-    if not_utf8:
-        log.warning("INPUT %s: %d file name(s) are not valid UTF-8; each gets an error row", url, not_utf8)
+    settings = ListingSettings(
+        run_id="local",
+        input_url=url,
+        storage_options=dict(storage_options or {}),
+        extensions=frozenset(e.lower() for e in extensions),
+        output_url=None,
+        excluded=tuple(excluded),
+        block_rows=LIST_CHUNK_ROWS,
+    )
+    tables = [t for shard in plan_shards(fs, root, excluded, 1) for t in read_shard(settings, shard, report=False)]
+    table = pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
     if table.num_rows == 0:
+        looked_for = ", ".join(f".{e}" for e in sorted(settings.extensions))
         raise InputError(
             f"INPUT {url}: no images found (looked for files ending in {looked_for}, "
             "case-insensitive, hidden files skipped; change the list with --extensions)"

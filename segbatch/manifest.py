@@ -27,10 +27,12 @@ needs a listed INPUT.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import posixpath
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import split_protocol, url_to_fs
@@ -38,7 +40,7 @@ from fsspec.core import split_protocol, url_to_fs
 from segbatch import _ray, _storage, summary
 from segbatch.config import RunConfig
 from segbatch.errors import ConfigError
-from segbatch.listing import LISTING_SCHEMA, check_output, require_exists
+from segbatch.listing import BLOCK_ROWS, LISTING_SCHEMA, check_output, require_exists
 
 URI_COLUMN = "uri"
 COMMENT = "#"
@@ -52,7 +54,9 @@ class ManifestInputs:
     """The inputs of a manifest run (:class:`segbatch.inputs.Inputs`): checked in the driver, read lazily
     by Ray inside the session."""
 
-    def __init__(self, config: RunConfig):
+    parts = None  # the manifest's batches are known only once Ray has read it
+
+    def __init__(self, config: RunConfig, run_id: str = "plan"):
         if config.redo_changed:
             raise ConfigError(
                 "redo_changed",
@@ -69,8 +73,23 @@ class ManifestInputs:
         self._fs, self._path = fs, path
         self._bytes = int(_storage.retry(fs.du, path, what=f"size of {self.url}") or 0)
         self._is_dir = _storage.retry(fs.isdir, path, what=f"check {self.url}")
-        self._tally = None
+        self.run_id = run_id
         self.relabel_since: float | None = None  # set by the pipeline from OUTPUT's identity binding
+
+    block_rows = BLOCK_ROWS  # a manifest is not probed for shapes: blocks are listing-order slices
+
+    def plan(self, *, run_id: str, **_sizing: Any) -> None:
+        self.run_id = run_id
+
+    def counts(self) -> tuple[int, int]:
+        """(distinct inputs in the manifest, of which skipped as already labelled), once Ray has read it."""
+        from segbatch import _tally
+
+        totals = _tally.totals(self.run_id)
+        return totals.listed, totals.skipped
+
+    def verification(self, run_id: str):
+        raise NotImplementedError("a manifest run's missing inputs are found by rerunning it")
 
     def _format(self) -> str:
         name = self._path.lower()
@@ -80,9 +99,7 @@ class ManifestInputs:
             return "csv"
         return "text"
 
-    pending = None  # known only once Ray has read the manifest
-
-    def dataset(self, batch_size: int):
+    def dataset(self):
         """The Ray Dataset of listing rows (``LISTING_SCHEMA``) still to do. Needs a running Ray."""
         import ray
         from ray.data.aggregate import Max
@@ -108,9 +125,9 @@ class ManifestInputs:
         unique = keys.groupby(URI_COLUMN, num_partitions=min(partitions, MAX_PARTITIONS)).aggregate(
             Max("done", alias_name="done")
         )
-        self._tally = _tally_actor()
+        # Blocks of BLOCK_ROWS rows, as the listing's: a decode task then holds that many images.
         return unique.map_batches(
-            _listing_rows, fn_kwargs={"tally": self._tally}, batch_format="pyarrow", batch_size=None
+            _listing_rows, fn_kwargs={"run_id": self.run_id}, batch_format="pyarrow", batch_size=BLOCK_ROWS
         )
 
     def _done_keys(self):
@@ -130,14 +147,6 @@ class ManifestInputs:
             )
         rows = rows.select_columns([URI_COLUMN, "status"])
         return rows.map_batches(_ok_keys, batch_format="pyarrow", batch_size=None)
-
-    def counts(self) -> tuple[int, int]:
-        """(distinct inputs in the manifest, of which skipped as already labelled), once the run has read it."""
-        if self._tally is None:
-            return 0, 0
-        import ray
-
-        return tuple(ray.get(self._tally.get.remote()))
 
 
 def _manifest_keys(batch: pa.Table, base_url: str) -> pa.Table:
@@ -213,13 +222,18 @@ def manifest_rel(uri: str) -> str:
     return f"{name}/{split_protocol(path)[1].lstrip('/')}"
 
 
-def _listing_rows(batch: pa.Table, tally: Any) -> pa.Table:
-    """Distinct URLs with their done flag -> the listing rows still to do; counts go to ``tally``."""
-    import ray
+def _listing_rows(batch: pa.Table, run_id: str) -> pa.Table:
+    """Distinct URLs with their done flag -> the listing rows still to do; counts go to the driver through
+    segbatch/_tally.py, under a key named after the batch's contents (a retried batch overwrites it)."""
+    from segbatch import _tally
 
     done = pc.fill_null(pc.equal(batch["done"], 1), False)
     todo = batch.filter(pc.invert(done))
-    ray.get(tally.add.remote(batch.num_rows, batch.num_rows - todo.num_rows))
+    first_last = "\n".join(
+        batch[URI_COLUMN].slice(0, 1).to_pylist() + batch[URI_COLUMN].slice(batch.num_rows - 1).to_pylist()
+    )
+    part = "manifest-" + hashlib.sha1(f"{batch.num_rows}\n{first_last}".encode()).hexdigest()[:16]
+    _tally.put(run_id, part, batch.num_rows, batch.num_rows - todo.num_rows, finished=True)
     uris = todo[URI_COLUMN].to_pylist()
     paths = []
     for uri in uris:
@@ -236,26 +250,8 @@ def _listing_rows(batch: pa.Table, tally: Any) -> pa.Table:
             pa.nulls(n, pa.int64()),
             pa.nulls(n, pa.string()),
             pa.nulls(n, pa.float64()),
+            pa.array(np.zeros(n, np.int32)),
+            pa.array(np.zeros(n, np.int32)),
         ],
         schema=LISTING_SCHEMA,
     )
-
-
-def _tally_actor():
-    """A tiny counter the distributed steps report to, so the run report can say what was skipped."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Tally:
-        def __init__(self) -> None:
-            self.listed = 0
-            self.skipped = 0
-
-        def add(self, listed: int, skipped: int) -> None:
-            self.listed += listed
-            self.skipped += skipped
-
-        def get(self) -> tuple[int, int]:
-            return self.listed, self.skipped
-
-    return Tally.remote()

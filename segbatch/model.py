@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from segbatch import postprocess
-from segbatch.batching import FORWARD_PASS_COLUMN
+from segbatch.contract import FORWARD_PASS_COLUMN
 from segbatch.errors import WeightsError
 from segbatch.weights import RANDOM_SEED, ModelSpec, _fetch, _load_checkpoint
 
@@ -117,7 +118,10 @@ class Predictor:
     def stage(self, images: np.ndarray) -> Staged:
         """Start moving uint8 NHWC images to the device: pinned memory and a non-blocking copy on the
         copy stream, so it overlaps whatever the compute stream is doing. A no-op on the CPU."""
-        tensor = torch.from_numpy(images)
+        with warnings.catch_warnings():
+            # A view of the Arrow buffer, read-only; nothing writes to it (normalising makes a new tensor).
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(images)
         if self._copy_stream is None:
             return Staged(tensor, None)
         tensor = tensor.pin_memory()
@@ -237,88 +241,80 @@ class Segmenter:
         )
 
     @staticmethod
-    def _host_images(rows: list[int], batch: pa.Table) -> np.ndarray:
-        shape = (batch["in_h"][rows[0]].as_py(), batch["in_w"][rows[0]].as_py(), 3)
-        pixels = batch["pixels"]
-        return np.stack([np.frombuffer(pixels[r].as_py(), dtype=np.uint8).reshape(shape) for r in rows])
+    def _host_images(row: dict[str, Any]) -> np.ndarray:
+        """A pass's images as one N x H x W x 3 array, without a copy (a view of the Arrow buffer)."""
+        n = len(row["images"])
+        return np.frombuffer(row["pixels"], dtype=np.uint8).reshape(n, row["in_h"], row["in_w"], 3)
 
-    def _infer(
-        self, rows: list[int], batch: pa.Table, results: dict[int, Any], staged: Staged | None, passes: dict[int, int]
-    ) -> None:
-        """Infer rows of one shape together; if that fails, try each alone so one bad image costs one row.
-        ``passes`` gets, per row, the number of images in the forward pass that labelled it."""
+    def _infer(self, row: dict[str, Any], staged: Staged | None) -> list[Any]:
+        """Labelled (or an error string) per image of one pass; if the pass fails, each image is tried
+        alone, so one bad image costs one row."""
+        images = row["images"]
+        sizes = [(img["height"], img["width"]) for img in images]
         try:
             if staged is None:
-                staged = self.predictor.stage(self._host_images(rows, batch))
-            sizes = [(batch["height"][r].as_py(), batch["width"][r].as_py()) for r in rows]
-            for r, res in zip(rows, self.predictor.masks(staged, sizes)):
-                results[r] = res
-                passes[r] = len(rows)
+                staged = self.predictor.stage(self._host_images(row))
+            return list(self.predictor.masks(staged, sizes))
         except Exception as exc:
             if self.predictor.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if len(rows) > 1:
-                for r in rows:
-                    self._infer([r], batch, results, None, passes)
-            else:
-                log.warning("inference failed for %s: %s", batch["uri"][rows[0]].as_py(), exc)
-                results[rows[0]] = f"inference failed: {type(exc).__name__}: {exc}"
+            if len(images) > 1:
+                host = self._host_images(row)
+                out = []
+                for i, img in enumerate(images):
+                    one = {**row, "images": [img], "pixels": host[i].tobytes()}
+                    out += self._infer(one, None)
+                return out
+            log.warning("inference failed for %s: %s", images[0]["uri"], exc)
+            return [f"inference failed: {type(exc).__name__}: {exc}"]
 
-    def _stage(self, rows: list[int], batch: pa.Table) -> Staged | None:
+    def _stage(self, row: dict[str, Any]) -> Staged | None:
         try:
-            return self.predictor.stage(self._host_images(rows, batch))
+            return self.predictor.stage(self._host_images(row))
         except Exception:
             return None  # _infer retries it and turns a persistent failure into error rows
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        errors = batch["error"].to_pylist()
-        groups: dict[tuple[int, int], list[int]] = {}
-        for r, err in enumerate(errors):
-            if err is None:
-                key = (batch["in_h"][r].as_py(), batch["in_w"][r].as_py())
-                groups.setdefault(key, []).append(r)
-        results: dict[int, Any] = {}
-        passes: dict[int, int] = {}
-        # Never pad: only equal shapes share a forward pass, of at most max_batch images (ShapeBatcher
-        # upstream makes the groups full). Pass i+1 is staged (its copy to the GPU started) before pass i
-        # computes.
-        step = self.max_batch or batch.num_rows or 1
-        ordered = [rows[i : i + step] for rows in groups.values() for i in range(0, len(rows), step)]
-        staged = self._stage(ordered[0], batch) if ordered else None
-        for i, rows in enumerate(ordered):
-            following = self._stage(ordered[i + 1], batch) if i + 1 < len(ordered) else None
-            self._infer(rows, batch, results, staged, passes)
+    def __call__(self, passes: pa.Table) -> pa.Table:
+        """Rows of :data:`segbatch.decode.PASS_SCHEMA` (one forward pass each) -> one row per image: the
+        image's fields, its mask and pixel counts, and how many images shared its pass."""
+        rows = passes.to_pylist()
+        work = [r for r in rows if r["pixels"]]
+        out: list[dict[str, Any]] = []
+        # Pass i+1 is staged (its copy to the GPU started) before pass i computes.
+        staged = self._stage(work[0]) if work else None
+        for i, row in enumerate(work):
+            following = self._stage(work[i + 1]) if i + 1 < len(work) else None
+            results = self._infer(row, staged)
             staged = following
-        masks, counts, confidence = [], [], []
-        for r in range(batch.num_rows):
-            res = results.get(r)
-            if isinstance(res, Labelled):
-                masks.append(res.mask.tobytes())
-                counts.append(res.counts.tolist())
-                confidence.append(res)
-            else:
-                if isinstance(res, str):
-                    errors[r] = res
-                masks.append(b"")
-                counts.append(None)
-                confidence.append(None)
-        out = batch.drop_columns(["pixels", "error"])
-        out = out.append_column("error", pa.array(errors, pa.string()))
-        out = out.append_column("mask", pa.array(masks, pa.binary()))
-        out = out.append_column("pixel_counts", pa.array(counts, pa.list_(pa.int64())))
+            n = len(row["images"])
+            for img, res in zip(row["images"], results):
+                if isinstance(res, Labelled):
+                    out.append({**img, "result": res, FORWARD_PASS_COLUMN: n})
+                else:
+                    out.append({**img, "error": res, "result": None, FORWARD_PASS_COLUMN: 0})
+        for row in rows:
+            if not row["pixels"]:
+                out += [{**img, "result": None, FORWARD_PASS_COLUMN: 0} for img in row["images"]]
+        return self._table(out)
+
+    def _table(self, out: list[dict[str, Any]]) -> pa.Table:
+        from segbatch.decode import IMAGE_FIELDS, PASS_SCHEMA
+
+        image_type = PASS_SCHEMA.field("images").type.value_type
+        columns: dict[str, pa.Array] = {
+            name: pa.array([r[name] for r in out], image_type.field(name).type) for name in IMAGE_FIELDS
+        }
+        results = [r["result"] for r in out]
+        columns["mask"] = pa.array([r.mask.tobytes() if r else b"" for r in results], pa.binary())
+        columns["pixel_counts"] = pa.array([r.counts.tolist() if r else None for r in results], pa.list_(pa.int64()))
         if self.predictor.min_confidence is not None:
-            out = out.append_column(
-                "confidence", pa.array([c.confidence.tobytes() if c else b"" for c in confidence], pa.binary())
-            )
+            columns["confidence"] = pa.array([r.confidence.tobytes() if r else b"" for r in results], pa.binary())
             for name in ("mean_confidence", "low_confidence_share"):
-                out = out.append_column(
-                    name, pa.array([getattr(c, name) if c else None for c in confidence], pa.float32())
-                )
-        out = out.append_column("node_id", pa.array([self.node_id] * batch.num_rows, pa.string()))
-        out = out.append_column(
-            FORWARD_PASS_COLUMN, pa.array([passes.get(r, 0) for r in range(batch.num_rows)], pa.int32())
-        )
-        return out.append_column("device", pa.array([self.device_name] * batch.num_rows, pa.string()))
+                columns[name] = pa.array([getattr(r, name) if r else None for r in results], pa.float32())
+        columns["node_id"] = pa.array([self.node_id] * len(out), pa.string())
+        columns[FORWARD_PASS_COLUMN] = pa.array([r[FORWARD_PASS_COLUMN] for r in out], pa.int32())
+        columns["device"] = pa.array([self.device_name] * len(out), pa.string())
+        return pa.table(columns)
 
 
 __all__ = ["Labelled", "Predictor", "Segmenter", "build"]

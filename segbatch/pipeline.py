@@ -1,12 +1,14 @@
-"""The run: list -> read and decode (CPU tasks) -> infer (actor pool) -> encode and write (CPU tasks).
+"""The run: list (read tasks) -> read and decode (CPU tasks) -> infer (actor pool) -> encode and write (CPU tasks).
 
-This is the one place where the stages are put together; read :func:`build_dataset` top to bottom.
+This is the one place where the stages are put together; read :func:`build_dataset` top to bottom. Every
+stage is a pure function of the block it is given, so Ray's retries of a dead worker redo exactly that
+block; the driver holds counts only, and a run records success only when every listed input came back as
+a row (:func:`_check_complete`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import sys
 import time
@@ -19,6 +21,7 @@ from segbatch import (
     _lease,
     _ray,
     _storage,
+    _tally,
     identity,
     inference,
     listing,
@@ -29,22 +32,21 @@ from segbatch import (
     summary,
     weights,
 )
-from segbatch.batching import FORWARD_PASS_COLUMN, ShapeBatcher
 from segbatch.config import RunConfig
-from segbatch.contract import MASKS_DIR, SUMMARY_DIR
+from segbatch.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR
 from segbatch.decode import DecodeImages, Limits
-from segbatch.errors import BudgetError, ConfigError
+from segbatch.errors import BudgetError, ConfigError, IncompleteRunError, InputError
 from segbatch.inputs import Inputs
 from segbatch.sinks import WriteOutputs
 from segbatch.writers import WriterContext
 
 log = logging.getLogger(__name__)
 
-SUMMARY_ROWS_PER_FILE = 64  # most rows per summary Parquet file; also how many masks one write task holds
-MIN_SUMMARY_FILES = 16  # small runs still write in this many steps, not all at the end
-DECODE_BATCH_ROWS = 32  # images a decode task reads at once (concurrently) and holds decoded
 DECODE_TASK_MEMORY = 320 * 1024**2  # bytes; decode workers resize with PIL and never import torch
 MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run: one early error is no rate
+STREAM_BLOCK_BYTES = 256 * 1024  # see _run_holding_lease: ~1,500 listed names per block
+COUNTS_EVERY = 1.0  # seconds between the driver's reads of the listing's counts (Ray's key-value store)
+MISSING_EXAMPLES = 5  # inputs an incomplete run names
 
 
 class RunInterrupted(BaseException):
@@ -126,14 +128,14 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_inputs(config: RunConfig, relabel_since: float | None = None) -> Inputs:
-    """The inputs this run must process: a listed INPUT, or a manifest that Ray reads during the run. Ok
+def plan_inputs(config: RunConfig, relabel_since: float | None = None, run_id: str = "plan") -> Inputs:
+    """The inputs this run must process: a listed INPUT or a manifest, both read by Ray during the run. Ok
     rows written before ``relabel_since`` (an earlier model's, see identity.py) do not count as done."""
     if config.manifest:
-        inputs = manifest.ManifestInputs(config)
+        inputs = manifest.ManifestInputs(config, run_id=run_id)
         inputs.relabel_since = relabel_since
         return inputs
-    return listing.ListedInputs(config, relabel_since)
+    return listing.ListedInputs(config, relabel_since, run_id=run_id)
 
 
 def sizing(config: RunConfig) -> resources.Sizing:
@@ -151,29 +153,31 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
     size = sizing(config)
     _check_cpus_left_for_tasks(size)
     limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
+    resize = spec.architecture.resize()
 
-    ds = inputs.dataset(size.batch_size)
+    # 1. Listing: read tasks spread over the cluster, streaming blocks of single-shape runs of batch_size
+    #    rows (full forward passes, cut from image headers before any pixel is decoded).
+    inputs.plan(
+        run_id=run_id,
+        batch_size=size.batch_size,
+        spread=size.max_actors,
+        max_shards=max(listing.MIN_MAX_SHARDS, int(_ray.cluster_cpus() * listing.MAX_SHARDS_PER_CPU)),
+        resize=resize,
+    )
+    ds = inputs.dataset()
+    # 2. Decoding: listing blocks -> one row per forward pass (pixels of one shape packed together), so
+    #    that however Ray cuts the stream into blocks, a pass reaches the model whole. Its reservation
+    #    differs from the read tasks' and the actors', so Ray Data fuses it with neither (it fuses only
+    #    ops with equal resource requests).
     ds = ds.map_batches(
-        DecodeImages(config.input, config.storage_options, spec.architecture.resize(), limits),
-        batch_size=_decode_rows(inputs.pending, size),
+        DecodeImages(config.input, config.storage_options, resize, limits, max_batch=size.batch_size),
+        batch_size=inputs.block_rows,
         batch_format="pyarrow",
         num_cpus=size.decode_cpus,
-        # The reservation also keeps Ray Data from fusing decoding into the inference actor (it fuses
-        # only ops with equal resource requests), where it would run serially with the model.
         memory=DECODE_TASK_MEMORY,
     )
-    if inputs.pending is not None:
-        # Full forward passes: hold decoded images per model-input shape until a batch of one shape is
-        # there (segbatch/batching.py; it knows the input's end by its row count). One actor of no CPU:
-        # it only moves rows.
-        ds = ds.map_batches(
-            ShapeBatcher,
-            fn_constructor_kwargs={"batch_size": size.batch_size, "expected_rows": inputs.pending},
-            compute=ActorPoolStrategy(size=1),
-            batch_size=None,
-            batch_format="pyarrow",
-            num_cpus=0,
-        )
+    # 3. Inference: one actor takes whole forward passes (Ray Data wants a batch size with GPUs: one
+    #    row, which is one pass) and hands on one row per image.
     ds = ds.map_batches(
         inference.Segmenter,
         fn_constructor_kwargs={
@@ -185,16 +189,14 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
             "threads": size.threads,
         },
         compute=ActorPoolStrategy(min_size=size.min_actors, max_size=size.max_actors),
-        # After the batcher, a block is one or more single-shape batches: take it whole. A manifest run
-        # (row count unknown until read) groups shapes within each listing-order batch only. Ray Data
-        # wants a batch size with GPUs: the batcher's full batches are exactly that many rows.
-        batch_size=size.batch_size if inputs.pending is None or size.gpus_per_actor else None,
+        batch_size=1 if size.gpus_per_actor else None,
         batch_format="pyarrow",
         num_gpus=size.gpus_per_actor or None,
         num_cpus=size.cpus_per_actor,
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
-        # and its batches retried, so a lost worker costs time, not images (tests/test_faults.py).
+        # and its blocks retried, so a lost worker costs time, not images (tests/test_faults.py).
     )
+    # 4. Writing: masks first, then the block's summary file (segbatch/sinks.py).
     context = WriterContext(
         config.output,
         config.storage_options,
@@ -203,22 +205,12 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
         limits=limits,
         png_compress_level=config.png_compress_level,
     )
-    # A manifest's row count is known only once Ray has read it: it counts as unbounded here.
-    pending = inputs.pending if inputs.pending is not None else sys.maxsize
-    ds = ds.map_batches(
+    return ds.map_batches(
         WriteOutputs(context, config.writers, run_id=run_id, model=spec.arch, weights=spec.identity),
-        batch_size=min(SUMMARY_ROWS_PER_FILE, max(size.batch_size, math.ceil(pending / MIN_SUMMARY_FILES))),
+        batch_size=inputs.block_rows,
         batch_format="pyarrow",
         num_cpus=size.decode_cpus,
     )
-    return ds
-
-
-def _decode_rows(pending: int | None, size: resources.Sizing) -> int:
-    """Images per decode task: DECODE_BATCH_ROWS, fewer for a small run so that every inference actor
-    gets blocks of its own (each decode task's output reaches the pool as one block)."""
-    rows = DECODE_BATCH_ROWS if pending is None else min(DECODE_BATCH_ROWS, math.ceil(pending / (4 * size.max_actors)))
-    return max(size.batch_size, rows)
 
 
 def _check_cpus_left_for_tasks(size: resources.Sizing) -> None:
@@ -264,37 +256,44 @@ def _run_holding_lease(
     report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output))
     cleanup = binding.relabel_since is not None  # rows of an earlier model may need dropping afterwards
     try:
-        inputs = plan_inputs(config, binding.relabel_since)
+        inputs = plan_inputs(config, binding.relabel_since, run_id=run_id)
     except RunInterrupted as exc:
         report.stopped_early = f"interrupted by {exc.name} while listing INPUT; nothing was labelled"
         report.seconds = time.monotonic() - started
         runs.finish(config, report, completed=False, cleanup=False)
         raise
-    report.listed, report.skipped = inputs.counts()
-    if inputs.pending == 0:
-        log.info("nothing to do: every listed input already has an ok row")
-        report.seconds = time.monotonic() - started
-        runs.finish(config, report, completed=True, cleanup=cleanup)
-        return report
 
     failure: BaseException | None = None
     with _ray.session(config.address):
         from ray.data import DataContext
 
         _restore_python_signal_handlers()
-        DataContext.get_current().enable_progress_bars = config.progress
+        context = DataContext.get_current()
+        context.enable_progress_bars = config.progress
+        # Ray Data gathers a task's output into blocks of up to this many bytes before handing any on: at
+        # the default (128 MiB) a read task would hold ~500,000 listed names before the first image is
+        # decoded. Forward passes travel as single rows (segbatch/decode.py), which no block size splits.
+        saved_block_size, context.target_max_block_size = context.target_max_block_size, STREAM_BLOCK_BYTES
         try:
             ds = build_dataset(config, spec, inputs, run_id)
+            counted = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                _tally(report, batch)
+                _count_rows(report, batch)
+                if time.monotonic() - counted >= COUNTS_EVERY:
+                    _read_counts(report, run_id)
+                    counted = time.monotonic()
                 lease.check()
                 _check_error_budget(config, report)
+            _check_complete(config, spec, inputs, report, _read_counts(report, run_id))
         except (RunInterrupted, KeyboardInterrupt) as exc:
             exc = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
             report.stopped_early = f"interrupted by {exc.name}; rows written so far stay valid, rerun to resume"
             failure = exc
-        except (BudgetError, _lease.LeaseLostError) as exc:
+        except (BudgetError, _lease.LeaseLostError, IncompleteRunError) as exc:
             report.stopped_early = report.stopped_early or str(exc)
+            failure = exc
+        except InputError as exc:  # INPUT turned out to hold no image at all
+            report.stopped_early = str(exc)
             failure = exc
         except Exception as exc:
             fatal = _fatal_write_error(exc)
@@ -308,8 +307,10 @@ def _run_holding_lease(
                 )
                 failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
         finally:
+            context.target_max_block_size = saved_block_size
             try:
-                report.listed, report.skipped = inputs.counts()
+                _read_counts(report, run_id)
+                _tally.clear(run_id)
             except Exception:
                 pass
     # Ray is stopped (or detached) here: no task writes any more, so the summary's rows of this run are
@@ -321,6 +322,49 @@ def _run_holding_lease(
     if failure is not None:
         raise failure
     return report
+
+
+def _read_counts(report: RunReport, run_id: str) -> _tally.Totals:
+    """The listing's counts so far (its read tasks report them to Ray's key-value store)."""
+    totals = _tally.totals(run_id)
+    report.listed, report.skipped = totals.listed, totals.skipped
+    return totals
+
+
+def _check_complete(
+    config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, report: RunReport, totals: _tally.Totals
+) -> None:
+    """A run succeeds only when every listed input that was not skipped came back as exactly one row."""
+    parts = inputs.parts
+    listing_done = parts is None or totals.finished >= parts
+    expected = totals.listed - totals.skipped
+    if listing_done and totals.listed == 0 and hasattr(inputs, "no_images_error"):
+        raise inputs.no_images_error()
+    if listing_done and report.processed == expected:
+        return
+    missing = [] if report.processed > expected else _missing_examples(config, spec, inputs, report.run_id)
+    if not listing_done:
+        what = f"only {totals.finished} of {parts} listing tasks reported their counts"
+    elif report.processed > expected:
+        what = f"{report.processed} rows came back for {expected} inputs (a task ran twice)"
+    else:
+        what = f"{expected - report.processed} of {expected} inputs to label came back without a row"
+    named = "".join(f"\n  missing: {uri}" for uri in missing)
+    raise IncompleteRunError(
+        f"run incomplete: {what}; it is not recorded as complete: rerun the same command to finish it{named}"
+    )
+
+
+def _missing_examples(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, run_id: str) -> list[str]:
+    """A few listed inputs without a row of this run: the listing again, less every row this run wrote."""
+    try:
+        check = inputs.verification(run_id)
+        rows = check.dataset().limit(MISSING_EXAMPLES).take(MISSING_EXAMPLES)
+        _tally.clear(check.run_id)
+        return [r["uri"] for r in rows]
+    except Exception as exc:
+        log.warning("could not name the missing inputs: %s", exc)
+        return []
 
 
 _stop_handler = None  # set by install_stop_handlers (the CLI); None for library callers
@@ -369,7 +413,7 @@ def _recount(config: RunConfig, report: RunReport) -> None:
     report.ok, report.errors = ok, rows.num_rows - ok
 
 
-def _tally(report: RunReport, batch: pa.Table) -> None:
+def _count_rows(report: RunReport, batch: pa.Table) -> None:
     if FORWARD_PASS_COLUMN in batch.column_names:
         sizes = [s for s in batch[FORWARD_PASS_COLUMN].to_pylist() if s]
         report.inferred += len(sizes)

@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segbatch import _storage
-from segbatch.batching import FORWARD_PASS_COLUMN
-from segbatch.contract import SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata
+from segbatch.contract import FORWARD_PASS_COLUMN, SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata
 from segbatch.writers import MaskWriter, WriterContext, get_writer
 
 WRITE_THREADS = 16  # concurrent object writes per task; object stores reward parallel PUTs

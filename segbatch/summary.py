@@ -69,7 +69,7 @@ IDENTITY_COLUMNS = ["size", "etag", "mtime"]  # what --redo-changed compares
 DONE_CHUNK_ROWS = 2_000_000  # ok rows the driver holds at once while deciding what to skip
 
 
-def _done_filter(since: float | None) -> pc.Expression:
+def done_filter(since: float | None) -> pc.Expression:
     where = pc.field("status") == "ok"
     if since is not None:
         where = where & (pc.field("written_at") >= pa.scalar(int(since * 1000), pa.timestamp("ms", tz="UTC")))
@@ -81,7 +81,7 @@ def done_keys(
 ) -> pa.Table:
     """uri (and input identity) of every ok row: what a resumed run skips. With ``since`` (epoch seconds,
     identity.py's relabel_since) only rows written since then count."""
-    return read(output_url, storage_options, columns=["uri", *IDENTITY_COLUMNS], filter=_done_filter(since))
+    return read(output_url, storage_options, columns=["uri", *IDENTITY_COLUMNS], filter=done_filter(since))
 
 
 def done_key_chunks(
@@ -99,7 +99,7 @@ def done_key_chunks(
     if ds is None:
         return
     columns = ["uri", *IDENTITY_COLUMNS] if identity else ["uri"]
-    scanner = ds.scanner(columns=columns, filter=_done_filter(since), batch_readahead=2, fragment_readahead=1)
+    scanner = ds.scanner(columns=columns, filter=done_filter(since), batch_readahead=2, fragment_readahead=1)
     batches, rows = [], 0
     for batch in scanner.to_batches():
         if batch.num_rows:

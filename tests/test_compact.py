@@ -360,7 +360,7 @@ def test_status_report_eval_and_resume_read_both_alike(two_outputs):
             rep.classes,
             ev.images,
             ev.matrix.tolist(),
-            plan.todo["uri"].to_pylist(),
+            plan.todo()["uri"].to_pylist(),
             plan.counts(),
         )
     assert results["small"] == results["merged"]

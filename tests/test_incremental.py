@@ -54,8 +54,8 @@ def history(tmp_path_factory, ray_local, checkpoint):
     save(src / "bad.jpg", seed=7)  # repaired
     time.sleep(0.05)  # mtime resolution
     save(src / "img0.jpg", seed=100, size=(80, 60))  # changed in place
-    plans["plain"] = plan_inputs(base).todo["uri"].to_pylist()
-    plans["changed"] = plan_inputs(base.replace(redo_changed=True)).todo["uri"].to_pylist()
+    plans["plain"] = plan_inputs(base).todo()["uri"].to_pylist()
+    plans["changed"] = plan_inputs(base.replace(redo_changed=True)).todo()["uri"].to_pylist()
     step("r2-changed", redo_changed=True)
     step("r3-all", redo_all=True)
     step("r4-noop")  # everything has an ok row: no Ray at all, but still a run with a record

@@ -113,8 +113,8 @@ def test_rows_of_an_earlier_model_do_not_count_as_done(tmp_path):
     )
     pq.write_table(pa.table(rows, schema=SUMMARY_SCHEMA), out / "summary" / "part-x.parquet")
     config = RunConfig(input=str(src), output=str(out))
-    assert plan_inputs(config).pending == 0
-    assert plan_inputs(config, since).todo["uri"].to_pylist() == [str(src / "a.jpg")]
+    assert plan_inputs(config).todo().num_rows == 0
+    assert plan_inputs(config, since).todo()["uri"].to_pylist() == [str(src / "a.jpg")]
 
 
 # -- 2: one writer at a time -----------------------------------------------------------------------------
