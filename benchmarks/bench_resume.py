@@ -118,6 +118,8 @@ def make_listing(rows: int) -> pa.Table:
                     "size": [_size(i) for i in ids],
                     "etag": [f"{i:032x}" for i in ids],
                     "mtime": np.full(len(ids), 1.7e9),
+                    "model_h": np.zeros(len(ids), np.int32),
+                    "model_w": np.zeros(len(ids), np.int32),
                 },
                 schema=listing.LISTING_SCHEMA,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -33,14 +34,16 @@ class Starter:
         self._address = address or os.environ.get("RAY_ADDRESS")
         if not self._address:
             os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # before ray is first imported
-        import ray
 
         self._owned = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._release = threading.Event()
-        if ray.is_initialized():
+        # Importing ray alone takes a second or two: a Ray that is not imported yet is not running, and the
+        # import happens in the background with the start.
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
             return
         if background:
             # The thread lives until close(): Ray's GCS and raylet are started with a parent-death signal,
@@ -56,9 +59,9 @@ class Starter:
         self._release.wait()
 
     def _start(self) -> None:
-        import ray
-
         try:
+            import ray
+
             if self._address:
                 log.info("attaching to the Ray cluster at %s", self._address)
                 ray.init(address=self._address, log_to_driver=True)

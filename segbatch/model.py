@@ -218,11 +218,14 @@ class Segmenter:
         min_confidence: float | None = None,
         max_batch: int | None = None,
         threads: int | None = None,
+        predictor: Any = None,
     ):
         import ray
 
         self.max_batch = max_batch  # most images per forward pass; None: a batch's whole shape group
-        self.predictor = Predictor(
+        # `predictor`: a stand-in with Predictor's stage/masks/device/min_confidence (benchmarks/data_path.py
+        # measures the data path's own ceiling with one that costs nothing, or a fixed time per pass).
+        self.predictor = predictor or Predictor(
             spec,
             precision=precision,
             upsample=upsample,

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
@@ -146,8 +147,9 @@ def sizing(config: RunConfig) -> resources.Sizing:
     return resources.settle(config, _ray.cluster_cpus(), _ray.cluster_gpus(), gpu_bytes)
 
 
-def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, run_id: str):
-    """The lazy Ray Dataset of a run; iterating it does the work and yields (uri, status, error) rows."""
+def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, run_id: str, predictor: Any = None):
+    """The lazy Ray Dataset of a run; iterating it does the work and yields (uri, status, error) rows.
+    ``predictor`` replaces the model in every actor (benchmarks/data_path.py's stand-in)."""
     from ray.data import ActorPoolStrategy
 
     size = sizing(config)
@@ -187,6 +189,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
             "min_confidence": config.min_confidence if config.confidence else None,
             "max_batch": size.batch_size,
             "threads": size.threads,
+            **({"predictor": predictor} if predictor is not None else {}),
         },
         compute=ActorPoolStrategy(min_size=size.min_actors, max_size=size.max_actors),
         batch_size=1 if size.gpus_per_actor else None,
@@ -234,23 +237,33 @@ def run(config: RunConfig) -> RunReport:
     one OUTPUT is bound to (docs/recurring-runs.md)."""
     config.check_runnable()
     started = time.monotonic()
-    preflight.check_inputs_exist(config)
-    listing.check_output(config.output, config.storage_options)
-    preflight.probe_output(config.output, config.storage_options)
-    spec = weights.resolve(
-        config.model,
-        config.weights,
-        classes_url=config.classes,
-        sha256=config.weights_sha256,
-        storage_options=config.storage_options,
-    )
-    run_id = config.run_id or new_run_id()
-    with _lease.Lease(config.output, config.storage_options, run_id) as lease:
-        return _run_holding_lease(config, spec, run_id, lease, started)
+    # Ray starts in the background (seconds) while the checks below run; a run they refuse stops it again.
+    ray_start = _ray.Starter(config.address, background=True)
+    try:
+        preflight.check_inputs_exist(config)
+        listing.check_output(config.output, config.storage_options)
+        preflight.probe_output(config.output, config.storage_options)
+        spec = weights.resolve(
+            config.model,
+            config.weights,
+            classes_url=config.classes,
+            sha256=config.weights_sha256,
+            storage_options=config.storage_options,
+        )
+        run_id = config.run_id or new_run_id()
+        with _lease.Lease(config.output, config.storage_options, run_id) as lease:
+            return _run_holding_lease(config, spec, run_id, lease, started, ray_start)
+    finally:
+        ray_start.close()
 
 
 def _run_holding_lease(
-    config: RunConfig, spec: weights.ModelSpec, run_id: str, lease: _lease.Lease, started: float
+    config: RunConfig,
+    spec: weights.ModelSpec,
+    run_id: str,
+    lease: _lease.Lease,
+    started: float,
+    ray_start: _ray.Starter,
 ) -> RunReport:
     binding = identity.bind(config, spec, run_id)
     report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output))
@@ -264,7 +277,7 @@ def _run_holding_lease(
         raise
 
     failure: BaseException | None = None
-    with _ray.session(config.address):
+    with ray_start.session():
         from ray.data import DataContext
 
         _restore_python_signal_handlers()

@@ -187,6 +187,8 @@ def test_drop_done_compares_identity_where_both_sides_have_it():
             "size": [1, 2, 3, 4, 5],
             "etag": [None, None, None, "e2", None],
             "mtime": [1.0, 2.0, 3.0, None, 9.0],
+            "model_h": [0] * 5,
+            "model_w": [0] * 5,
         },
         schema=LISTING_SCHEMA,
     )
