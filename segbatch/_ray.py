@@ -40,8 +40,13 @@ class Starter:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._release = threading.Event()
+        self._stderr_filter = None
         if ray.is_initialized():
             return
+        from segbatch import _logs
+
+        # Ray's C++ core lines stay off the terminal unless -v (segbatch/_logs.py); on from before Ray starts.
+        self._stderr_filter = _logs.NativeStderrFilter().start()
         if background:
             # The thread lives until close(): Ray's GCS and raylet are started with a parent-death signal,
             # which Linux ties to the starting *thread*, so they would be killed when it ended.
@@ -58,16 +63,20 @@ class Starter:
     def _start(self) -> None:
         import ray
 
+        from segbatch import _logs
+
+        quiet = _logs.ray_init_kwargs()  # Ray's own lines: off unless -v (segbatch/_logs.py)
         try:
             if self._address:
                 log.info("attaching to the Ray cluster at %s", self._address)
-                ray.init(address=self._address, log_to_driver=True)
+                ray.init(address=self._address, **quiet)
             else:
                 # "local" never attaches to a cluster found on this machine: the run gets its own Ray.
                 # Ray maps 127.0.0.1 to the host's address unless LOOPBACK_ONLY_ENV (set above) says that
                 # this is a single-machine Ray; an embedded Ray has no peers, so it listens on loopback only.
-                ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True)
+                ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **quiet)
             self._owned = True
+            _logs.quiet_ray_data()
         except BaseException as exc:  # re-raised in the caller's thread by wait()
             self._error = exc
 
@@ -99,6 +108,9 @@ class Starter:
             self._release.set()
             self._thread.join()
             self._thread = None
+        if self._stderr_filter is not None:
+            self._stderr_filter.stop()
+            self._stderr_filter = None
 
 
 def cluster_gpus() -> float:

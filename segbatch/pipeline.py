@@ -24,6 +24,7 @@ from segbatch import (
     listing,
     manifest,
     preflight,
+    progress,
     resources,
     runs,
     summary,
@@ -282,11 +283,16 @@ def _run_holding_lease(
         from ray.data import DataContext
 
         _restore_python_signal_handlers()
-        DataContext.get_current().enable_progress_bars = config.progress
+        DataContext.get_current().enable_progress_bars = False  # segbatch's own bar (progress.py) instead
+        bar = progress.RunProgress(config.progress)
+        bar.update(skipped=report.skipped)
+        bar.set_total(inputs.pending)
         try:
             ds = build_dataset(config, spec, inputs, run_id)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                ok, errors = report.ok, report.errors
                 _tally(report, batch)
+                bar.update(report.ok - ok, report.errors - errors)
                 lease.check()
                 _check_error_budget(config, report)
         except (RunInterrupted, KeyboardInterrupt) as exc:
@@ -308,6 +314,7 @@ def _run_holding_lease(
                 )
                 failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
         finally:
+            bar.close()
             try:
                 report.listed, report.skipped = inputs.counts()
             except Exception:
