@@ -55,7 +55,7 @@ def _auto_help(name: str) -> str:
         }[name]
         where = f"{cpus} CPUs" + (f" + {gpus} GPUs" if gpus else "")
         examples.append(f"{where}: {value:g}")
-    note = f" for {RunConfig.model} on GPUs of unknown memory" if name == "batch_size" else ""
+    note = f" (for {RunConfig.model})" if name == "batch_size" else ""
     text = f"default auto: {resources.auto_rules()[name]}; e.g. {', '.join(examples)}{note}"
     return text.replace("%", "%%")  # argparse %-formats help strings
 

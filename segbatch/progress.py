@@ -64,9 +64,9 @@ class RunProgress:
         if self.tty:
             if self._bar is None:
                 self._bar = self._make_bar()
-            else:
-                self._bar.total = n
-                self._bar.refresh()
+            else:  # the bar's format depends on whether the total is known
+                self._bar.close()
+                self._bar = self._make_bar()
         else:
             of = f"{n} {self.unit}" if n is not None else f"{self.unit} (count not known until read)"
             skipped = f", {self.skipped} skipped (already labelled)" if self.skipped else ""
@@ -138,6 +138,12 @@ class RunProgress:
             nrows=None if sized else 20,  # tqdm hides a bar below a terminal's last row; unsized: row 0 of 0
             smoothing=0.1,
             desc="segbatch",
+            # Always images/s (tqdm's default turns a rate below 1 into s/image).
+            bar_format=(
+                "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+                if self.total
+                else "{desc}: {n_fmt} [{elapsed}, {rate_noinv_fmt}{postfix}]"
+            ),
             postfix=self._postfix(),
             leave=True,
         )

@@ -158,7 +158,7 @@ def default_batch_size(arch: str, precision: str, gpus: float, gpu_bytes: int | 
 def auto_rules() -> dict[str, str]:
     """The rule behind each sizing flag's default, in words, from the constants above: what ``--help`` and
     docs/cli.md print after "auto:". tests/test_cli_help.py checks them against :func:`settle`."""
-    tasks = f"{TASK_SHARE:g} of the CPUs (at least {MIN_TASK_CPUS:g}; a whole CPU for a manifest run)"
+    tasks = f"{TASK_SHARE:.1%} of the CPUs (at least {MIN_TASK_CPUS:g}; a whole CPU for a manifest run)"
     return {
         "actors": f"one per GPU; without GPUs, one per ~{THREADS_PER_ACTOR} of the CPUs left after {tasks} "
         "is kept for decode and write tasks",
@@ -166,7 +166,8 @@ def auto_rules() -> dict[str, str]:
         f"left after {tasks} is kept for decode and write tasks, split among the actors",
         "decode_cpus": f"half the CPUs the actors leave, at most {MAX_DECODE_CPUS:g}",
         "batch_size": f"{CPU_BATCH_SIZE} on CPU; on a GPU the largest power of two whose activations fit in "
-        f"{GPU_MEMORY_SHARE:.0%} of its memory, at most {MAX_GPU_BATCH}",
+        f"{GPU_MEMORY_SHARE:.0%} of its memory ({ASSUMED_GPU_BYTES / 1024**3:g} GiB assumed where Ray does not name "
+        f"the GPU type), at most {MAX_GPU_BATCH}",
     }
 
 
