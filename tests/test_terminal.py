@@ -298,3 +298,61 @@ def test_every_bench_flag_has_help_that_names_its_default():
 
 def test_config_help_names_json():
     assert "YAML, TOML or JSON" in _help("run")
+
+
+# -- torchvision's own spelling of weights ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "default",
+        "DEFAULT",
+        "COCO_WITH_VOC_LABELS_V1",
+        "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
+        "DeepLabV3_MobileNet_V3_Large_Weights.DEFAULT",
+    ],
+)
+def test_torchvisions_spellings_of_the_pretrained_weights_are_default(spelling):
+    from segbatch import weights
+
+    assert weights.canonical(TEST_ARCH, spelling) == "default"
+
+
+def test_torchvision_spellings_match_torchvisions_enum():
+    from torchvision.models import get_model_weights
+
+    from segbatch import weights
+
+    enum = get_model_weights(TEST_ARCH)
+    for spelling in weights.default_spellings(TEST_ARCH)[1:]:
+        member = spelling.rsplit(".", 1)[-1]
+        assert enum[member] is enum.DEFAULT, spelling
+
+
+@pytest.mark.parametrize("bad", ["FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1", "IMAGENET1K_V1", "/no/such/file.pt"])
+def test_a_wrong_weights_name_lists_the_valid_values(bad):
+    from segbatch import weights
+    from segbatch.errors import WeightsError
+
+    with pytest.raises(WeightsError) as err:
+        weights.resolve(TEST_ARCH, bad)
+    assert "valid values: default | DEFAULT | COCO_WITH_VOC_LABELS_V1" in str(err.value), err.value
+    assert "random" in str(err.value) and "state_dict" in str(err.value)
+
+
+def test_the_cli_takes_torchvisions_spelling(tmp_path, monkeypatch):
+    """Offline, --weights DEFAULT reaches the download (and says how to get the file), not 'does not exist'."""
+    from segbatch import weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    resolved = []
+
+    def fake_ensure(arch):
+        resolved.append(arch)
+        return str(tmp_path / "cached.pth")
+
+    monkeypatch.setattr(weights, "ensure_default_weights", fake_ensure)
+    spec = weights.resolve(TEST_ARCH, "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1")
+    assert resolved == [TEST_ARCH]
+    assert spec.weights == "default" and spec.identity == "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1"
