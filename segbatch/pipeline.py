@@ -123,8 +123,9 @@ class RunReport:
         return "\n".join(lines)
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+def new_run_id(at: float | None = None) -> str:
+    """``<UTC time the run started>-<random>``; ``at`` is that time (seconds since the epoch), default now."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at)) + "-" + uuid.uuid4().hex[:6]
 
 
 def plan_inputs(config: RunConfig, relabel_since: float | None = None) -> Inputs:
@@ -243,6 +244,7 @@ def run(config: RunConfig) -> RunReport:
     one OUTPUT is bound to (docs/recurring-runs.md)."""
     config.check_runnable()
     started = time.monotonic()
+    run_id = config.run_id or new_run_id()  # the start time, as the run record's started_at
     preflight.check_inputs_exist(config)
     listing.check_output(config.output, config.storage_options)
     preflight.probe_output(config.output, config.storage_options)
@@ -253,7 +255,6 @@ def run(config: RunConfig) -> RunReport:
         sha256=config.weights_sha256,
         storage_options=config.storage_options,
     )
-    run_id = config.run_id or new_run_id()
     with _lease.Lease(config.output, config.storage_options, run_id) as lease:
         return _run_holding_lease(config, spec, run_id, lease, started)
 

@@ -164,6 +164,7 @@ def test_ray_core_lines_are_recognised():
 # -- a real run, as a user sees it ------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_run_on_a_terminal_shows_a_bar_and_no_ray_noise(tmp_path, checkpoint):
     code, text = _on_pty(_run_cmd(tmp_path, checkpoint), _env())
     assert code == 0, text[-3000:]
@@ -177,6 +178,7 @@ def test_a_run_on_a_terminal_shows_a_bar_and_no_ray_noise(tmp_path, checkpoint):
     assert "\x1b[3" not in text  # no coloured worker prefixes
 
 
+@pytest.mark.integration
 def test_a_piped_run_logs_short_plain_lines_and_no_ray_noise(tmp_path, checkpoint):
     done = subprocess.run(
         _run_cmd(tmp_path, checkpoint),
@@ -194,8 +196,17 @@ def test_a_piped_run_logs_short_plain_lines_and_no_ray_noise(tmp_path, checkpoin
     assert "segbatch: labelling 7 images; progress every 30s" in done.stderr
     # The progress start line, segbatch's own compaction note, and the report (5 lines, one error example).
     assert len(text.splitlines()) <= 9, text
+    # The run id's time is the start time the run record shows.
+    import calendar
+    import json
+
+    record = json.loads(next((tmp_path / "out" / "runs").glob("*.json")).read_text())
+    from_id = calendar.timegm(time.strptime(record["run_id"].split("-")[0], "%Y%m%dT%H%M%SZ"))
+    started = calendar.timegm(time.strptime(record["started_at"], "%Y-%m-%dT%H:%M:%SZ"))
+    assert abs(from_id - started) <= 1, record
 
 
+@pytest.mark.integration
 def test_verbose_brings_rays_lines_back(tmp_path, checkpoint):
     done = subprocess.run(
         _run_cmd(tmp_path, checkpoint, "-v", "--no-progress"),
@@ -356,3 +367,72 @@ def test_the_cli_takes_torchvisions_spelling(tmp_path, monkeypatch):
     spec = weights.resolve(TEST_ARCH, "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1")
     assert resolved == [TEST_ARCH]
     assert spec.weights == "default" and spec.identity == "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1"
+
+
+# -- make demo leads somewhere ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_the_demo_falls_back_to_seeded_weights_and_its_next_commands_work_as_printed(tmp_path):
+    env = _env(TORCH_HOME=str(tmp_path / "torch"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    done = subprocess.run(
+        [sys.executable, "-m", "segbatch.demo", "--output", "demo-output"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout + done.stderr
+    if "Pretrained weights are not available" in text:  # offline, as CI is
+        assert "SEEDED, UNTRAINED" in text and "seeded-bn-calibrated" in text
+        import numpy as np
+
+        from _helpers import summary_table
+
+        # Not one class everywhere (what --weights random gives): the masks follow the photos.
+        for counts in summary_table(tmp_path / "demo-output")["pixel_counts"].to_pylist():
+            assert max(counts) / sum(counts) < 0.99 and np.count_nonzero(counts) >= 2, counts
+    for noise in RAY_NOISE:
+        assert noise not in text, noise
+    assert (tmp_path / "demo-output" / "report.html").is_file()
+    commands = done.stdout.split("Next, from this folder", 1)[1].splitlines()[1:]
+    commands = [c.strip() for c in commands if c.startswith("  ")]
+    assert len(commands) >= 3 and any(" status demo-output" in c for c in commands), done.stdout
+    for command in commands:
+        ran = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+        assert ran.returncode == 0, (command, ran.stderr[-2000:])
+        assert ran.stdout.strip(), command
+
+
+# -- small ones -------------------------------------------------------------------------------------------
+
+
+def test_status_of_a_missing_output_says_it_does_not_exist(tmp_path, capsys):
+    from segbatch.cli import main
+
+    assert main(["status", str(tmp_path / "mistyped")]) == 4
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "no runs yet" not in err, err
+
+
+def test_export_names_the_files_it_wrote():
+    from segbatch.export import ExportResult
+
+    zips = ExportResult("cvat", "/x/cvat.zip", images=6, shard_size=4)
+    zips.shards = [{"path": "cvat-00000.zip", "images": 4}, {"path": "cvat-00001.zip", "images": 2}]
+    text = str(zips)
+    assert "into /x/\n" in text and "cvat-00000.zip, cvat-00001.zip" in text and "into /x/cvat.zip" not in text
+
+    folder = ExportResult("cvat", "/x/cvat", images=6)
+    folder.shards = [{"path": "", "images": 6}]
+    assert str(folder).splitlines()[:2] == [
+        "segbatch export: 6 images as cvat into /x/cvat",
+        "  1 shard (up to 10000 images a shard)",
+    ]
+
+    one_zip = ExportResult("cvat", "/x/one.zip", images=6)
+    one_zip.shards = [{"path": "one.zip", "images": 6}]
+    assert "into /x/one.zip" in str(one_zip) and ": ." not in str(one_zip)
