@@ -436,3 +436,80 @@ def test_export_names_the_files_it_wrote():
     one_zip = ExportResult("cvat", "/x/one.zip", images=6)
     one_zip.shards = [{"path": "one.zip", "images": 6}]
     assert "into /x/one.zip" in str(one_zip) and ": ." not in str(one_zip)
+
+
+# -- the report shows what eval showed, and its matrix fits the window -------------------------------------
+
+
+def _report_with_eval(tmp_path: Path) -> Path:
+    import json
+
+    import numpy as np
+
+    from segbatch._report import write_report
+    from segbatch.architectures import VOC_CATEGORIES
+
+    from _helpers import write_output
+
+    out = tmp_path / "out"
+    rng = np.random.default_rng(0)
+    write_output(
+        out, [{"rel": f"{i}.jpg", "mask": rng.integers(0, 21, (8, 8))} for i in range(3)], list(VOC_CATEGORIES)
+    )
+    counts = rng.integers(10_000, 999_999, (21, 21)).tolist()
+    ev = {
+        "miou": 0.5,
+        "pixel_accuracy": 0.6,
+        "images": 2,
+        "missing_ground_truth": 0,
+        "missing_ground_truth_examples": [],
+        "errors": 1,
+        "error_examples": [{"uri": "/in/2.jpg", "error": "ground truth is 10x10, the mask 8x8"}],
+        "per_class": [
+            {"id": i, "class": c, "iou": 0.5, "support": sum(counts[i]), "predicted": sum(r[i] for r in counts)}
+            for i, c in enumerate(VOC_CATEGORIES)
+        ],
+        "confusion_matrix": {"classes": list(VOC_CATEGORIES), "counts": counts},
+        "worst_images": [],
+    }
+    (out / "eval.json").write_text(json.dumps(ev))
+    write_report(str(out), samples=0)
+    return out / "report.html"
+
+
+def test_report_lists_images_that_failed_evaluation(tmp_path):
+    html = _report_with_eval(tmp_path).read_text()
+    section = html[html.index('id="evaluation"') : html.index('id="gallery"')]
+    assert "failed evaluation" in section
+    not_compared = section[section.index('id="not-compared"') : section.index('id="confusion"')]
+    assert "/in/2.jpg" in not_compared and "ground truth is 10x10, the mask 8x8" in not_compared
+    confusion = section[section.index('id="confusion"') :]
+    assert confusion.count('class="n col"') == 21  # every VOC class, names whole (vertical headers)
+    assert '<div class="scroll-x"><table id="confusion">' in section
+
+
+def test_the_confusion_matrix_fits_a_1280px_window_in_chromium(tmp_path):
+    import json
+
+    from test_results import chromium
+
+    page = _report_with_eval(tmp_path)
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            """<script>window.addEventListener('load', () => {
+  const t = document.querySelector('#confusion').getBoundingClientRect();
+  const heads = [...document.querySelectorAll('#confusion th')];
+  const out = {right: t.right, page: document.documentElement.scrollWidth,
+               clipped: heads.filter(h => h.scrollWidth > h.clientWidth + 1 || h.scrollHeight > h.clientHeight + 1)
+                             .map(h => h.textContent)};
+  const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});</script></body>""",
+        )
+    )
+    dom = chromium(tmp_path, probe.as_uri(), "--dump-dom", "--window-size=1280,900").stdout
+    found = json.loads(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1).replace("&quot;", '"'))
+    assert found["right"] <= 1280 and found["page"] <= 1280, found
+    assert found["clipped"] == [], found
