@@ -123,9 +123,8 @@ class RunReport:
         return "\n".join(lines)
 
 
-def new_run_id(at: float | None = None) -> str:
-    """``<UTC time the run started>-<random>``; ``at`` is that time (seconds since the epoch), default now."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at)) + "-" + uuid.uuid4().hex[:6]
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
 def plan_inputs(config: RunConfig, relabel_since: float | None = None) -> Inputs:

@@ -157,7 +157,7 @@ def default_batch_size(arch: str, precision: str, gpus: float, gpu_bytes: int | 
 
 def auto_rules() -> dict[str, str]:
     """The rule behind each sizing flag's default, in words, from the constants above: what ``--help`` and
-    docs/cli.md print after "auto:". tests/test_cli_help.py checks them against :func:`settle`."""
+    docs/cli.md print after "auto:". tests/test_terminal.py checks them against :func:`settle`."""
     tasks = f"{TASK_SHARE:.1%} of the CPUs (at least {MIN_TASK_CPUS:g}; a whole CPU for a manifest run)"
     return {
         "actors": f"one per GPU; without GPUs, one per ~{THREADS_PER_ACTOR} of the CPUs left after {tasks} "
