@@ -12,11 +12,15 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # Re-install when the dependency list changes; the editable install picks up code changes by itself.
+# pip shows each package it fetches and its download progress (not -q: a silent five minutes looks hung);
+# the first install fetches torch with its CUDA libraries, about 6.5 GB in .venv.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "segbatch: installing into $(VENV) (first time: about 6.5 GB, torch with its CUDA libraries; several minutes)"
+	@$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+	@echo "segbatch: installed; the command is $(VENV)/bin/segbatch (or run \`source $(VENV)/bin/activate\` first)"
 
 demo: $(STAMP)
 	$(PY) -m segbatch.demo --output $(DEMO_OUT) --model $(DEMO_MODEL)

@@ -31,6 +31,7 @@ from PIL import Image
 from segbatch import _ray, _storage, summary
 from segbatch.contract import EVAL_NAME, MASKS_DIR, ground_truth_relpath, input_relpath, mask_name
 from segbatch.errors import ConfigError, InputError
+from segbatch.progress import RunProgress
 
 EVAL_BATCH_ROWS = 64  # images per Ray task: enough reads in flight to hide object-store latency
 MAX_LISTED = 1000  # missing or failed images named in the result; the counts stay exact beyond it
@@ -271,6 +272,7 @@ def evaluate(
     *,
     address: str | None = None,
     worst: int = DEFAULT_WORST,
+    progress: bool = True,
 ) -> EvalResult:
     """Compare every ok mask of OUTPUT with its ground truth under ``ground_truth_url``."""
     storage_options = dict(storage_options or {})
@@ -298,8 +300,12 @@ def evaluate(
             batch_format="pyarrow",
             num_cpus=1,
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            _accumulate(result, batch)
+        with RunProgress(progress, action="evaluating") as bar:
+            bar.set_total(table.num_rows)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                before = (result.images, result.missing, result.failed)
+                _accumulate(result, batch)
+                bar.update(result.images - before[0], result.missing + result.failed - before[1] - before[2])
     result.missing_examples.sort()
     result.failed_examples.sort()
     return result

@@ -40,11 +40,16 @@ class Starter:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._release = threading.Event()
+        self._stderr_filter = None
         # Importing ray alone takes a second or two: a Ray that is not imported yet is not running, and the
         # import happens in the background with the start.
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             return
+        from segbatch import _logs
+
+        # Ray's C++ core lines stay off the terminal unless -v (segbatch/_logs.py); on from before Ray starts.
+        self._stderr_filter = _logs.NativeStderrFilter().start()
         if background:
             # The thread lives until close(): Ray's GCS and raylet are started with a parent-death signal,
             # which Linux ties to the starting *thread*, so they would be killed when it ended.
@@ -59,18 +64,22 @@ class Starter:
         self._release.wait()
 
     def _start(self) -> None:
+        from segbatch import _logs
+
+        quiet = _logs.ray_init_kwargs()  # Ray's own lines: off unless -v (segbatch/_logs.py)
         try:
             import ray
 
             if self._address:
                 log.info("attaching to the Ray cluster at %s", self._address)
-                ray.init(address=self._address, log_to_driver=True)
+                ray.init(address=self._address, **quiet)
             else:
                 # "local" never attaches to a cluster found on this machine: the run gets its own Ray.
                 # Ray maps 127.0.0.1 to the host's address unless LOOPBACK_ONLY_ENV (set above) says that
                 # this is a single-machine Ray; an embedded Ray has no peers, so it listens on loopback only.
-                ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True)
+                ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **quiet)
             self._owned = True
+            _logs.quiet_ray_data()
         except BaseException as exc:  # re-raised in the caller's thread by wait()
             self._error = exc
 
@@ -102,6 +111,9 @@ class Starter:
             self._release.set()
             self._thread.join()
             self._thread = None
+        if self._stderr_filter is not None:
+            self._stderr_filter.stop()
+            self._stderr_filter = None
 
 
 def cluster_gpus() -> float:

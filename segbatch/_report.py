@@ -45,7 +45,7 @@ SHOWN_ERROR_GROUPS = 25  # groups shown on the page, most frequent first
 ERROR_EXAMPLES = 3  # example URIs per error message
 MAX_RESOLVE_URIS = 100_000  # error URIs checked for a later ok row; beyond it the check is skipped
 SAMPLE_THREADS = 8  # samples read and drawn at once; they are object-store reads, mostly waiting
-MAX_CONFUSION_CLASSES = 20  # confusion matrix rows/columns shown (classes with most GT + predicted pixels)
+MAX_CONFUSION_CLASSES = 21  # confusion matrix rows/columns shown (classes with most GT + predicted pixels)
 
 COLUMNS = [
     "uri",
@@ -463,6 +463,13 @@ figure.chart { margin: 0; } figure.chart svg { max-width: 100%; height: auto; }
 .bad { color: #b00020; }
 #evaluation table { width: auto; min-width: 50%; } #evaluation h3 { font-size: 15px; margin: 18px 0 6px; }
 #confusion td.diag { font-weight: bold; background: #eef6ee; }
+/* 21 classes fit a 1280 px window: column names read bottom-up, counts in a small font; a wider matrix
+   scrolls inside its own box instead of cutting the page. */
+.scroll-x { max-width: 100%; overflow-x: auto; }
+#confusion { width: auto; min-width: 0; font-size: 11px; } #confusion td, #confusion th { padding: 2px 4px; }
+#confusion thead th.col { writing-mode: vertical-rl; transform: rotate(180deg); white-space: nowrap;
+                          vertical-align: bottom; text-align: left; }
+#confusion tbody th { white-space: nowrap; }
 </style></head><body>
 <h1>segbatch report</h1>
 <p class="muted"><code>{{ d.output }}</code> &middot; generated {{ d.generated_at }}</p>
@@ -502,6 +509,7 @@ Right: the share of the {{ d.ok_images }} ok images in which the class appears a
 <div><b>{{ num(ev.pixel_accuracy) }}</b>pixel accuracy</div>
 <div><b>{{ ev.images }}</b>images compared</div>
 <div><b>{{ ev.missing_ground_truth }}</b>without ground truth</div>
+<div><b class="{{ 'bad' if ev.errors else '' }}">{{ ev.errors or 0 }}</b>failed evaluation</div>
 </div>
 <table id="per-class"><thead><tr><th>class</th><th class="n">IoU</th><th class="n">support (GT pixels)</th>
 <th class="n">predicted pixels</th></tr></thead><tbody>
@@ -514,12 +522,21 @@ Right: the share of the {{ d.ok_images }} ok images in which the class appears a
 <tbody>{% for w in view.worst %}<tr><td class="n">{{ num(w.miou) }}</td>
 <td class="n">{{ num(w.pixel_accuracy) }}</td><td><code>{{ w.uri }}</code></td></tr>
 {% endfor %}</tbody></table>{% endif %}
+{% if ev.error_examples or ev.missing_ground_truth_examples %}<h3>Images not compared</h3>
+<table id="not-compared"><thead><tr><th>image</th><th>why</th></tr></thead><tbody>
+{% for e in ev.error_examples or [] %}<tr><td><code>{{ e.uri }}</code></td><td class="bad">{{ e.error }}</td></tr>
+{% endfor %}{% for uri in (ev.missing_ground_truth_examples or [])[:20] %}<tr><td><code>{{ uri }}</code></td>
+<td>no ground truth</td></tr>{% endfor %}</tbody></table>
+{% set listed = (ev.error_examples or [])|length + [(ev.missing_ground_truth_examples or [])|length, 20]|min %}
+{% if (ev.errors or 0) + (ev.missing_ground_truth or 0) > listed %}<p class="muted">
+{{ (ev.errors or 0) + (ev.missing_ground_truth or 0) - listed }} more; eval.json lists up to its own limit.</p>
+{% endif %}{% endif %}
 {% if view.matrix %}<h3>Confusion matrix</h3>
-<table id="confusion"><thead><tr><th>ground truth ↓ / predicted →</th>
-{% for c in view.matrix_classes %}<th class="n">{{ c['class'] }}</th>{% endfor %}</tr></thead><tbody>
+<div class="scroll-x"><table id="confusion"><thead><tr><th>ground truth ↓ / predicted →</th>
+{% for c in view.matrix_classes %}<th class="n col">{{ c['class'] }}</th>{% endfor %}</tr></thead><tbody>
 {% for row in view.matrix %}{% set r = loop.index0 %}<tr><th>{{ view.matrix_classes[r]['class'] }}</th>
 {% for v in row %}<td class="n{{ ' diag' if loop.index0 == r }}">{{ v }}</td>{% endfor %}</tr>
-{% endfor %}</tbody></table>
+{% endfor %}</tbody></table></div>
 {% if view.matrix_cut %}<p class="muted">{{ view.matrix_cut }} more classes with pixels are left out of the
 matrix; eval.json has all of it.</p>{% endif %}{% endif %}
 <p class="muted">From <code>eval.json</code> in OUTPUT (<code>segbatch eval</code>). Support: ground-truth pixels

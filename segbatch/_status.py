@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segbatch import _storage, runs, summary
+from segbatch.errors import InputError
 
 KEY_COLUMNS = ["uri", "status", "run_id", "written_at"]
 
@@ -87,6 +88,9 @@ def _latest_status_per_input(table: pa.Table) -> pa.Array:
 
 
 def collect(output_url: str, storage_options: Mapping[str, Any] | None = None) -> Status:
+    fs, root = _storage.open_url(output_url, storage_options)
+    if not _storage.retry(fs.exists, root, what=f"check {output_url}"):
+        raise InputError(f"OUTPUT {output_url} does not exist (check the path; `segbatch run` creates it)")
     table = summary.read(output_url, storage_options, columns=KEY_COLUMNS)
     records = {r["run_id"]: r for r in runs.read_records(output_url, storage_options) if r.get("run_id")}
     status = Status(output=_storage.absolute_url(output_url))

@@ -246,25 +246,37 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="folder of images (make bench-data builds 128 JPEGs of 640x480)")
-    parser.add_argument("--model", default="deeplabv3_mobilenet_v3_large")
-    parser.add_argument("--weights", default="random")
+    parser.add_argument(
+        "--model", default="deeplabv3_mobilenet_v3_large", help="model for all three (default %(default)s)"
+    )
+    parser.add_argument(
+        "--weights", default="random", help="as run --weights; throughput does not depend on them (default %(default)s)"
+    )
     parser.add_argument(
         "--batch-size",
         type=_batch_sizes,
         help="comma-separated batch sizes for (a); the first is passed to (c) "
         "(default: (a) at 1 and 4, (c) with segbatch's own default)",
     )
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision (default %(default)s)"
+    )
     parser.add_argument("--device", help="torch device for (a) and (b) (default: cuda if available)")
     parser.add_argument("--limit", type=_positive_int, help="use only the first N images")
-    parser.add_argument("--skip", default="", type=_stages, help="comma-separated stages to skip: a,b,c")
+    parser.add_argument("--skip", default="", type=_stages, help="comma-separated stages to skip: a,b,c (default none)")
     parser.add_argument("--run-arg", action="append", default=[], help="extra argument for (c)'s segbatch run")
     parser.add_argument("--json", help="write the numbers here too")
     parser.add_argument("--plan", type=float, metavar="N_IMAGES", help="print a capacity plan for N images")
-    parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument(
+        "--hours", type=float, default=24.0, help="--plan: the time the N images must take (default %(default)g)"
+    )
     parser.add_argument("--gpu-rate", type=float, help="images/s per GPU for --plan (default: measured (a))")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--cpus-per-node", type=int, default=96)
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=8, help="--plan: GPUs of one cluster node (default %(default)s)"
+    )
+    parser.add_argument(
+        "--cpus-per-node", type=int, default=96, help="--plan: CPUs of one cluster node (default %(default)s)"
+    )
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

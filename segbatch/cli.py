@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -37,16 +36,45 @@ def _add_storage_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Cluster shapes (CPUs, GPUs) whose automatic sizing `run --help` prints as examples of each rule.
+HELP_EXAMPLE_CLUSTERS = ((2, 0), (16, 0), (16, 2))
+
+
+def _auto_help(name: str) -> str:
+    """``default auto: <the rule in words>; e.g. <what resources.settle picks on a few clusters>``."""
+    from segbatch import resources
+
+    examples = []
+    for cpus, gpus in HELP_EXAMPLE_CLUSTERS:
+        size = resources.settle(RunConfig(), cpus, gpus)
+        value = {
+            "actors": size.max_actors,
+            "cpus_per_actor": size.cpus_per_actor,
+            "decode_cpus": size.decode_cpus,
+            "batch_size": size.batch_size,
+        }[name]
+        where = f"{cpus} CPUs" + (f" + {gpus} GPUs" if gpus else "")
+        examples.append(f"{where}: {value:g}")
+    note = f" (for {RunConfig.model})" if name == "batch_size" else ""
+    text = f"default auto: {resources.auto_rules()[name]}; e.g. {', '.join(examples)}{note}"
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", help="folder or URL prefix of images (listed recursively)")
     p.add_argument("output", nargs="?", help="folder or URL prefix for masks/ and summary/")
-    p.add_argument("--config", help="YAML or TOML file of the same settings as these flags (flags win)")
+    p.add_argument("--config", help="YAML, TOML or JSON file of the same settings as these flags (flags win)")
     p.add_argument("--manifest", help="text, CSV or Parquet file of image URLs, instead of INPUT")
     p.add_argument("--model", help=f"torchvision model: {', '.join(available_models())} (default {RunConfig.model})")
-    p.add_argument("--weights", help="default | random | PATH_OR_URL of a state_dict")
+    p.add_argument(
+        "--weights",
+        help="default: torchvision's pretrained weights (also spelt DEFAULT, the enum member such as "
+        "COCO_WITH_VOC_LABELS_V1, or its full name); random: untrained, for smoke tests; or PATH_OR_URL of a "
+        "state_dict (default default)",
+    )
     p.add_argument("--weights-sha256", help="refuse a weights file whose sha256 differs")
     p.add_argument("--classes", help="file of class names (one per line, or a JSON list)")
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default 4)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (" + _auto_help("batch_size") + ")")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
     p.add_argument(
         "--upsample",
@@ -56,13 +84,29 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extensions", help="comma-separated extensions to pick from INPUT")
     _add_storage_option(p)
     p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
-    p.add_argument("--actors", help="inference actors: N, or MIN:MAX to autoscale (default: one per GPU)")
-    p.add_argument("--gpus-per-actor", type=float, help="GPUs per inference actor; fractions pack models")
-    p.add_argument("--cpus-per-actor", type=float, help="CPUs per inference actor (default 1)")
-    p.add_argument("--decode-cpus", type=float, help="CPUs per decode and write task (default 1)")
-    p.add_argument("--max-image-pixels", type=int, help="refuse larger images before decoding")
-    p.add_argument("--max-file-bytes", type=int, help="refuse larger input files")
-    p.add_argument("--max-model-pixels", type=int, help="refuse images whose resized model input is larger")
+    p.add_argument("--actors", help="inference actors: N, or MIN:MAX to autoscale (" + _auto_help("actors") + ")")
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        help="GPUs per inference actor; fractions pack models (default 1 when the cluster has GPUs, else 0)",
+    )
+    p.add_argument(
+        "--cpus-per-actor", type=float, help="CPUs per inference actor (" + _auto_help("cpus_per_actor") + ")"
+    )
+    p.add_argument(
+        "--decode-cpus", type=float, help="CPUs per decode and write task (" + _auto_help("decode_cpus") + ")"
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help=f"refuse larger images before decoding (default {RunConfig.max_image_pixels})",
+    )
+    p.add_argument("--max-file-bytes", type=int, help=f"refuse larger input files (default {RunConfig.max_file_bytes})")
+    p.add_argument(
+        "--max-model-pixels",
+        type=int,
+        help=f"refuse images whose resized model input is larger (default {RunConfig.max_model_pixels})",
+    )
     p.add_argument("--max-error-rate", type=float, help="exit non-zero once the share of error rows passes this")
     p.add_argument("--redo-changed", action="store_const", const=True, help="redo inputs whose size/ETag/mtime changed")
     p.add_argument("--redo-all", action="store_const", const=True, help="redo every input")
@@ -73,15 +117,30 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         const=True,
         help="also write confidence/<name>.png and the summary's mean_confidence, low_confidence_share",
     )
-    p.add_argument("--min-confidence", type=float, help="low_confidence_share counts pixels below this (default 0.5)")
-    p.add_argument("--png-compress-level", type=int, help="zlib level of mask PNGs, 0-9 (default 1)")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        help=f"low_confidence_share counts pixels below this (default {RunConfig.min_confidence:g})",
+    )
+    p.add_argument(
+        "--png-compress-level",
+        type=int,
+        help=f"zlib level of mask PNGs, 0-9 (default {RunConfig.png_compress_level})",
+    )
     p.add_argument("--run-id", help="name this run (default: UTC time plus a random suffix)")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide progress bars")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_const",
+        const=False,
+        help="no progress bar (on a terminal) or progress lines (in a log)",
+    )
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
     """Config file settings, overridden by the flags that were given."""
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config", "func")}
+    ignored = ("command", "config", "func", "verbose")
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ignored}
     if flags.get("manifest") and "input" in flags and "output" not in flags:
         flags["output"] = flags.pop("input")  # `run --manifest M OUTPUT`: the one positional is OUTPUT
     if "storage_options" in flags:
@@ -161,7 +220,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from segbatch._evaluate import default_json_url, evaluate, write_json
 
     storage_options = dict(args.storage_options or [])
-    result = evaluate(args.output, args.ground_truth, storage_options, address=args.address, worst=args.worst)
+    result = evaluate(
+        args.output,
+        args.ground_truth,
+        storage_options,
+        address=args.address,
+        worst=args.worst,
+        progress=args.progress,
+    )
     print(result)
     target = args.json or default_json_url(args.output)
     try:
@@ -258,6 +324,9 @@ def _add_results_parsers(sub: Any) -> None:
         help=f"list the K images with the lowest IoU (default {DEFAULT_WORST})",
     )
     eval_p.add_argument("--address", help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded Ray)")
+    eval_p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar (terminal) or lines (log)"
+    )
     eval_p.set_defaults(func=_cmd_eval)
     compact_p = sub.add_parser("compact", help="merge OUTPUT's small summary files into few large ones")
     compact_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
@@ -284,13 +353,24 @@ def make_parser() -> argparse.ArgumentParser:
     bench_p = sub.add_parser("bench", help="throughput side by side: bare model, one-image loop, segbatch")
     bench.add_arguments(bench_p)
     bench_p.set_defaults(func=bench.run)
+    for p in (parser, *sub.choices.values()):
+        # Before or after the subcommand; SUPPRESS lets the subcommand's count stand beside the top level's.
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=argparse.SUPPRESS,
+            help="also show Ray's own log lines (start-up, Ray Data's plan, worker output); -vv adds debug lines",
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from segbatch import _logs
+
     parser = make_parser()
     args = parser.parse_args(argv)
+    _logs.configure(getattr(args, "verbose", 0))
     try:
         return args.func(args)
     except SegbatchError as exc:

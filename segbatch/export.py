@@ -97,10 +97,20 @@ class ExportResult:
 
     def __str__(self) -> str:
         n = len(self.shards)
-        names = ", ".join(s["path"] for s in self.shards[:3]) + (", ..." if n > 3 else "")
+        dest = self.dest.rstrip("/")
+        zipped = dest.lower().endswith(".zip")
+        own = posixpath.basename(dest) if zipped else "."  # the shard that is DEST itself
+        paths = [s["path"] or "." for s in self.shards]
+        # Several zips are written beside DEST (cvat-00000.zip, ...), not into it: name their folder.
+        into = posixpath.dirname(dest) + "/" if zipped and paths != [own] else dest
+        if paths == [own]:
+            shards = f"  1 shard (up to {self.shard_size} images a shard)"
+        else:
+            names = ", ".join(paths[:3]) + (", ..." if n > 3 else "")
+            shards = f"  {n} shard{'s' if n != 1 else ''} of up to {self.shard_size} images: {names}"
         lines = [
-            f"segbatch export: {self.images} images as {self.format} into {self.dest}",
-            f"  {n} shard{'s' if n != 1 else ''} of up to {self.shard_size} images: {names}",
+            f"segbatch export: {self.images} images as {self.format} into {into}",
+            shards,
             f"  skipped: {self.error_rows} error rows; {len(self.failed)} ok rows could not be exported",
         ]
         lines += [f"  failed: {uri}: {why}" for uri, why in self.failed[:10]]

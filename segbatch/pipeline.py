@@ -28,6 +28,7 @@ from segbatch import (
     listing,
     manifest,
     preflight,
+    progress,
     resources,
     runs,
     summary,
@@ -237,6 +238,7 @@ def run(config: RunConfig) -> RunReport:
     one OUTPUT is bound to (docs/recurring-runs.md)."""
     config.check_runnable()
     started = time.monotonic()
+    run_id = config.run_id or new_run_id()  # the start time, as the run record's started_at
     # Ray starts in the background (seconds) while the checks below run; a run they refuse stops it again.
     ray_start = _ray.Starter(config.address, background=True)
     try:
@@ -250,7 +252,6 @@ def run(config: RunConfig) -> RunReport:
             sha256=config.weights_sha256,
             storage_options=config.storage_options,
         )
-        run_id = config.run_id or new_run_id()
         with _lease.Lease(config.output, config.storage_options, run_id) as lease:
             return _run_holding_lease(config, spec, run_id, lease, started, ray_start)
     finally:
@@ -282,22 +283,26 @@ def _run_holding_lease(
 
         _restore_python_signal_handlers()
         context = DataContext.get_current()
-        context.enable_progress_bars = config.progress
+        context.enable_progress_bars = False  # segbatch's own bar (progress.py) instead
         # Ray Data gathers a task's output into blocks of up to this many bytes before handing any on: at
         # the default (128 MiB) a read task would hold ~500,000 listed names before the first image is
         # decoded. Forward passes travel as single rows (segbatch/decode.py), which no block size splits.
         saved_block_size, context.target_max_block_size = context.target_max_block_size, STREAM_BLOCK_BYTES
+        bar = progress.RunProgress(config.progress)
+        bar.set_total(None)  # known once every listing task has finished
         try:
             ds = build_dataset(config, spec, inputs, run_id)
             counted = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                ok, errors = report.ok, report.errors
                 _count_rows(report, batch)
+                bar.update(report.ok - ok, report.errors - errors)
                 if time.monotonic() - counted >= COUNTS_EVERY:
-                    _read_counts(report, run_id)
+                    _read_counts(report, run_id, inputs, bar)
                     counted = time.monotonic()
                 lease.check()
                 _check_error_budget(config, report)
-            _check_complete(config, spec, inputs, report, _read_counts(report, run_id))
+            _check_complete(config, spec, inputs, report, _read_counts(report, run_id, inputs, bar))
         except (RunInterrupted, KeyboardInterrupt) as exc:
             exc = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
             report.stopped_early = f"interrupted by {exc.name}; rows written so far stay valid, rerun to resume"
@@ -321,6 +326,7 @@ def _run_holding_lease(
                 failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
         finally:
             context.target_max_block_size = saved_block_size
+            bar.close()
             try:
                 _read_counts(report, run_id)
                 _tally.clear(run_id)
@@ -337,10 +343,18 @@ def _run_holding_lease(
     return report
 
 
-def _read_counts(report: RunReport, run_id: str) -> _tally.Totals:
-    """The listing's counts so far (its read tasks report them to Ray's key-value store)."""
+def _read_counts(
+    report: RunReport, run_id: str, inputs: Inputs | None = None, bar: progress.RunProgress | None = None
+) -> _tally.Totals:
+    """The listing's counts so far (its read tasks report them to Ray's key-value store); the progress
+    display gets the skipped inputs, and its total once every listing task has finished."""
     totals = _tally.totals(run_id)
+    skipped_before = report.skipped
     report.listed, report.skipped = totals.listed, totals.skipped
+    if bar is not None:
+        bar.update(skipped=report.skipped - skipped_before)
+        if inputs is not None and inputs.parts is not None and totals.finished >= inputs.parts and bar.total is None:
+            bar.set_total(totals.listed - totals.skipped)
     return totals
 
 

@@ -155,4 +155,29 @@ def default_batch_size(arch: str, precision: str, gpus: float, gpu_bytes: int | 
     return gpu_batch_size(arch, precision, gpu_bytes) if gpus >= 1 else CPU_BATCH_SIZE
 
 
-__all__ = ["PoolPlan", "Sizing", "default_batch_size", "gpu_batch_size", "gpu_bytes_of", "plan_pool", "settle"]
+def auto_rules() -> dict[str, str]:
+    """The rule behind each sizing flag's default, in words, from the constants above: what ``--help`` and
+    docs/cli.md print after "auto:". tests/test_terminal.py checks them against :func:`settle`."""
+    tasks = f"{TASK_SHARE:.1%} of the CPUs (at least {MIN_TASK_CPUS:g}; a whole CPU for a manifest run)"
+    return {
+        "actors": f"one per GPU; without GPUs, one per ~{THREADS_PER_ACTOR} of the CPUs left after {tasks} "
+        "is kept for decode and write tasks",
+        "cpus_per_actor": f"with GPUs {CPUS_PER_GPU_ACTOR:g} (less on a node with few CPUs); without, the CPUs "
+        f"left after {tasks} is kept for decode and write tasks, split among the actors",
+        "decode_cpus": f"half the CPUs the actors leave, at most {MAX_DECODE_CPUS:g}",
+        "batch_size": f"{CPU_BATCH_SIZE} on CPU; on a GPU the largest power of two whose activations fit in "
+        f"{GPU_MEMORY_SHARE:.0%} of its memory ({ASSUMED_GPU_BYTES / 1024**3:g} GiB assumed where Ray does not name "
+        f"the GPU type), at most {MAX_GPU_BATCH}",
+    }
+
+
+__all__ = [
+    "PoolPlan",
+    "Sizing",
+    "auto_rules",
+    "default_batch_size",
+    "gpu_batch_size",
+    "gpu_bytes_of",
+    "plan_pool",
+    "settle",
+]

@@ -87,6 +87,37 @@ def _fetch(url: str, storage_options: Mapping[str, Any]) -> bytes:
         raise WeightsError(f"weights: {url} does not exist") from None
 
 
+def default_spellings(arch: str) -> tuple[str, ...]:
+    """The ways to name an architecture's pretrained weights: ``default`` and torchvision's own spellings
+    (``DEFAULT``, the member name such as ``COCO_WITH_VOC_LABELS_V1``, and the full enum names)."""
+    full = get_architecture(arch).default_weights  # e.g. DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1
+    enum, _, member = full.partition(".")
+    return ("default", "DEFAULT", member, full, f"{enum}.DEFAULT")
+
+
+def canonical(arch: str, weights: str) -> str:
+    """``default`` for any spelling of the pretrained weights; ``weights`` itself otherwise. A torchvision
+    weights name of another architecture, or an unknown one, is refused with the valid values."""
+    if weights in default_spellings(arch):
+        return "default"
+    if weights == "random":
+        return weights
+    enum, dot, member = weights.partition(".")
+    looks_like_enum = (dot and enum.endswith("_Weights") and "/" not in weights) or (
+        weights.isupper() and weights.replace("_", "").isalnum()
+    )
+    if looks_like_enum:
+        raise WeightsError(f"weights: {weights} is not a weights name of {arch}; {valid_weights(arch)}")
+    return weights
+
+
+def valid_weights(arch: str) -> str:
+    return (
+        f"valid values: {' | '.join(default_spellings(arch))} (torchvision's pretrained weights), random (untrained), "
+        "or the path/URL of a state_dict file"
+    )
+
+
 def resolve(
     arch: str,
     weights: str,
@@ -97,6 +128,7 @@ def resolve(
 ) -> ModelSpec:
     """Check the weights in the driver and pin what the actors will load."""
     architecture = get_architecture(arch)
+    weights = canonical(arch, weights)
     storage_options = dict(storage_options or {})
     categories = architecture.categories()
     num = len(categories)
@@ -119,7 +151,10 @@ def resolve(
         )
         identity, names = f"random:seed={RANDOM_SEED}", categories
     else:
-        data = _fetch(weights, storage_options)
+        try:
+            data = _fetch(weights, storage_options)
+        except WeightsError as exc:
+            raise WeightsError(f"{exc}; {valid_weights(arch)}") from None
         digest = hashlib.sha256(data).hexdigest()
         if sha256 and digest != sha256.lower():
             raise WeightsError(
@@ -173,4 +208,12 @@ def ensure_default_weights(arch: str) -> str:
     return cached
 
 
-__all__ = ["MAX_CLASSES", "RANDOM_SEED", "ModelSpec", "ensure_default_weights", "resolve"]
+__all__ = [
+    "MAX_CLASSES",
+    "RANDOM_SEED",
+    "ModelSpec",
+    "canonical",
+    "default_spellings",
+    "ensure_default_weights",
+    "resolve",
+]

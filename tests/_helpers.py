@@ -14,45 +14,9 @@ from PIL import Image, ImageOps
 from torchvision.models import get_model_builder, get_model_weights
 
 from segbatch.architectures import get_architecture
+from segbatch.seeded import make_checkpoint  # noqa: F401  (the one copy: the demo's fallback uses it too)
 
 TEST_ARCH = "deeplabv3_mobilenet_v3_large"  # the smallest architecture: fast enough for CI on 2 cores
-
-
-def make_checkpoint(
-    path: Path, arch: str = TEST_ARCH, num_classes: int = 21, seed: int = 1234, with_aux: bool = False
-) -> Path:
-    """A seeded, untrained model whose masks still follow image content.
-
-    Freshly initialised BatchNorm statistics (mean 0, var 1) flatten the features, and such a model
-    labels most images with one class, against which any resizing looks "correct". Calibrating the
-    running statistics on a few structured images makes the logits depend on content, so a fidelity
-    test with it can fail (padding drops agreement to well under 99%).
-    """
-    torch.manual_seed(seed)
-    aux = {"aux_loss": with_aux} if get_architecture(arch).has_aux else {}
-    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes, **aux)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for _ in range(3):
-            x = torch.from_numpy(_structured(rng, 2, 96, 128)).float()
-            model(x)
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def _structured(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
-    """Normalised images with blobs and edges rather than white noise."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    out = np.empty((n, 3, h, w), dtype=np.float32)
-    for i in range(n):
-        for c in range(3):
-            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(10, 40)
-            out[i, c] = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) * 2.0 - 1.0 + rng.normal(0, 0.3, (h, w))
-    return out
 
 
 def photo_like(width: int, height: int, seed: int) -> np.ndarray:

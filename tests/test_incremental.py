@@ -138,6 +138,7 @@ def test_status_counts_runs_and_totals(history, capsys):
 
 
 def test_status_of_an_empty_output_says_so(tmp_path, capsys):
+    (tmp_path / "nothing").mkdir()  # exists, holds no runs (a missing OUTPUT: tests/test_terminal.py)
     assert main(["status", str(tmp_path / "nothing")]) == EXIT_STATUS[InputError]
     assert "no runs yet" in capsys.readouterr().out
 
