@@ -26,9 +26,11 @@ THREADS_PER_ACTOR = 4  # torch threads per CPU inference actor, about
 CPUS_PER_GPU_ACTOR = 1.0  # a GPU actor's host work (staging, copying masks back) needs one core
 MAX_DECODE_CPUS = 1.0  # a decode/write task never reserves more than one CPU
 
-# Default --batch-size. CPU: batching gains little per image (measured: 89 vs 84 ms at batch 1 vs 4,
-# two threads), and more images per pass only hold more memory. GPU: the rule in gpu_batch_size.
-CPU_BATCH_SIZE = 4
+# Default --batch-size. CPU: one image per pass. On the 2-core VM, deeplabv3_mobilenet_v3_large at
+# 520x693, channels_last, two threads: 91 ms per image at batch 1, 108 ms at batch 4 (docs/benchmarks.md):
+# a larger batch only adds memory traffic on a CPU, and batch 1 needs no shape probing while listing.
+# GPU: the rule in gpu_batch_size.
+CPU_BATCH_SIZE = 1
 # GPU memory one 520x693 image needs in a forward pass, fp32 (activations, estimated at 2x the largest
 # feature maps, rounded up); halved under bf16/fp16 autocast.
 GPU_BYTES_PER_IMAGE = {"mobilenet": 256 * 1024**2, "resnet50": 1024 * 1024**2, "resnet101": 1536 * 1024**2}
