@@ -315,7 +315,9 @@ def _listed_chunks(
     for path, info in walk:
         if not _wanted(path, wanted) or (excluded and _under(path, excluded)):
             continue
-        rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+        # The name below INPUT exactly as stored: object keys may hold "//", "." or ".." segments, and each
+        # such key is its own input (no normalising, which would fold two keys into one).
+        rel = path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
         shown = _printable(path)
         if shown != path:
             not_utf8 += 1
@@ -373,7 +375,8 @@ class DoneIndex:
         else:
             # Rows of the running run itself are never "done before": a read task that Ray retries mid-run
             # must list exactly what its first attempt listed, though write tasks have added rows since.
-            self._filter = summary.done_filter(since) & (pc.field("run_id") != run_id)
+            other_run = pc.field("run_id").is_null() | (pc.field("run_id") != run_id)
+            self._filter = summary.done_filter(since) & other_run
         self._groups: list[tuple[str | None, str | None, Any, int]] = []
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         ds = summary.dataset(output_url, storage_options)
