@@ -94,7 +94,7 @@ def test_csv_and_parquet_manifests(images, s3_server, fmt, ray_local):
         pq.write_table(table, buf)
         url = _put(s3_server, bucket, "lists/m.parquet", buf.getvalue())
     config = RunConfig(manifest=url, output=f"s3://{bucket}/out", model=TEST_ARCH, weights="random")
-    inputs = ManifestInputs(config, run_id="manifest-test")
+    inputs = ManifestInputs(config, run_id=f"manifest-test-{fmt}")
     got = pa.concat_tables(inputs.dataset().iter_batches(batch_size=None, batch_format="pyarrow"))
     assert got.schema == LISTING_SCHEMA
     got = got.sort_by("uri").to_pylist()

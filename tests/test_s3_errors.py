@@ -42,6 +42,24 @@ def test_missing_output_bucket_stops_the_run_at_the_start(s3_bucket, s3_server, 
     pipeline.listing.check_output(f"s3://{s3_bucket}/not/yet/there/", {})
 
 
+class _Listed:
+    """Inputs (segbatch.inputs.Inputs) whose listing was taken before the test changed the bucket."""
+
+    parts = None
+    block_rows = 2
+
+    def __init__(self, table):
+        self.table = table
+
+    def plan(self, **_sizing):
+        pass
+
+    def dataset(self):
+        import ray
+
+        return ray.data.from_arrow(self.table)
+
+
 def test_vanished_and_denied_objects_become_error_rows(s3_bucket, s3_server, tmp_path, ray_local):
     """A key deleted between listing and reading, and a key a bucket policy denies: one error row each,
     and the run goes on to label the rest."""
@@ -56,8 +74,9 @@ def test_vanished_and_denied_objects_become_error_rows(s3_bucket, s3_server, tmp
         batch_size=2,
         progress=False,
     )
-    todo = pipeline.plan_inputs(config)
-    assert todo.counts() == (4, 0)
+    listed = pipeline.plan_inputs(config)
+    assert listed.counts() == (4, 0)
+    todo = _Listed(listed.todo())  # listed now; read below, after the deletion
 
     client = s3_server.client()
     client.delete_object(Bucket=s3_bucket, Key="in/gone.png")
