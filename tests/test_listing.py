@@ -1,0 +1,203 @@
+"""The listing stage without Ray: shards, streaming walk order, the resume index, header probes, shape cutting."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from segbatch import listing
+from segbatch.contract import SUMMARY_SCHEMA
+from segbatch.decode import ResizeSpec
+
+from _helpers import exif_jpeg, photo_like
+
+
+def rows(shapes: list[tuple[int, int]], start: int = 0) -> pa.Table:
+    n = len(shapes)
+    return pa.table(
+        {
+            "uri": [f"/in/{i:05d}.jpg" for i in range(start, start + n)],
+            "path": [f"/in/{i:05d}.jpg" for i in range(start, start + n)],
+            "rel": [f"{i:05d}.jpg" for i in range(start, start + n)],
+            "size": [1] * n,
+            "etag": [None] * n,
+            "mtime": [0.0] * n,
+            "model_h": [h for h, _ in shapes],
+            "model_w": [w for _, w in shapes],
+        },
+        schema=listing.LISTING_SCHEMA,
+    )
+
+
+def runs_of(block: pa.Table) -> list[tuple[tuple[int, int], int]]:
+    """(shape, length) of each maximal single-shape run in a block, in order."""
+    keys = list(zip(block["model_h"].to_pylist(), block["model_w"].to_pylist()))
+    return [(k, len(list(g))) for k, g in itertools.groupby(keys)]
+
+
+SHAPES = [(520, 693), (693, 520), (520, 520), (520, 924)]
+
+
+def test_cutter_makes_full_single_shape_runs_and_loses_nothing():
+    rng = random.Random(0)
+    shapes = [rng.choice(SHAPES) for _ in range(500)]
+    cutter = listing.ShapeCutter(batch_size=16, block_rows=32)
+    blocks = []
+    for start in range(0, 500, 37):  # chunks of odd size, as a walk hands them on
+        blocks += list(cutter.add(rows(shapes[start : start + 37], start)))
+    body = len(blocks)
+    blocks += list(cutter.flush())
+    out = pa.concat_tables(blocks)
+    assert sorted(out["uri"].to_pylist()) == sorted(rows(shapes)["uri"].to_pylist())  # none lost, none twice
+    for block in blocks[:body]:  # before the end: whole runs of exactly batch_size rows
+        assert block.num_rows == 32
+        assert all(n % 16 == 0 for _, n in runs_of(block)), runs_of(block)
+    # As few forward passes as a global view of every shape would give: one partial pass per shape at most.
+    passes = sum(-(-n // 16) for b in blocks for _, n in runs_of(b))
+    assert passes == sum(-(-n // 16) for n in Counter(shapes).values())
+    tail = [r for b in blocks[body:] for r in runs_of(b) if r[1] % 16]
+    assert len(tail) <= len(SHAPES) and len({s for s, _ in tail}) == len(tail)
+
+
+def test_cutter_passes_names_through_in_order_at_batch_size_one():
+    cutter = listing.ShapeCutter(batch_size=1, block_rows=32)
+    table = rows([(0, 0)] * 100)
+    out = list(cutter.add(table)) + list(cutter.flush())
+    assert [b.num_rows for b in out[:3]] == [32, 32, 32]
+    assert pa.concat_tables(out)["uri"].to_pylist() == table["uri"].to_pylist()
+
+
+def test_cutter_holds_a_bounded_number_of_names():
+    # Every name its own shape: no run ever fills, so the bound releases partial runs.
+    shapes = [(520, 520 + i) for i in range(300)]
+    cutter = listing.ShapeCutter(batch_size=16, block_rows=32, max_held_rows=50)
+    out = list(cutter.add(rows(shapes)))
+    assert sum(cutter._counts.values()) <= 50
+    out += list(cutter.flush())
+    assert sum(b.num_rows for b in out) == 300
+
+
+def test_cutter_spreads_a_small_tail_over_the_actors():
+    cutter = listing.ShapeCutter(batch_size=2, block_rows=32, spread=4)
+    out = list(cutter.add(rows([(520, 520)] * 16))) + list(cutter.flush())
+    assert [b.num_rows for b in out] == [4, 4, 4, 4]
+
+
+def test_plan_puts_top_level_files_in_one_shard_and_spreads_folders(tmp_path):
+    (tmp_path / "top.jpg").write_bytes(b"x")
+    for d in range(5):
+        (tmp_path / f"d{d}").mkdir()
+        (tmp_path / f"d{d}" / "a.jpg").write_bytes(b"x")
+    fs, root = listing._storage.open_url(str(tmp_path))
+    shards = listing.plan_shards(fs, root, [], max_shards=3)
+    assert [len(s.files) for s in shards] == [1, 0, 0]
+    assert sorted(d for s in shards for d in s.dirs) == sorted(str(tmp_path / f"d{d}") for d in range(5))
+    assert len(shards) == 3
+
+
+def test_a_large_top_level_is_one_streaming_shard(tmp_path, monkeypatch):
+    monkeypatch.setattr(listing, "PLAN_SCAN_ENTRIES", 10)
+    for i in range(11):
+        (tmp_path / f"{i}.jpg").write_bytes(b"x")
+    fs, root = listing._storage.open_url(str(tmp_path))
+    assert listing.plan_shards(fs, root, [], max_shards=8) == [listing.Shard(0, dirs=(root,))]
+
+
+def test_the_walk_is_in_byte_order_of_uris(tmp_path):
+    for rel in ("b.jpg", "a/z.jpg", "a.jpg", "a-b/c.jpg", "a/b/y.jpg", "ab.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    walked = [p for p, _ in listing._walk_local(str(tmp_path), listing._WalkStats(), [])]
+    assert walked == sorted(walked, key=lambda p: p.encode())
+    assert len(walked) == 6
+
+
+def test_probe_reads_the_displayed_shape_after_the_weights_resize(tmp_path):
+    fs, _ = listing._storage.open_url(str(tmp_path))
+    resize = ResizeSpec((520,), Image.Resampling.BILINEAR)
+    plain = tmp_path / "wide.png"
+    Image.fromarray(photo_like(64, 48, 0)).save(plain)
+    assert listing.probe_shape(fs, str(plain), plain.stat().st_size, resize) == (520, 693)
+    rotated = tmp_path / "rotated.jpg"  # stored 64x48, displayed 48x64 (EXIF orientation 6)
+    rotated.write_bytes(exif_jpeg(photo_like(64, 48, 1), orientation=6))
+    assert listing.probe_shape(fs, str(rotated), rotated.stat().st_size, resize) == (693, 520)
+    assert listing.probe_shape(fs, str(plain), 0, resize) == (0, 0)  # empty: not opened
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    assert listing.probe_shape(fs, str(broken), 12, resize) == (0, 0)
+
+
+def _summary(path, uris: list[str], row_group: int) -> None:
+    n = len(uris)
+    cols = {name: pa.nulls(n, SUMMARY_SCHEMA.field(name).type) for name in SUMMARY_SCHEMA.names}
+    cols["uri"] = pa.array(uris, pa.string())
+    cols["status"] = pa.array(["ok"] * n, pa.string())
+    cols["run_id"] = pa.array(["old"] * n, pa.string())
+    pq.write_table(pa.table(cols, schema=SUMMARY_SCHEMA), path, row_group_size=row_group)
+
+
+def test_done_index_reads_only_the_row_groups_a_chunk_touches(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "summary").mkdir(parents=True)
+    done = [f"/in/{i:05d}.jpg" for i in range(0, 4000, 2)]  # every other input is done
+    _summary(out / "summary" / "merged-a.parquet", done, row_group=100)
+    index = listing.DoneIndex(str(out), {}, identity=False, since=None, run_id="new")
+    assert index.row_groups == 20
+    loads = []
+    original = index._load
+    monkeypatch.setattr(index, "_load", lambda i: loads.append(i) or original(i))
+    chunk = rows([(0, 0)] * 100, start=1000)  # inputs 1000..1099: row groups 5 and (at its edge) none else
+    kept = index.drop(chunk)
+    assert kept["uri"].to_pylist() == [f"/in/{i:05d}.jpg" for i in range(1001, 1100, 2)]
+    assert set(loads) == {5}
+    # The same answer as the whole done set would give.
+    whole = listing.drop_done(chunk, pa.table({"uri": done}), redo_changed=False)
+    assert kept["uri"].to_pylist() == whole["uri"].to_pylist()
+
+
+def test_rows_of_the_running_run_never_count_as_done(tmp_path):
+    out = tmp_path / "out"
+    (out / "summary").mkdir(parents=True)
+    _summary(out / "summary" / "part-x.parquet", ["/in/00000.jpg"], row_group=10)
+    assert listing.DoneIndex(str(out), {}, False, None, run_id="old").drop(rows([(0, 0)])).num_rows == 1
+    assert listing.DoneIndex(str(out), {}, False, None, run_id="new").drop(rows([(0, 0)])).num_rows == 0
+
+
+def test_a_read_task_lists_drops_done_and_reports_nothing_without_ray(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg", "sub/c.jpg", "skip.txt", ".hidden.jpg"):
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(buf, "JPEG")
+        (src / name).write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    (out / "summary").mkdir(parents=True)
+    _summary(out / "summary" / "part-x.parquet", [str(src / "b.jpg")], row_group=10)
+
+    class Config:
+        input, output, storage_options, extensions = str(src), str(out), {}, ("jpg",)
+        redo_all = redo_changed = False
+
+    inputs = listing.ListedInputs(Config())
+    assert inputs.todo()["uri"].to_pylist() == [str(src / "a.jpg"), str(src / "sub/c.jpg")]
+    assert inputs.counts() == (3, 1)
+
+
+@pytest.mark.parametrize("bad", ["", "x"])
+def test_an_input_with_no_image_at_its_top_is_refused_before_anything_starts(tmp_path, bad):
+    (tmp_path / "notes.txt").write_text(bad)
+
+    class Config:
+        input, output, storage_options, extensions = str(tmp_path), str(tmp_path / "out"), {}, ("jpg",)
+        redo_all = redo_changed = False
+
+    with pytest.raises(listing.InputError, match="no images found"):
+        listing.ListedInputs(Config())
