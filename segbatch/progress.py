@@ -131,6 +131,7 @@ class RunProgress:
             sized = False
         return tqdm(
             total=self.total,
+            initial=self.ok + self.error,  # a bar remade once the total is known keeps what is done
             unit=" " + self.unit,  # tqdm writes the rate as f"{rate}{unit}/s"
             file=self.stream,
             dynamic_ncols=sized,

@@ -67,7 +67,7 @@ def test_manifest_runs_keep_a_whole_cpu_for_their_read_and_group_by_tasks():
 
 
 def test_default_batch_size_cpu_and_gpu():
-    assert settle(RunConfig(model="deeplabv3_mobilenet_v3_large"), 2, 0).batch_size == 4
+    assert settle(RunConfig(model="deeplabv3_mobilenet_v3_large"), 2, 0).batch_size == 1  # CPUs: one per pass
     gpu = settle(RunConfig(model="deeplabv3_resnet101"), 16, 1)
     assert gpu.batch_size == gpu_batch_size("deeplabv3_resnet101", "fp32") == 4  # 8 GiB / 1.5 GiB -> 5 -> 4
     assert gpu_batch_size("deeplabv3_resnet101", "bf16", 80 * 1024**3) == 32
@@ -108,4 +108,4 @@ def test_a_simulated_sixteen_core_cluster(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     size = json.loads(out.stdout.strip().splitlines()[-1])
     assert (size["max_actors"], size["threads"], size["cpus_per_actor"], size["gpus_per_actor"]) == (4, 4, 3.5, 0.0)
-    assert size["decode_cpus"] == 1.0 and size["batch_size"] == 4
+    assert size["decode_cpus"] == 1.0 and size["batch_size"] == 1
