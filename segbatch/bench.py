@@ -4,8 +4,12 @@
 (b) the one-image loop a user would write: decode, the weights' transforms, forward, bilinear upsampling
     to full size, argmax, PNG save, class counts;
 (c) segbatch end to end through its CLI (embedded Ray start-up included), with the peak RSS of the
-    driver and of the inference actors sampled while it runs.
-All three use the same images, model, weights and device. ``--plan N --hours H`` turns the measured
+    driver and of the inference actors sampled while it runs;
+(d) a per-stage breakdown, in this process, one image at a time: list, read, decode+resize, forward,
+    upsample+argmax, PNG encode, write, and the rest of (c)'s time per image as waiting/overhead.
+All use the same images (the first ``--limit`` of them), model, weights and device. When a stage fails,
+the numbers of the stages that finished are still printed (and written to ``--json``), then the failure,
+and bench exits with status 1. ``--plan N --hours H`` turns the measured
 per-stage rates into a cluster size (the capacity model in docs/benchmarks.md).
 """
 
@@ -108,14 +112,69 @@ def one_image_loop(paths: list[str], model, transforms, device, num_classes: int
         return Row("(b) one-image loop", len(paths), time.perf_counter() - start)
 
 
+def limited_input(paths: list[str], rels: list[str], folder: str) -> str:
+    """``folder`` holding exactly ``paths`` under their names relative to INPUT (hard links, else copies), so
+    (c) runs on the same images as (a), (b) and (d) when ``--limit`` keeps only some of INPUT."""
+    import shutil
+
+    for path, rel in zip(paths, rels):
+        target = os.path.join(folder, *rel.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+    return folder
+
+
+def _subprocess_env() -> dict[str, str]:
+    """The environment of (c): this process's, with the folder that holds the ``segbatch`` being measured first
+    on PYTHONPATH, so the child (and its Ray workers) import this package whatever their cwd holds."""
+    import segbatch
+
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(segbatch.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _absolute_paths(args: list[str]) -> list[str]:
+    """Arguments that name existing files, as absolute paths: (c) runs in a temporary cwd."""
+    out = []
+    for arg in args:
+        flag, value = arg.split("=", 1) if arg.startswith("--") and "=" in arg else (None, arg)
+        if value and not value.startswith("-") and os.path.exists(value):
+            value = os.path.abspath(value)
+        out.append(value if flag is None else f"{flag}={value}")
+    return out
+
+
+_REPORT = re.compile(r"segbatch run \S+: (\d+) ok, (\d+) error, (\d+) skipped .* of (\d+) listed")
+
+
 def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
-    """`segbatch run` in a fresh process, as a user runs it: start-up, Ray, model load, writes."""
+    """`segbatch run` in a fresh process, as a user runs it: start-up, Ray, model load, writes.
+
+    It starts in an empty temporary folder, so a folder named ``segbatch`` in bench's own cwd (a clone)
+    cannot shadow the package, with the measured package first on PYTHONPATH. Its rate counts the images
+    the run reports as processed (ok + error), which must be ``n_images``."""
     from segbatch._rss import PeakRSS
 
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "segbatch", "run", input_url, out, "--no-progress", *run_args]
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as cwd:
+        cmd = [
+            sys.executable,
+            "-m",
+            "segbatch",
+            "run",
+            os.path.abspath(input_url),
+            out,
+            "--no-progress",
+            *_absolute_paths(run_args),
+        ]
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=_subprocess_env()
+        )
         first_mask: list[float] = []
         watcher = threading.Thread(
             target=_watch_first_file, args=(os.path.join(out, "masks"), start, proc, first_mask), daemon=True
@@ -127,16 +186,24 @@ def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
         watcher.join()
         if proc.returncode != 0:
             raise RuntimeError(f"segbatch run failed ({proc.returncode}):\n{output[-3000:]}")
-        ok = sum(1 for line in output.splitlines() if " ok, " in line and line.startswith("segbatch run"))
+        report = _REPORT.search(output)
+        if report is None:
+            raise RuntimeError(f"segbatch run printed no report line:\n{output[-3000:]}")
+        ok, errors, _skipped, listed = (int(g) for g in report.groups())
+        if listed != n_images or ok + errors != n_images:
+            raise RuntimeError(
+                f"segbatch run listed {listed} and processed {ok + errors} images, expected {n_images}:\n{output[-3000:]}"
+            )
         passes = re.search(r"forward passes: (\d+) \(([\d.]+) images per pass\)", output)
         return Row(
             "(c) segbatch end to end",
-            n_images,
+            ok + errors,
             seconds,
             {
                 "driver_peak_rss_mib": rss.mib("root"),
                 "actor_peak_rss_mib": rss.mib("actors"),
-                "report_lines": ok,
+                "ok": ok,
+                "errors": errors,
                 "first_mask_s": first_mask[0] if first_mask else None,
                 "forward_passes": int(passes.group(1)) if passes else None,
                 "images_per_forward_pass": float(passes.group(2)) if passes else None,
@@ -279,14 +346,95 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+BREAKDOWN_STAGES = ("list", "read", "decode+resize", "forward", "upsample+argmax", "encode (PNG)", "write")
+OVERHEAD = "waiting/overhead"
+EXTENSIONS = ("jpg", "jpeg", "png")
+
+
+def breakdown(input_url: str, spec, device, precision: str, end_to_end_s_per_image: float | None) -> dict[str, Any]:
+    """(d): where one image's time goes, measured in this process by timing each stage's own function on
+    every input of ``input_url``, one image at a time (forward passes at batch 1): the listing, the read,
+    ``DecodeImages.decode_one`` (decode, orientation, the weights' resize), ``Predictor.logits``,
+    ``postprocess.labels`` and the counts (as ``Predictor.masks`` runs them), ``encode_png`` and the atomic
+    write. The total per image is (c)'s when it ran, else the in-process loop's; what the stages do not
+    account for is waiting/overhead. When (c) took less than the stages' serial sum (its stages overlap
+    across processes), the serial sum is the total and the overhead is 0."""
+    import torch
+
+    from segbatch import _storage, listing, model, postprocess
+    from segbatch.decode import DecodeImages, Limits
+    from segbatch.writers import encode_png
+
+    seconds = dict.fromkeys(BREAKDOWN_STAGES, 0.0)
+    loop_start = time.perf_counter()
+    table = listing.list_inputs(input_url, {}, EXTENSIONS)
+    seconds["list"] = time.perf_counter() - loop_start
+    paths = table["path"].to_pylist()
+    fs_in, _root = _storage.open_url(input_url)
+    decoder = DecodeImages(input_url, {}, spec.architecture.resize(), Limits(10**9, 10**10, 10**9))
+    predictor = model.Predictor(spec, precision=precision, upsample="exact", device=device)
+    with tempfile.TemporaryDirectory() as out:
+        fs_out, root = _storage.open_url(out)
+        for i, path in enumerate(paths):
+            t0 = time.perf_counter()
+            data = fs_in.cat_file(path)
+            t1 = time.perf_counter()
+            image, width, height, error = decoder.decode_one(data)
+            t2 = time.perf_counter()
+            if error is not None:
+                raise RuntimeError(f"(d) cannot decode {path}: {error}")
+            pixels = torch.from_numpy(np.stack([image]))  # as the actor stacks a batch (writable)
+            if i == 0:  # warm-up, not timed: allocator, oneDNN/cuDNN kernel choice
+                predictor.logits(pixels)
+                _sync(device)
+                t2 = time.perf_counter()
+            logits, model_size = predictor.logits(pixels)
+            _sync(device)
+            t3 = time.perf_counter()
+            with torch.inference_mode():
+                lab = postprocess.labels(logits[0], (height, width), "exact", model_size).to(torch.uint8)
+                postprocess.pixel_counts(lab, spec.num_classes).cpu().numpy()
+                mask = lab.cpu().numpy()
+            t4 = time.perf_counter()
+            png = encode_png(mask, 1)
+            t5 = time.perf_counter()
+            _storage.write_atomic(fs_out, _storage.join_path(root, f"{i}.png"), png)
+            t6 = time.perf_counter()
+            for stage, (a, b) in zip(
+                BREAKDOWN_STAGES[1:], [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6)]
+            ):
+                seconds[stage] += b - a
+    n = len(paths)
+    per_image = {stage: s / n for stage, s in seconds.items()}
+    serial = sum(per_image.values())
+    if end_to_end_s_per_image is not None:
+        basis, total = "(c) end to end", max(end_to_end_s_per_image, serial)
+    else:
+        basis, total = "this process, serially", max((time.perf_counter() - loop_start) / n, serial)
+    per_image[OVERHEAD] = total - serial
+    return {
+        "images": n,
+        "basis": basis,
+        "total_ms": total * 1000,
+        "overlapped": end_to_end_s_per_image is not None and end_to_end_s_per_image < serial,
+        "stages": [
+            {"stage": stage, "ms": s * 1000, "share": s / total if total else 0.0} for stage, s in per_image.items()
+        ],
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the stages asked for and return the numbers (what ``--json`` writes)."""
+    """Run the stages asked for and return the numbers (what ``--json`` writes).
+
+    A stage that fails ends the measuring: ``failed`` then names it and why, and the numbers of the
+    stages that finished are kept."""
     from PIL import Image, ImageOps
 
     from segbatch import listing, model, weights
 
     skip = set(filter(None, args.skip.split(",")))
-    paths = listing.list_inputs(args.input, {}, ("jpg", "jpeg", "png"))["path"].to_pylist()[: args.limit]
+    table = listing.list_inputs(args.input, {}, EXTENSIONS).slice(0, args.limit)
+    paths, rels = table["path"].to_pylist(), table["rel"].to_pylist()
     if not paths:
         raise ConfigError("input", f"no images in {args.input}", "make bench-data builds 128 JPEGs")
     batch_sizes = sorted({1, *(args.batch_size or [4])})
@@ -296,27 +444,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("device", f"{args.device!r} is not a torch device ({exc})", "e.g. cpu or cuda:0") from None
     spec = weights.resolve(args.model, args.weights)
     transforms = spec.architecture.transforms()
-    net = model.build(spec).to(device)
-    first = ImageOps.exif_transpose(Image.open(paths[0])).convert("RGB")
-    rows: list[Row] = []
-    if "a" not in skip:
-        rows += bare_model(net, transforms(first)[None], batch_sizes, device, args.precision)
-    if "b" not in skip:
-        rows.append(one_image_loop(paths, net, transforms, device, spec.num_classes))
-    if "c" not in skip:
-        run_args = [
-            "--model",
-            args.model,
-            "--weights",
-            args.weights,
-            "--precision",
-            args.precision,
-            "--redo-all",
-            *(["--batch-size", str(args.batch_size[0])] if args.batch_size else []),
-            *args.run_arg,
-        ]
-        rows.append(end_to_end(args.input, len(paths), run_args))
-    return {
+    with Image.open(paths[0]) as im:
+        first = ImageOps.exif_transpose(im).convert("RGB")
+    result: dict[str, Any] = {
         "model": args.model,
         "weights": spec.identity,
         "precision": args.precision,
@@ -325,13 +455,58 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "first_size": f"{first.width}x{first.height}",
         "date": time.strftime("%Y-%m-%d"),
         "batch_sizes": batch_sizes,
-        "rows": [{**asdict(r), "img_per_s": r.rate} for r in rows],
-        "stage_rates": stage_rates(paths[:16], transforms),
+        "rows": [],
+        "failed": None,
     }
+    rows: list[Row] = []
+
+    def keep(new: list[Row]) -> None:
+        rows.extend(new)
+        result["rows"] = [{**asdict(r), "img_per_s": r.rate} for r in rows]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Exactly the measured inputs, for (c) and (d): --limit keeps only some of INPUT, and segbatch run
+        # would also pick extensions bench does not.
+        inputs = limited_input(paths, rels, os.path.join(tmp, "input"))
+        stage = "setup"
+        try:
+            net = model.build(spec).to(device) if {"a", "b"} - skip else None
+            if "a" not in skip:
+                stage = "(a) bare model"
+                keep(bare_model(net, transforms(first)[None], batch_sizes, device, args.precision))
+            if "b" not in skip:
+                stage = "(b) one-image loop"
+                keep([one_image_loop(paths, net, transforms, device, spec.num_classes)])
+            del net
+            e2e = None
+            if "c" not in skip:
+                stage = "(c) segbatch end to end"
+                run_args = [
+                    "--model",
+                    args.model,
+                    "--weights",
+                    args.weights,
+                    "--precision",
+                    args.precision,
+                    "--redo-all",
+                    *(["--batch-size", str(args.batch_size[0])] if args.batch_size else []),
+                    *args.run_arg,
+                ]
+                e2e = end_to_end(inputs, len(paths), run_args)
+                keep([e2e])
+            stage = "(d) per-stage breakdown"
+            result["breakdown"] = breakdown(
+                inputs, spec, device, args.precision, e2e.seconds / e2e.images if e2e and e2e.images else None
+            )
+            stage = "one-core stage rates"
+            result["stage_rates"] = stage_rates(paths[:16], transforms)
+        except Exception as exc:  # keep what was measured; say which stage failed and why
+            result["failed"] = {"stage": stage, "error": f"{type(exc).__name__}: {exc}"}
+    return result
 
 
 def format_result(result: dict[str, Any]) -> str:
-    """The side-by-side table and the ratios between (c) and (a), (b)."""
+    """The side-by-side table, the ratios between (c) and (a), (b), and the per-stage breakdown."""
     rows = [Row(r["stage"], r["images"], r["seconds"], r["extra"]) for r in result["rows"]]
     lines = [
         f"\nsegbatch bench: {result['model']}, weights {result['weights']}, {result['images']} images "
@@ -358,17 +533,29 @@ def format_result(result: dict[str, Any]) -> str:
             lines[-1] += (
                 f"{e2e.extra['forward_passes']} forward passes, {e2e.extra['images_per_forward_pass']} images per pass"
             )
-    rates = result["stage_rates"]
-    lines.append(
-        f"one core: decode+resize {rates['decode_per_core']:.1f} img/s, PNG encode {rates['encode_per_core']:.1f} img/s"
-    )
+    parts = result.get("breakdown")
+    if parts:
+        lines.append(
+            f"(d) per-stage breakdown, mean per image over {parts['images']} images, one at a time "
+            f"(total {parts['total_ms']:.1f} ms: {parts['basis']}"
+            + ("; its stages overlap, so the total is the stages' serial sum" if parts["overlapped"] else "")
+            + ")"
+        )
+        lines += [f"  {p['stage']:<20}{p['ms']:>10.1f} ms{100 * p['share']:>7.1f}%" for p in parts["stages"]]
+    rates = result.get("stage_rates")
+    if rates:
+        lines.append(
+            f"one core: decode+resize {rates['decode_per_core']:.1f} img/s, "
+            f"PNG encode {rates['encode_per_core']:.1f} img/s"
+        )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     result = measure(args)
     print(format_result(result))
-    if args.plan:
+    failed = result["failed"]
+    if args.plan and not failed:
         infer = args.gpu_rate or max(
             (r["img_per_s"] for r in result["rows"] if r["stage"].startswith("(a)")), default=0.0
         )
@@ -388,6 +575,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    if failed:
+        print(
+            f"segbatch bench: stage {failed['stage']} failed: {failed['error']}\n"
+            "the numbers above are those of the stages that finished",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

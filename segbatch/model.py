@@ -158,7 +158,7 @@ class Predictor:
 
         Upsampling, argmax and counts run on the model's device: only uint8 maps cross back. With
         ``min_confidence`` set, mask and confidence both come from the literal full-resolution logits
-        (:func:`segbatch.postprocess.labels_and_confidence`)."""
+        (:func:`segbatch.postprocess.confidence`, in row tiles)."""
         if isinstance(images, Staged):
             if images.ready is not None:
                 current = torch.cuda.current_stream(self.device)
@@ -175,15 +175,14 @@ class Predictor:
             return [Labelled(lab.cpu().numpy(), cnt.cpu().numpy()) for lab, cnt in zip(labels, counts)]
         out = []
         for i, size in enumerate(sizes):
-            lab, conf = postprocess.labels_and_confidence(logits[i], size, model_size)
-            lab = lab.to(torch.uint8)
+            res = postprocess.confidence(logits[i], size, model_size, self.min_confidence)
             out.append(
                 Labelled(
-                    lab.cpu().numpy(),
-                    postprocess.pixel_counts(lab, self.spec.num_classes).cpu().numpy(),
-                    confidence=conf.mul(255).round_().to(torch.uint8).cpu().numpy(),
-                    mean_confidence=float(conf.mean()),
-                    low_confidence_share=float((conf < self.min_confidence).float().mean()),
+                    res.labels.to(torch.uint8).cpu().numpy(),
+                    res.counts.cpu().numpy(),
+                    confidence=res.confidence.cpu().numpy(),
+                    mean_confidence=res.mean,
+                    low_confidence_share=res.low_share,
                 )
             )
         return out
