@@ -134,6 +134,7 @@ def test_noise_logits_many_boundaries_still_exact():
 PHOTO, MODEL, HEAD = (3000, 4000), (520, 693), (65, 87)
 
 
+@pytest.mark.slow  # the untiled reference alone holds ~1 GB and takes a minute on 2 cores
 def test_12mp_photo_gives_the_reference_labels():
     logits = smooth_logits(21, *HEAD, seed=12)
     expected = reference(logits, PHOTO, MODEL).argmax(0)
@@ -169,6 +170,7 @@ _RSS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_12mp_photo_postprocess_stays_within_bounded_memory():
     """Peak RSS growth of a fresh process over its warm-up, per path, for one 12 MP photo. Untiled, the
     bilinear path alone holds 21 x 3000 x 4000 float32 = 961 MiB (twice that with its argmax input
