@@ -136,6 +136,30 @@ def _under(path: str, prefixes: list[str]) -> bool:
     return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
+def _relative(path: str, root: str) -> str:
+    """``path`` below ``root``, exactly as listed: S3 keys ``p/./w.jpg``, ``p/a/../z.jpg`` and ``p//x.jpg``
+    are objects of their own, which posixpath.relpath would fold into ``w.jpg``, ``z.jpg`` and ``x.jpg``."""
+    if root and path.startswith(root + "/"):
+        return path[len(root) + 1 :]
+    return posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+
+
+def _with_keys_below_empty_segments(fs, dirpath: str, files: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """A walk() page's files, plus the keys below ``<dirpath>//``. An object store lists keys that start
+    with ``<dirpath>//`` (``p//x.jpg``) as a folder with an empty name, and walk() never enters it; a
+    prefix search below ``dirpath`` finds them, every level down, so walk() sees none of them twice."""
+    page = sorted(files.items())
+    if not any(name == "" and info.get("type") == "directory" for name, info in page):
+        return page
+    found = _storage.retry(lambda: fs.find(dirpath, prefix="/", detail=True), what=f"list {dirpath}//")
+    extra = [
+        (path, info)
+        for path, info in sorted(found.items())
+        if path.startswith(dirpath + "//") and info.get("type", "file") == "file"
+    ]
+    return [(name, info) for name, info in page if name != ""] + extra
+
+
 def list_inputs(
     url: str, storage_options: Mapping[str, Any] | None, extensions: Iterable[str], exclude_output: str | None = None
 ) -> pa.Table:
@@ -165,7 +189,7 @@ def list_inputs(
         if excluded:
             for d in [d for d in dirs if _under(_storage.join_path(dirpath, d), excluded)]:
                 del dirs[d]  # walk() honours in-place pruning (topdown)
-        for name, info in sorted(files.items()):
+        for name, info in _with_keys_below_empty_segments(fs, dirpath, files):
             if not _wanted(name, wanted):
                 continue
             if info.get("type", "file") != "file":
@@ -181,13 +205,14 @@ def list_inputs(
             path = info.get("name") or _storage.join_path(dirpath, name)
             if excluded and _under(path, excluded):
                 continue
-            rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+            rel = _relative(path, root)
             shown = _printable(path)
             if shown != path:
                 not_utf8 += 1
                 path, rel = shown, _printable(rel)
             size, etag, mtime = _storage.file_identity(info)
-            columns["uri"].append(_storage.join_url(root_url, rel))
+            # Not join_url: it would drop the leading empty segment of a key "p//x.jpg" (rel "/x.jpg").
+            columns["uri"].append(root_url.rstrip("/") + "/" + rel)
             columns["path"].append(path)
             columns["rel"].append(rel)
             columns["size"].append(size)

@@ -16,7 +16,8 @@ the filesystem's protocol, then the path: ``s3://bucket/a/b.jpg`` -> ``masks/s3/
 ``/data/x.png`` -> ``masks/file/data/x.png.png``, so ``/data/a.jpg`` and ``s3://data/a.jpg`` never share
 a mask.
 A listing's rule (relative to INPUT) needs the common prefix of every line, which a distributed read
-cannot know. URLs with ``..`` or empty segments get an error row instead of a mask outside OUTPUT.
+cannot know. ``.``, ``..`` and empty segments of an S3 URL are escaped in the mask's name
+(contract.DOT_SEGMENTS), so a mask never leaves OUTPUT.
 
 Duplicate lines and inputs that already have an ok row in OUTPUT are dropped by one distributed
 group-by on ``uri`` over the manifest and the summary's ok rows together, so resuming a 10^7-line
