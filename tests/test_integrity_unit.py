@@ -324,6 +324,80 @@ def test_a_lease_taken_over_is_noticed_by_its_old_holder(tmp_path):
     other.release()
 
 
+def test_a_lease_being_written_is_not_stale(tmp_path):
+    """Issue 22 item 2: the moment between an exclusive create and its write leaves an empty lease file;
+    a second run reading it then must not take it over as if it were renewed at epoch 0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / _lease.LEASE_NAME).write_bytes(b"")  # created by another run this instant, not yet written
+    with pytest.raises(_lease.LeaseHeldError, match="unreadable lease file"):
+        _lease.Lease(str(out), {}, "second", timeout_s=60).acquire()
+    assert (out / _lease.LEASE_NAME).read_bytes() == b""  # left to its creator
+    # Once the file is older than the timeout, it is stale like any other lease.
+    old = time.time() - 600
+    os.utime(out / _lease.LEASE_NAME, (old, old))
+    _lease.Lease(str(out), {}, "later", timeout_s=60).acquire().release()
+
+
+def test_a_local_lease_is_never_seen_empty(tmp_path):
+    """The lease is written whole before its name exists (a hard link of a written temporary), and the
+    temporary is gone afterwards."""
+    out = tmp_path / "out"
+    lease = _lease.Lease(str(out), {}, "whole", timeout_s=60).acquire()
+    try:
+        assert json.loads((out / _lease.LEASE_NAME).read_text())["run_id"] == "whole"
+        assert sorted(p.name for p in out.iterdir()) == [_lease.LEASE_NAME]
+    finally:
+        lease.release()
+
+
+def _race_for_the_lease(out: str, start: float, queue) -> None:
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        lease = _lease.Lease(out, {}, f"racer-{os.getpid()}", timeout_s=60).acquire()
+    except _lease.LeaseHeldError:
+        queue.put(False)
+        return
+    queue.put(True)
+    time.sleep(0.5)  # hold it while the other racer looks
+    lease.release()
+
+
+def test_two_processes_racing_for_a_local_lease_never_both_hold_it(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(15):
+        out = str(tmp_path / f"out{trial}")
+        queue = ctx.Queue()
+        start = time.time() + 0.2
+        racers = [ctx.Process(target=_race_for_the_lease, args=(out, start, queue)) for _ in range(2)]
+        for p in racers:
+            p.start()
+        for p in racers:
+            p.join(30)
+        got = sorted(queue.get(timeout=5) for _ in racers)
+        assert got == [False, True], f"trial {trial}: {got}"
+
+
+@pytest.mark.parametrize(
+    "content", [b"[1, 2]", b"5", b'"x"', b"{", b'{"renewed_at": 1e20}', b'{"renewed_at": "nan"}', b"{\"pid\": []}"]
+)
+def test_a_damaged_lease_file_is_held_until_its_mtime_is_stale(tmp_path, content):
+    """Issue 22 item 9: a lease file that is no lease is a lease of an unknown holder renewed at the
+    file's mtime: exit 2 while fresh, taken over once stale, never a traceback."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / _lease.LEASE_NAME).write_bytes(content)
+    with pytest.raises(_lease.LeaseHeldError, match="unreadable lease file"):
+        _lease.Lease(str(out), {}, "next", timeout_s=60).acquire()
+    old = time.time() - 600
+    os.utime(out / _lease.LEASE_NAME, (old, old))
+    lease = _lease.Lease(str(out), {}, "next", timeout_s=60).acquire()
+    assert lease.took_over.unreadable
+    lease.release()
+
+
 def test_lease_timeout_setting(monkeypatch):
     monkeypatch.setenv(_lease.TIMEOUT_ENV, "abc")
     with pytest.raises(ConfigError):
