@@ -20,6 +20,7 @@ __all__ = [
     "EVAL_NAME",
     "MASKS_DIR",
     "MAX_SEGMENT_BYTES",
+    "OUTPUT_DIRS",
     "OVERLAYS_DIR",
     "PALETTE",
     "REPORT_NAME",
@@ -46,6 +47,8 @@ CONFIDENCE_DIR = "confidence"  # `run --confidence`: one 8-bit PNG per ok input,
 REPORT_NAME = "report.html"  # `segbatch report`
 EVAL_NAME = "eval.json"  # `segbatch eval` (unless --json), shown by `segbatch report`
 CLASSES_METADATA_KEY = b"segbatch.classes"  # summary schema metadata: JSON list of class names
+#: Every folder of OUTPUT that segbatch writes: never listed as input when OUTPUT and INPUT overlap.
+OUTPUT_DIRS = (MASKS_DIR, SUMMARY_DIR, RUNS_DIR, OVERLAYS_DIR, CONFIDENCE_DIR)
 
 #: The summary's columns: the contract's first, then segbatch's documented extensions.
 SUMMARY_SCHEMA = pa.schema(

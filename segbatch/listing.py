@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segbatch import _storage, summary
+from segbatch.contract import OUTPUT_DIRS
 from segbatch.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,9 @@ def _wanted(name: str, extensions: frozenset[str]) -> bool:
     return bool(dot) and ext.lower() in extensions
 
 
-#: Folders of OUTPUT that segbatch writes; never listed as input when OUTPUT and INPUT overlap.
-OUTPUT_OWNED_DIRS = ("masks", "overlays", "summary", "runs")
+#: Folders of OUTPUT that segbatch writes; never listed as input when OUTPUT and INPUT overlap. The
+#: contract's list, so a folder added there (confidence/) is never labelled by a rerun.
+OUTPUT_OWNED_DIRS = OUTPUT_DIRS
 
 
 def _printable(text: str) -> str:
@@ -125,11 +128,27 @@ def excluded_prefixes(fs, root: str, output_url: str | None, storage_options: Ma
         return []
     out_root = out_root.rstrip("/")
     root = root.rstrip("/")
+    if _is_local(fs):
+        # Compare where the two really are: INPUT or OUTPUT may be (or pass through) a symbolic link
+        # into the other. The prefixes are then spelled below INPUT as the listing spells its paths.
+        real_root, real_out = os.path.realpath(root), os.path.realpath(out_root)
+        if real_out == real_root:
+            return [_storage.join_path(root, d) for d in OUTPUT_OWNED_DIRS]
+        if _under(real_out, [real_root]):
+            return [_storage.join_path(root, posixpath.relpath(real_out, real_root))]
+        if _under(real_root, [_storage.join_path(real_out, d) for d in OUTPUT_OWNED_DIRS]):
+            return [root]  # INPUT is one of OUTPUT's own folders
+        return []
     if out_root.startswith(root + "/"):
         return [out_root]
     if out_root == root or root.startswith(out_root + "/"):
         return [_storage.join_path(out_root, d) for d in OUTPUT_OWNED_DIRS]
     return []
+
+
+def _is_local(fs) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"file", "local"})
 
 
 def _under(path: str, prefixes: list[str]) -> bool:

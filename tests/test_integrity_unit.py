@@ -15,7 +15,7 @@ import torch
 from segbatch import _lease, _storage, cli, listing, manifest, preflight, weights
 from segbatch.config import RunConfig, parse_storage_value
 from segbatch.contract import MAX_SEGMENT_BYTES, UnsafePathError, input_relpath, mask_relpath
-from segbatch.errors import ConfigError, WeightsError
+from segbatch.errors import ConfigError, InputError, WeightsError
 
 from _helpers import TEST_ARCH, make_checkpoint
 
@@ -159,6 +159,52 @@ def test_outputs_own_tree_is_never_listed(tmp_path, output_rel):
         (out / d / "sub" / "b.png.jpg").write_bytes(b"x")
     table = listing.list_inputs(str(src), {}, ["jpg", "png"], exclude_output=str(out))
     assert table["rel"].to_pylist() == ["a.jpg", "sub/b.png"]
+
+
+def _photos_with_outputs(src: Path, out: Path) -> None:
+    (src / "sub").mkdir(parents=True, exist_ok=True)
+    (src / "a.jpg").write_bytes(b"x")
+    (src / "sub" / "b.png").write_bytes(b"x")
+    for d in ("masks", "overlays", "confidence", "summary", "runs"):  # every folder segbatch writes
+        (out / d / "sub").mkdir(parents=True, exist_ok=True)
+        (out / d / "a.jpg.png").write_bytes(b"x")
+        (out / d / "sub" / "b.png.png").write_bytes(b"x")
+
+
+def test_confidence_maps_of_output_equal_to_input_are_never_listed(tmp_path):
+    """Issue 22 item 3a: `segbatch run X X --confidence`, twice: confidence/ is OUTPUT's own too."""
+    src = tmp_path / "photos"
+    _photos_with_outputs(src, src)
+    table = listing.list_inputs(str(src), {}, ["jpg", "png"], exclude_output=str(src))
+    assert table["rel"].to_pylist() == ["a.jpg", "sub/b.png"]
+
+
+@pytest.mark.parametrize("layout", ["input-link", "output-link", "same-through-link"])
+def test_output_reached_through_a_symbolic_link_is_never_listed(tmp_path, layout):
+    """Issue 22 item 3b: INPUT a link to the folder OUTPUT is inside, or OUTPUT a link into INPUT."""
+    src = tmp_path / "in"
+    if layout == "input-link":
+        _photos_with_outputs(src, src / "labels")
+        (tmp_path / "inlink").symlink_to(src)
+        inp, out = tmp_path / "inlink", src / "labels"
+    elif layout == "output-link":
+        _photos_with_outputs(src, src / "labels")
+        (tmp_path / "outlink").symlink_to(src / "labels")
+        inp, out = src, tmp_path / "outlink"
+    else:
+        _photos_with_outputs(src, src)
+        (tmp_path / "inlink").symlink_to(src)
+        inp, out = tmp_path / "inlink", src
+    table = listing.list_inputs(str(inp), {}, ["jpg", "png"], exclude_output=str(out))
+    assert table["rel"].to_pylist() == ["a.jpg", "sub/b.png"]
+
+
+def test_input_that_is_one_of_outputs_folders_lists_nothing(tmp_path):
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "a.jpg.png").write_bytes(b"x")
+    with pytest.raises(InputError, match="no images found"):
+        listing.list_inputs(str(out / "masks"), {}, ["png"], exclude_output=str(out))
 
 
 # -- 4: manifest names -----------------------------------------------------------------------------------
