@@ -63,6 +63,51 @@ def test_config_file_type_error_exits_2(tmp_path, capsys):
     assert "must be" in capsys.readouterr().err
 
 
+def _billion_laughs(key: str) -> str:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]")
+    body = "\n".join("  " + line for line in lines)
+    return f"{key}:\n{body}\n" if key != "storage_options" else f"storage_options:\n{body}\n"
+
+
+@pytest.mark.parametrize("key", ["batch_size", "input", "storage_options"])
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys, key):
+    """Issue 22 item 5: nested aliases expand ~1 KB into 9^9 strings; they are refused while parsing."""
+    conf = tmp_path / "bomb.yaml"
+    conf.write_text(_billion_laughs(key))
+    started = time.monotonic()
+    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--config", str(conf)]) == EXIT_CONFIG
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert "aliases" in err and len(err) < 2000
+
+
+def test_a_wrong_type_error_shows_a_bounded_value():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({"input": "in", "output": "out", "batch_size": ["x" * 10_000] * 1000})
+    assert len(str(err.value)) < 500
+
+
+def test_a_huge_config_file_is_refused(tmp_path, capsys):
+    from segbatch.config import MAX_CONFIG_BYTES
+
+    conf = tmp_path / "big.yaml"
+    conf.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--config", str(conf)]) == EXIT_CONFIG
+    assert "bytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["1: 2\n", "true: x\n", "null: 3\n"])
+def test_a_config_key_that_is_not_text_exits_2(tmp_path, capsys, text):
+    """Issue 22 item 9: a YAML key `1: 2` is a ConfigError, not an AttributeError traceback."""
+    conf = tmp_path / "run.yaml"
+    conf.write_text(text)
+    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--config", str(conf)]) == EXIT_CONFIG
+    assert "name must be text" in capsys.readouterr().err
+
+
 # -- 13: storage-option values ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "text,value",
