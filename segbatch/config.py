@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import reprlib
 import tomllib
@@ -252,12 +253,17 @@ class RunConfig:
             raise ConfigError("max_error_rate", f"must be within 0..1, got {self.max_error_rate!r}", "e.g. 0.01 for 1%")
         if not 0 <= int(self.png_compress_level) <= 9:
             raise ConfigError("png_compress_level", f"must be 0..9, got {self.png_compress_level!r}")
-        if self.gpus_per_actor is not None and not 0 < float(self.gpus_per_actor):
-            raise ConfigError("gpus_per_actor", "must be > 0", "fractions such as 0.5 pack two models on one GPU")
-        if self.cpus_per_actor is not None and not 0 < float(self.cpus_per_actor):
-            raise ConfigError("cpus_per_actor", "must be > 0")
-        if self.decode_cpus is not None and not 0 < float(self.decode_cpus):
-            raise ConfigError("decode_cpus", "must be > 0")
+        # `not x < inf` refuses nan and inf too: a pool of infinite CPUs or GPUs never starts.
+        if self.gpus_per_actor is not None and not 0 <= float(self.gpus_per_actor) < math.inf:
+            raise ConfigError(
+                "gpus_per_actor",
+                f"must be a finite number >= 0, got {_shown(self.gpus_per_actor)}",
+                "0 runs inference on CPUs; fractions such as 0.5 pack two models on one GPU",
+            )
+        if self.cpus_per_actor is not None and not 0 < float(self.cpus_per_actor) < math.inf:
+            raise ConfigError("cpus_per_actor", f"must be a finite number > 0, got {_shown(self.cpus_per_actor)}")
+        if self.decode_cpus is not None and not 0 < float(self.decode_cpus) < math.inf:
+            raise ConfigError("decode_cpus", f"must be a finite number > 0, got {_shown(self.decode_cpus)}")
         if self.weights_sha256 is not None:
             digest = self.weights_sha256.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):

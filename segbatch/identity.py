@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,6 +71,15 @@ class Binding:
     identity: dict[str, Any]
     relabel_since: float | None  # epoch seconds; ok rows written before it are from an earlier identity
     changed_from: dict[str, Any] | None = None  # set when this run (a --redo-all) rebinds OUTPUT
+    #: The identity file this binding still has to write: (output, options, identity, run_id, since,
+    #: previous), or None. Written by :meth:`commit`, once the run is about to label something, so a
+    #: run refused or with nothing to do never binds OUTPUT to its model.
+    pending: tuple | None = None
+
+    def commit(self) -> None:
+        if self.pending is not None:
+            _write(*self.pending)
+            self.pending = None
 
 
 def _location(output_url: str, storage_options: Mapping[str, Any] | None):
@@ -89,8 +99,18 @@ def read(output_url: str, storage_options: Mapping[str, Any] | None = None) -> d
         data = json.loads(raw)
         if not isinstance(data, dict) or not isinstance(data.get("identity"), dict):
             raise ValueError("no identity mapping")
+        # Every identity segbatch writes names all its fields: one with fewer (a hand-edited `{}`) would
+        # match any model, and let another model's rows count as done beside the old ones.
+        missing = [name for name in FIELDS if name not in data["identity"]]
+        if missing:
+            raise ValueError(f"its identity lacks {', '.join(missing)}")
+        since = data.get("relabel_since")
+        if since is not None and (
+            isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since)
+        ):
+            raise ValueError("relabel_since is not a number of seconds")
         return data
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(
             "output",
             f"{IDENTITY_NAME} in OUTPUT is unreadable ({exc})",
@@ -136,8 +156,10 @@ def _legacy_identity(output_url: str, storage_options) -> dict[str, Any] | None:
 
 
 def bind(config, spec, run_id: str) -> Binding:
-    """Check this run's identity against OUTPUT's before any work; write it on the first run, and on a
-    ``--redo-all`` that changes it. Raises IdentityMismatchError otherwise. Call it holding the lease."""
+    """Check this run's identity against OUTPUT's before any work; on the first run, and on a
+    ``--redo-all`` that changes it, the returned binding's :meth:`Binding.commit` writes it (call that
+    once the run is about to label something). Raises IdentityMismatchError otherwise. Call it holding
+    the lease."""
     mine = of_run(config, spec)
     data = read(config.output, config.storage_options)
     if data is None:
@@ -148,8 +170,9 @@ def bind(config, spec, run_id: str) -> Binding:
         relabel_since = data.get("relabel_since")
     diff = differences(old, mine) if old is not None else []
     if not diff:
+        pending = None
         if data is None or data["identity"] != mine:
-            _write(
+            pending = (
                 config.output,
                 config.storage_options,
                 mine,
@@ -157,7 +180,7 @@ def bind(config, spec, run_id: str) -> Binding:
                 relabel_since,
                 data.get("previous") if data else None,
             )
-        return Binding(mine, relabel_since)
+        return Binding(mine, relabel_since, pending=pending)
     if not config.redo_all:
         raise IdentityMismatchError(
             f"OUTPUT was labelled by [{describe(old)}]; this run is [{describe(mine)}] "
@@ -172,8 +195,7 @@ def bind(config, spec, run_id: str) -> Binding:
         describe(old),
         describe(mine),
     )
-    _write(config.output, config.storage_options, mine, run_id, since, old)
-    return Binding(mine, since, changed_from=old)
+    return Binding(mine, since, changed_from=old, pending=(config.output, config.storage_options, mine, run_id, since, old))
 
 
 def since_filter(relabel_since: float | None) -> pc.Expression | None:

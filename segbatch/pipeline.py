@@ -273,6 +273,7 @@ def _run_holding_lease(
     report.listed, report.skipped = inputs.counts()
     if inputs.pending == 0:
         log.info("nothing to do: every listed input already has an ok row")
+        binding.commit()  # the identity of the rows that are there (an OUTPUT labelled before identity files)
         report.seconds = time.monotonic() - started
         runs.finish(config, report, completed=True, cleanup=cleanup)
         return report
@@ -284,7 +285,12 @@ def _run_holding_lease(
         _restore_python_signal_handlers()
         DataContext.get_current().enable_progress_bars = config.progress
         try:
+            # A pool the cluster cannot hold is refused here (exit 2), not left waiting for resources.
+            resources.check_fits(sizing(config), _ray.cluster_cpus(), _ray.cluster_gpus())
             ds = build_dataset(config, spec, inputs, run_id)
+            # Only now does OUTPUT belong to this run's model: a run refused before this point (nothing
+            # to list, a pool that does not fit) leaves OUTPUT free for any model.
+            binding.commit()
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 _tally(report, batch)
                 lease.check()

@@ -126,6 +126,34 @@ def settle(config, cpus: float, gpus: float, gpu_bytes: int | None = None) -> Si
     )
 
 
+def check_fits(size: Sizing, cpus: float, gpus: float) -> None:
+    """Refuse (ConfigError, exit 2) a pool the cluster of ``cpus`` CPUs and ``gpus`` GPUs cannot hold: Ray
+    would wait forever for actors it cannot place (``--gpus-per-actor 1`` without a GPU, ``--actors 100``
+    on 2 CPUs). Called right after Ray starts, before any work."""
+    from segbatch.errors import ConfigError
+
+    for name, value in (("cpus_per_actor", size.cpus_per_actor), ("gpus_per_actor", size.gpus_per_actor)):
+        if not 0 <= value < math.inf:
+            raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
+    if size.gpus_per_actor > 0:
+        need = size.min_actors * size.gpus_per_actor
+        if need > gpus + 1e-9:
+            raise ConfigError(
+                "gpus_per_actor",
+                f"{size.min_actors} inference actor(s) x {size.gpus_per_actor:g} GPU need {need:g} GPU(s); "
+                f"the cluster has {gpus:g}",
+                "pass --gpus-per-actor 0 to run on CPUs, lower --actors, or add GPU nodes",
+            )
+    need = size.min_actors * size.cpus_per_actor + size.decode_cpus
+    if need > cpus + 1e-9:
+        raise ConfigError(
+            "actors",
+            f"{size.min_actors} inference actor(s) x {size.cpus_per_actor:g} CPU and {size.decode_cpus:g} for "
+            f"decoding need {need:g} CPUs; the cluster has {cpus:g}",
+            "lower --actors or --cpus-per-actor, or add CPUs",
+        )
+
+
 def _decode_cpus(spare: float) -> float:
     """Per-task reservation: two tasks fit in the spare CPUs (decode of one batch beside the write of another)."""
     return round(min(MAX_DECODE_CPUS, max(spare / 2, 0.0625)), 4)
@@ -155,4 +183,4 @@ def default_batch_size(arch: str, precision: str, gpus: float, gpu_bytes: int | 
     return gpu_batch_size(arch, precision, gpu_bytes) if gpus >= 1 else CPU_BATCH_SIZE
 
 
-__all__ = ["PoolPlan", "Sizing", "default_batch_size", "gpu_batch_size", "gpu_bytes_of", "plan_pool", "settle"]
+__all__ = ["PoolPlan", "Sizing", "check_fits", "default_batch_size", "gpu_batch_size", "gpu_bytes_of", "plan_pool", "settle"]

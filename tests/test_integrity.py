@@ -248,3 +248,60 @@ def test_a_signal_stops_the_run_cleanly_with_a_true_record(tmp_path, signum, cod
     assert record["ok"] < 120
     assert not (out / _lease.LEASE_NAME).exists()
     assert not list(out.rglob("*.tmp"))
+
+
+# -- issue 22 item 7: a refused run leaves OUTPUT unbound ------------------------------------------------
+def test_a_run_with_nothing_to_list_does_not_bind_output(tmp_path, ray_local, checkpoint):
+    empty, src, out = tmp_path / "empty", tmp_path / "in", tmp_path / "out"
+    empty.mkdir()
+    src.mkdir()
+    save(src / "a.jpg", seed=1)
+    base = ["--model", TEST_ARCH, "--no-progress"]
+    assert main(["run", str(empty), str(out), "--weights", str(checkpoint), *base]) == EXIT_INPUT
+    assert not (out / identity.IDENTITY_NAME).exists()
+    # Nothing was ever labelled: other weights may have OUTPUT.
+    assert main(["run", str(src), str(out), "--weights", "random", *base]) == 0
+    assert identity.read(str(out))["identity"]["weights"].startswith("random")
+
+
+@pytest.mark.timeout(120)  # today's code waits forever for a GPU the cluster does not have
+@pytest.mark.parametrize("flags", [["--actors", "100"], ["--gpus-per-actor", "1"], ["--decode-cpus", "64"]])
+def test_a_pool_the_cluster_cannot_hold_is_refused_without_binding_output(tmp_path, ray_local, capsys, flags):
+    """Issue 22 items 7 and 9: refused at once with exit 2 (the session's Ray has 2 CPUs and no GPU), and
+    OUTPUT stays free for any model."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    save(src / "a.jpg", seed=1)
+    rc = main(["run", str(src), str(out), "--model", TEST_ARCH, "--weights", "random", "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert rc == EXIT_CONFIG and "the cluster has" in err, err
+    assert not (out / identity.IDENTITY_NAME).exists()
+    assert not (out / "masks").exists()
+
+
+# -- issue 22 items 9 and 10: a hand-edited identity file is refused, never a new binding ----------------
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"identity": {}},
+        {"identity": {"model": TEST_ARCH}},
+        {"identity": {"model": TEST_ARCH, "weights": "random:seed=0"}},
+        "complete-but-bad-relabel_since",
+    ],
+)
+def test_an_incomplete_identity_file_is_refused(tmp_path, ray_local, capsys, data):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    save(src / "a.jpg", seed=1)
+    args = ["run", str(src), str(out), "--model", TEST_ARCH, "--weights", "random", "--no-progress"]
+    if data == "complete-but-bad-relabel_since":
+        assert main(args) == 0
+        data = json.loads((out / identity.IDENTITY_NAME).read_text())
+        data["relabel_since"] = "yesterday"
+    else:
+        out.mkdir()
+    (out / identity.IDENTITY_NAME).write_text(json.dumps(data))
+    before = (out / identity.IDENTITY_NAME).read_text()
+    assert main(args) == EXIT_CONFIG
+    assert identity.IDENTITY_NAME in capsys.readouterr().err
+    assert (out / identity.IDENTITY_NAME).read_text() == before  # not rebound
