@@ -195,7 +195,9 @@ def bind(config, spec, run_id: str) -> Binding:
         describe(old),
         describe(mine),
     )
-    return Binding(mine, since, changed_from=old, pending=(config.output, config.storage_options, mine, run_id, since, old))
+    return Binding(
+        mine, since, changed_from=old, pending=(config.output, config.storage_options, mine, run_id, since, old)
+    )
 
 
 def since_filter(relabel_since: float | None) -> pc.Expression | None:

@@ -183,4 +183,13 @@ def default_batch_size(arch: str, precision: str, gpus: float, gpu_bytes: int | 
     return gpu_batch_size(arch, precision, gpu_bytes) if gpus >= 1 else CPU_BATCH_SIZE
 
 
-__all__ = ["PoolPlan", "Sizing", "check_fits", "default_batch_size", "gpu_batch_size", "gpu_bytes_of", "plan_pool", "settle"]
+__all__ = [
+    "PoolPlan",
+    "Sizing",
+    "check_fits",
+    "default_batch_size",
+    "gpu_batch_size",
+    "gpu_bytes_of",
+    "plan_pool",
+    "settle",
+]

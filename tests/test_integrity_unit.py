@@ -472,7 +472,7 @@ def test_two_processes_racing_for_a_local_lease_never_both_hold_it(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content", [b"[1, 2]", b"5", b'"x"', b"{", b'{"renewed_at": 1e20}', b'{"renewed_at": "nan"}', b"{\"pid\": []}"]
+    "content", [b"[1, 2]", b"5", b'"x"', b"{", b'{"renewed_at": 1e20}', b'{"renewed_at": "nan"}', b'{"pid": []}']
 )
 def test_a_damaged_lease_file_is_held_until_its_mtime_is_stale(tmp_path, content):
     """Issue 22 item 9: a lease file that is no lease is a lease of an unknown holder renewed at the

@@ -141,7 +141,9 @@ def test_a_pool_that_cannot_be_placed_is_refused(flags, cpus, gpus, field):
     size = settle(RunConfig(input="in", output="out", **flags), cpus, gpus)
     with pytest.raises(ConfigError) as err:
         check_fits(size, cpus, gpus)
-    assert err.value.field == field and f"the cluster has {gpus if field == 'gpus_per_actor' else cpus}" in str(err.value)
+    assert err.value.field == field and f"the cluster has {gpus if field == 'gpus_per_actor' else cpus}" in str(
+        err.value
+    )
 
 
 def test_gpus_per_actor_0_means_cpu_inference_even_with_gpus():

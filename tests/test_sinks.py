@@ -36,7 +36,9 @@ def test_dot_and_empty_segments_stay_inside_output_with_names_of_their_own():
     rels = ["../x.jpg", "a/../../x.jpg", "/etc/x.jpg", "a//b.jpg", "./a.jpg", "x.jpg", "a/b.jpg", "etc/x.jpg"]
     out = [mask_relpath(r) for r in rels]
     assert len(set(out)) == len(out)
-    assert out[0] == "masks/%2E%2E/x.jpg.png" and out[2] == "masks/%_/etc/x.jpg.png" and out[3] == "masks/a/%_/b.jpg.png"
+    assert (
+        out[0] == "masks/%2E%2E/x.jpg.png" and out[2] == "masks/%_/etc/x.jpg.png" and out[3] == "masks/a/%_/b.jpg.png"
+    )
     for name, rel in zip(out, rels):
         assert name.startswith("masks/") and ".." not in name.split("/") and "" not in name.split("/")
         assert input_relpath(name) == rel
