@@ -584,3 +584,37 @@ def test_a_full_disk_mid_run_is_found_behind_rays_wrapping_and_leaves_no_tempora
     with pytest.raises(OSError):
         _storage.write_atomic(fs, f"{root}/masks/a.png", b"data")
     assert [p.name for p in (tmp_path / "masks").iterdir()] == []
+
+
+# -- issue 22 items 9 and 11: bad paths given to the CLI are one line and a documented status ------------
+def test_compact_of_a_file_or_a_missing_path_is_exit_4_and_creates_nothing(tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    assert cli.main(["compact", str(afile)]) == EXIT_INPUT
+    assert "is a file" in capsys.readouterr().err
+    missing = tmp_path / "missing"
+    assert cli.main(["compact", str(missing)]) == EXIT_INPUT
+    assert "does not exist" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("problem", ["weights-folder", "classes-missing", "classes-folder", "random-bytes"])
+def test_unusable_weights_or_classes_are_one_line_and_exit_4(tmp_path, capsys, problem):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"x")
+    args = ["run", str(src), str(tmp_path / "out"), "--model", TEST_ARCH, "--weights", "random", "--no-progress"]
+    if problem == "weights-folder":
+        args[args.index("random")] = str(tmp_path)
+    elif problem == "classes-missing":
+        args += ["--classes", str(tmp_path / "missing.txt")]
+    elif problem == "classes-folder":
+        args += ["--classes", str(src)]
+    else:
+        (tmp_path / "rand.pt").write_bytes(os.urandom(5000))
+        args[args.index("random")] = str(tmp_path / "rand.pt")
+    assert cli.main(args) == EXIT_INPUT
+    full = capsys.readouterr().err
+    err = [line for line in full.splitlines() if line.startswith("segbatch:")]
+    assert len(err) == 1 and len(err[0]) < 400, err
+    assert "Traceback" not in full and "weights_only" not in full  # not torch's paragraphs either
