@@ -125,11 +125,13 @@ def _write(
     run_id: str,
     relabel_since: float | None,
     previous: dict[str, Any] | None,
+    inputs: str | None = None,
 ) -> None:
     fs, path = _location(output_url, storage_options)
     data = {
         "version": IDENTITY_VERSION,
         "identity": identity,
+        "inputs": inputs,
         "bound_by_run": run_id,
         "bound_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "relabel_since": relabel_since,
@@ -155,13 +157,36 @@ def _legacy_identity(output_url: str, storage_options) -> dict[str, Any] | None:
     }
 
 
+#: How an OUTPUT's inputs are named (``inputs`` in the identity file): relative to a listed INPUT, or by
+#: their protocol and path (a manifest). The two namings can meet (a listed ``INPUT/file/data/a.jpg`` and a
+#: manifest's ``/data/a.jpg`` both name ``masks/file/data/a.jpg.png``), so one OUTPUT holds one kind.
+LISTED, MANIFEST = "listed", "manifest"
+
+
+def inputs_kind(config) -> str:
+    return MANIFEST if getattr(config, "manifest", None) else LISTED
+
+
+def _check_inputs_kind(data: Mapping[str, Any] | None, kind: str) -> None:
+    bound = data.get("inputs") if data else None
+    if bound not in (None, kind):
+        raise IdentityMismatchError(
+            f"OUTPUT holds the masks of {bound} inputs; this run's inputs are {kind}, and their masks could "
+            "take the names of the ones there (a listed INPUT/file/data/a.jpg and a manifest's /data/a.jpg "
+            "both name masks/file/data/a.jpg.png)",
+            "write to another OUTPUT",
+        )
+
+
 def bind(config, spec, run_id: str) -> Binding:
     """Check this run's identity against OUTPUT's before any work; on the first run, and on a
     ``--redo-all`` that changes it, the returned binding's :meth:`Binding.commit` writes it (call that
     once the run is about to label something). Raises IdentityMismatchError otherwise. Call it holding
     the lease."""
     mine = of_run(config, spec)
+    kind = inputs_kind(config)
     data = read(config.output, config.storage_options)
+    _check_inputs_kind(data, kind)
     if data is None:
         old = _legacy_identity(config.output, config.storage_options)
         relabel_since = None
@@ -171,7 +196,7 @@ def bind(config, spec, run_id: str) -> Binding:
     diff = differences(old, mine) if old is not None else []
     if not diff:
         pending = None
-        if data is None or data["identity"] != mine:
+        if data is None or data["identity"] != mine or data.get("inputs") != kind:
             pending = (
                 config.output,
                 config.storage_options,
@@ -179,6 +204,7 @@ def bind(config, spec, run_id: str) -> Binding:
                 run_id,
                 relabel_since,
                 data.get("previous") if data else None,
+                kind,
             )
         return Binding(mine, relabel_since, pending=pending)
     if not config.redo_all:
@@ -196,7 +222,7 @@ def bind(config, spec, run_id: str) -> Binding:
         describe(mine),
     )
     return Binding(
-        mine, since, changed_from=old, pending=(config.output, config.storage_options, mine, run_id, since, old)
+        mine, since, changed_from=old, pending=(config.output, config.storage_options, mine, run_id, since, old, kind)
     )
 
 
