@@ -144,13 +144,21 @@ def check_fits(size: Sizing, cpus: float, gpus: float) -> None:
                 f"the cluster has {gpus:g}",
                 "pass --gpus-per-actor 0 to run on CPUs, lower --actors, or add GPU nodes",
             )
-    need = size.min_actors * size.cpus_per_actor + size.decode_cpus
+    need = size.min_actors * size.cpus_per_actor
     if need > cpus + 1e-9:
         raise ConfigError(
             "actors",
-            f"{size.min_actors} inference actor(s) x {size.cpus_per_actor:g} CPU and {size.decode_cpus:g} for "
-            f"decoding need {need:g} CPUs; the cluster has {cpus:g}",
+            f"{size.min_actors} inference actor(s) x {size.cpus_per_actor:g} CPU need {need:g} CPUs; "
+            f"the cluster has {cpus:g}",
             "lower --actors or --cpus-per-actor, or add CPUs",
+        )
+    spare = cpus - need
+    if spare + 1e-9 < size.decode_cpus:  # the actors would start, and decoding would wait for ever
+        raise ConfigError(
+            "cpus_per_actor",
+            f"{size.min_actors} inference actor(s) x {size.cpus_per_actor:g} CPU leave {spare:g} of the cluster's "
+            f"{cpus:g} CPUs for decode and write tasks, which need {size.decode_cpus:g} each",
+            "lower --cpus-per-actor or --actors, lower --decode-cpus, or add CPUs",
         )
 
 
