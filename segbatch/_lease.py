@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -35,6 +36,11 @@ LEASE_NAME = "_segbatch.lease"
 #: environment variable SEGBATCH_LEASE_TIMEOUT (seconds); the holder renews every timeout / 4.
 DEFAULT_TIMEOUT_S = 120.0
 TIMEOUT_ENV = "SEGBATCH_LEASE_TIMEOUT"
+#: Seconds a lease's renewal time may lie ahead of this host's clock (clock skew between hosts); one
+#: further ahead (``renewed_at`` 1e20) is damaged, and counts as unreadable.
+MAX_CLOCK_SKEW_S = 3600.0
+# errnos of a filesystem that cannot make hard links; the lease is then created with O_EXCL alone.
+_NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS})
 
 
 class LeaseHeldError(ConfigError):
@@ -65,7 +71,20 @@ def lease_timeout() -> float:
 
 
 def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):  # not a time gmtime can show (nan, 1e20)
+        return f"{seconds!r} (not a time)"
+
+
+def _number(data: dict, key: str, default: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{key} is not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{key} is not finite")
+    return number
 
 
 @dataclass
@@ -77,25 +96,44 @@ class Holder:
     acquired_at: float
     renewed_at: float
     timeout_s: float
+    #: Set when the file could not be read as a lease (being written at this moment, or damaged): the
+    #: holder is unknown, and the lease counts as renewed when the file was last modified.
+    unreadable: bool = False
 
     def to_bytes(self) -> bytes:
-        data = {**self.__dict__, "acquired_at_utc": _iso(self.acquired_at), "renewed_at_utc": _iso(self.renewed_at)}
+        data = {k: v for k, v in self.__dict__.items() if k != "unreadable"}
+        data.update(acquired_at_utc=_iso(self.acquired_at), renewed_at_utc=_iso(self.renewed_at))
         return (json.dumps(data, indent=1) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Holder:
+        """The holder in a lease file; ValueError or TypeError when it is not one (empty while its
+        creator writes it, cut short, or edited into something else: ``[1,2]``, ``5``, ``"nan"``)."""
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError("a lease is a JSON object")
+        renewed_at = _number(data, "renewed_at", 0)
+        if renewed_at > time.time() + MAX_CLOCK_SKEW_S:
+            raise ValueError("renewed_at lies in the future")
+        timeout_s = _number(data, "timeout_s", DEFAULT_TIMEOUT_S)
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
         return cls(
             host=str(data.get("host", "?")),
-            pid=int(data.get("pid", 0)),
+            pid=int(_number(data, "pid", 0)),
             run_id=str(data.get("run_id", "?")),
             token=str(data.get("token", "")),
-            acquired_at=float(data.get("acquired_at", 0)),
-            renewed_at=float(data.get("renewed_at", 0)),
-            timeout_s=float(data.get("timeout_s", DEFAULT_TIMEOUT_S)),
+            acquired_at=_number(data, "acquired_at", 0),
+            renewed_at=renewed_at,
+            timeout_s=timeout_s,
         )
 
     def describe(self, now: float) -> str:
+        if self.unreadable:
+            return (
+                f"an unreadable lease file (being written, or damaged), last modified {_iso(self.renewed_at)} "
+                f"({max(0.0, now - self.renewed_at):.0f}s ago)"
+            )
         return (
             f"run {self.run_id} (host {self.host}, pid {self.pid}), last renewed {_iso(self.renewed_at)} "
             f"({max(0.0, now - self.renewed_at):.0f}s ago)"
@@ -157,16 +195,7 @@ class Lease:
         """Exclusive create; False when the file already exists."""
         fs, path = self._fs, self._path
         if _is_local(fs):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            return True
+            return self._create_local(data)
         if _is_s3(fs):
             try:
                 _storage.retry(fs.pipe_file, path, data, mode="create", what=f"create {self.url}")
@@ -191,6 +220,49 @@ class Lease:
             fs.pipe_file(path, data)
         return True
 
+    def _create_local(self, data: bytes) -> bool:
+        """Write the whole lease to a temporary, then hard-link it to the lease's name: the link is the
+        exclusive create, and the lease is never seen empty or half written (a plain O_EXCL create is,
+        for a moment, and another run reading it then would find no holder)."""
+        path = self._path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{LEASE_NAME}.{uuid.uuid4().hex[:12]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_LINK_ERRNOS:
+                raise
+        finally:
+            os.unlink(tmp)
+        # No hard links here: O_EXCL, whose empty moment _read counts as a fresh lease (its mtime).
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _modified_at(self) -> float:
+        """When the lease file was last written, by its filesystem's clock; now when it cannot say."""
+        try:
+            info = self._fs.info(self._path)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            return time.time()
+        mtime = _storage.file_identity(info)[2]
+        return mtime if mtime is not None and math.isfinite(mtime) else time.time()
+
     def _read_etag(self) -> str | None:
         self._fs.invalidate_cache(self._path)
         info = _storage.retry(self._fs.info, self._path, what=f"check {self.url}")
@@ -206,9 +278,15 @@ class Lease:
             return None, None, None
         try:
             return Holder.from_bytes(raw), etag, raw
-        except (ValueError, TypeError):
-            # Unreadable: treat as a lease renewed at the file's mtime by an unknown holder.
-            return Holder("?", 0, "?", "", 0.0, 0.0, self.timeout_s), etag, raw
+        except (ValueError, TypeError, OverflowError):
+            pass
+        # Unreadable (being written this moment, or damaged): a lease renewed when the file was last
+        # written, by an unknown holder. It is stale only once that is older than the timeout.
+        try:
+            modified = self._modified_at()
+        except FileNotFoundError:
+            return None, None, None
+        return Holder("?", 0, "?", "", modified, modified, self.timeout_s, unreadable=True), etag, raw
 
     def _put_if_match(self, data: bytes, etag: str | None) -> bool:
         """S3: overwrite the lease only if it is still the copy with ``etag``; False if it changed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"  # an embedded Ray listens on loopback only
 # Ray reads this once, when it is imported: "0" makes it use 127.0.0.1 as the node address.
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Seconds between re-installs of the driver's signal handlers while Ray shuts down (see _shutdown).
+HANDLER_REINSTALL_INTERVAL_S = 0.002
 
 
 @contextlib.contextmanager
@@ -106,7 +109,7 @@ class Starter:
             self._ready.wait()
         if self._owned:
             self._owned = False
-            ray.shutdown()
+            _shutdown(ray)
         if self._thread is not None:
             self._release.set()
             self._thread.join()
@@ -114,6 +117,39 @@ class Starter:
         if self._stderr_filter is not None:
             self._stderr_filter.stop()
             self._stderr_filter = None
+
+
+def _shutdown(ray) -> None:
+    """ray.shutdown(), keeping the driver's SIGINT/SIGTERM handlers in force throughout.
+
+    Ray's core worker uninstalls its native signal handlers as it shuts down, which leaves SIGTERM at
+    the default action (terminate) for the second or so the shutdown takes: a SIGTERM then killed the
+    driver before it wrote its run record or released its lease. Only the main thread may set a Python
+    handler, so there the shutdown runs in a helper thread while the main thread puts the handlers back
+    every HANDLER_REINSTALL_INTERVAL_S."""
+    if threading.current_thread() is not threading.main_thread():
+        ray.shutdown()
+        return
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            ray.shutdown()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            failed.append(exc)
+
+    stopper = threading.Thread(target=stop, name="segbatch-ray-shutdown")
+    stopper.start()
+    while True:
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        if not stopper.is_alive():
+            break
+        stopper.join(HANDLER_REINSTALL_INTERVAL_S)
+    if failed:
+        raise failed[0]
 
 
 def cluster_gpus() -> float:

@@ -52,6 +52,7 @@ _TRANSIENT_MARKERS = (
     "502",
     "504",
 )
+MAX_NAME_BYTES = 255  # bytes in one file name segment on common filesystems (ext4, XFS, APFS, NTFS)
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED, errno.EAGAIN})
 
 
@@ -189,8 +190,14 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], No
         return
     parent, name = posixpath.split(path)
     fs.makedirs(parent, exist_ok=True)
-    # A leading dot keeps pyarrow's dataset discovery and most listings from seeing the temporary.
-    tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    # A leading dot keeps pyarrow's dataset discovery and most listings from seeing the temporary. Its
+    # name keeps as much of the file's name as fits in a name segment: a 250-byte name must not fail
+    # (ENAMETOOLONG) for the sake of its temporary.
+    suffix = f".{uuid.uuid4().hex[:12]}.tmp"
+    head = name
+    while len(f".{head}{suffix}".encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        head = head[:-1]
+    tmp = posixpath.join(parent, f".{head}{suffix}")
     try:
         write(tmp)
         retry(fs.mv, tmp, path, what=f"rename {tmp}")

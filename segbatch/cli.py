@@ -168,6 +168,8 @@ def _unreachable(exc: BaseException) -> bool:
             "ConnectionError",
             "ConnectionRefusedError",
             "NoCredentialsError",
+            # `--storage-option secret=...` without `key` (or the reverse): botocore refuses half a pair.
+            "PartialCredentialsError",
             "ServerDisconnectedError",
         }
     ) or (_storage.is_transient(exc) and isinstance(exc, OSError))
@@ -247,10 +249,23 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     from segbatch.compact import compact
 
     storage_options = dict(args.storage_options or [])
+    _require_output_folder(args.output, storage_options)
     # Compaction rewrites summary files: it holds OUTPUT's lease, as a run does, so no run writes meanwhile.
     with _lease.Lease(args.output, storage_options, "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())):
         print(compact(args.output, storage_options))
     return 0
+
+
+def _require_output_folder(url: str, storage_options: dict[str, Any]) -> None:
+    """An OUTPUT to read or compact must exist and be a folder (exit 4, as status and report): taking
+    the lease there would create a missing folder, or fail below a file."""
+    from segbatch import _storage
+
+    fs, path = _storage.open_url(url, storage_options)
+    if not _storage.retry(fs.exists, path, what=f"check {url}"):
+        raise InputError(f"OUTPUT {url} does not exist (check the path, bucket name and credentials)")
+    if _storage.retry(fs.isfile, path, what=f"check {url}"):
+        raise InputError(f"OUTPUT {url} is a file, not the folder of a run's outputs")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -376,6 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SegbatchError as exc:
         print(f"segbatch: {exc}", file=sys.stderr)
         return exit_status(exc)
+    except Exception as exc:
+        # status, report, eval, compact and export meet storage as run does: an endpoint that cannot be
+        # reached (after retries) or credentials that cannot work are one line and exit 4, as for run.
+        if not _unreachable(exc):
+            raise
+        print(
+            f"segbatch: cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and "
+            "credentials); nothing was done",
+            file=sys.stderr,
+        )
+        return EXIT_STATUS[StorageError]
 
 
 if __name__ == "__main__":

@@ -88,6 +88,14 @@ def _kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _is_temporary(name: str) -> bool:
+    """A merged file being written (``.merging-*.tmp``), or any other hidden temporary that
+    ``_storage.write_atomic`` writes before its rename (``._compacting-<hash>.json.<12 hex>.tmp``, the
+    marker of step 2; ``.part-*.parquet.<12 hex>.tmp`` of a write task): a kill between its write and
+    its rename leaves it. Nothing writes into summary/ while a compaction runs, so none is in use."""
+    return name.startswith(TMP_PREFIX) or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def marker_name(merged: str) -> str:
     return MARKER_PREFIX + merged[len(MERGED_PREFIX) : -len(".parquet")] + ".json"
 
@@ -183,7 +191,7 @@ def compact(
         return report
     names = _list(fs, folder)
     for name in names:  # temporaries of a killed compaction
-        if name.startswith(TMP_PREFIX):
+        if _is_temporary(name):
             _storage.retry(fs.rm_file, posixpath.join(folder, name), what=f"delete {name}")
     report.markers_finished = _finish_markers(fs, folder, names)
     if report.markers_finished:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
+import reprlib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -22,6 +24,22 @@ DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 UPSAMPLE_MODES = ("exact", "bilinear", "nearest")
+
+#: Largest config file read, in bytes. Settings fit in a few KB; the cap bounds what parsing may cost.
+MAX_CONFIG_BYTES = 1024 * 1024
+#: Characters of a setting's value shown in an error message; a whole value could be any size.
+SHOWN_VALUE_CHARS = 80
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = SHOWN_VALUE_CHARS
+_SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxtuple = _SHOWN.maxset = 4
+_SHOWN.maxlevel = 2
+
+
+def _shown(value: Any) -> str:
+    """A bounded repr for error messages: never the whole of a (possibly huge or nested) value."""
+    return _SHOWN.repr(value)
+
 
 #: A run id names OUTPUT/runs/<run_id>.json and summary files: no separators, no leading dot.
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -149,6 +167,8 @@ class RunConfig:
         known = set(cls.field_names())
         clean: dict[str, Any] = {}
         for key, value in values.items():
+            if not isinstance(key, str):  # YAML `1: 2` or `true: x`
+                raise ConfigError(_shown(key), "a setting's name must be text", "e.g. batch_size: 8")
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(key, "unknown setting", f"valid settings: {', '.join(sorted(known))}")
@@ -195,7 +215,7 @@ class RunConfig:
             if not ok:
                 raise ConfigError(
                     name,
-                    f"must be {want}, got {type(value).__name__} {value!r}",
+                    f"must be {want}, got {type(value).__name__} {_shown(value)}",
                     f"write e.g. {name}: {_EXAMPLES.get(name, 'a value of that type')}",
                 )
         if not isinstance(self.storage_options, Mapping):
@@ -233,12 +253,17 @@ class RunConfig:
             raise ConfigError("max_error_rate", f"must be within 0..1, got {self.max_error_rate!r}", "e.g. 0.01 for 1%")
         if not 0 <= int(self.png_compress_level) <= 9:
             raise ConfigError("png_compress_level", f"must be 0..9, got {self.png_compress_level!r}")
-        if self.gpus_per_actor is not None and not 0 < float(self.gpus_per_actor):
-            raise ConfigError("gpus_per_actor", "must be > 0", "fractions such as 0.5 pack two models on one GPU")
-        if self.cpus_per_actor is not None and not 0 < float(self.cpus_per_actor):
-            raise ConfigError("cpus_per_actor", "must be > 0")
-        if self.decode_cpus is not None and not 0 < float(self.decode_cpus):
-            raise ConfigError("decode_cpus", "must be > 0")
+        # `not x < inf` refuses nan and inf too: a pool of infinite CPUs or GPUs never starts.
+        if self.gpus_per_actor is not None and not 0 <= float(self.gpus_per_actor) < math.inf:
+            raise ConfigError(
+                "gpus_per_actor",
+                f"must be a finite number >= 0, got {_shown(self.gpus_per_actor)}",
+                "0 runs inference on CPUs; fractions such as 0.5 pack two models on one GPU",
+            )
+        if self.cpus_per_actor is not None and not 0 < float(self.cpus_per_actor) < math.inf:
+            raise ConfigError("cpus_per_actor", f"must be a finite number > 0, got {_shown(self.cpus_per_actor)}")
+        if self.decode_cpus is not None and not 0 < float(self.decode_cpus) < math.inf:
+            raise ConfigError("decode_cpus", f"must be a finite number > 0, got {_shown(self.decode_cpus)}")
         if self.weights_sha256 is not None:
             digest = self.weights_sha256.lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -278,13 +303,34 @@ def parse_storage_value(text: str) -> Any:
     return text
 
 
+def _no_alias_loader():
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        """safe_load without aliases: nested aliases (a "billion laughs" document) expand a few hundred
+        bytes into gigabytes once a value is used; settings never need them."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.events.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in a config file", event.start_mark
+                )
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def load_config_file(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read a YAML, TOML or JSON config file from any fsspec URL into a plain dict."""
     import fsspec
     import yaml
 
+    loader = _no_alias_loader()
     with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        raw = f.read()
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("config", f"{url} is over {MAX_CONFIG_BYTES} bytes", "a config file holds a few settings")
     lower = url.lower()
     try:
         if lower.endswith(".toml"):
@@ -292,8 +338,8 @@ def load_config_file(url: str, storage_options: Mapping[str, Any] | None = None)
         elif lower.endswith(".json"):
             data = json.loads(raw)
         else:
-            data = yaml.safe_load(raw) or {}
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+            data = yaml.load(raw, Loader=loader) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("config", f"cannot parse {url}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError("config", f"{url} must hold a mapping of settings, got {type(data).__name__}")

@@ -21,6 +21,7 @@ __all__ = [
     "FORWARD_PASS_COLUMN",
     "MASKS_DIR",
     "MAX_SEGMENT_BYTES",
+    "OUTPUT_DIRS",
     "OVERLAYS_DIR",
     "PALETTE",
     "REPORT_NAME",
@@ -50,6 +51,8 @@ CLASSES_METADATA_KEY = b"segbatch.classes"  # summary schema metadata: JSON list
 #: Per row passed from the model to the driver: how many images shared the forward pass that labelled it
 #: (0: none). The driver tallies it into forward passes; it is not a summary column.
 FORWARD_PASS_COLUMN = "forward_pass"
+#: Every folder of OUTPUT that segbatch writes: never listed as input when OUTPUT and INPUT overlap.
+OUTPUT_DIRS = (MASKS_DIR, SUMMARY_DIR, RUNS_DIR, OVERLAYS_DIR, CONFIDENCE_DIR)
 
 #: The summary's columns: the contract's first, then segbatch's documented extensions.
 SUMMARY_SCHEMA = pa.schema(
@@ -98,6 +101,14 @@ SHORTENED_MARK = "%~"  # never produced by escaping ("%" is always followed by t
 _HASH_CHARS = 16
 
 
+#: Segments a filesystem would read as "this folder", "the parent" or nothing, and their escaped names.
+#: S3 keys may hold them (``p/./w.jpg``, ``p/a/../z.jpg``, ``p//x.jpg`` are three objects, none of them
+#: ``p/w.jpg``, ``p/z.jpg`` or ``p/x.jpg``). "%2E" is the escape of ".", and "%_" is never produced by
+#: escaping ("%" is always followed by two hex digits there), so no other name meets them.
+EMPTY_SEGMENT = "%_"
+DOT_SEGMENTS = {"": EMPTY_SEGMENT, ".": "%2E", "..": "%2E%2E"}
+
+
 def _shorten(segment: str, original: str, limit: int) -> str:
     """``<head>%~<16 hex of sha256(original)>``: fits ``limit`` bytes, unique per original segment."""
     digest = hashlib.sha256(original.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
@@ -118,21 +129,25 @@ def output_relpath(rel: str, folder: str, suffix: str) -> str:
     Unique per input: characters that break URLs or filesystems become ``%XX``; a folder segment ending
     in ``suffix`` gets that suffix's dot escaped (``x.jpg.png/`` -> ``x.jpg%2Epng/``), so it never meets
     the output ``x.jpg.png`` of a file ``x.jpg``; a segment longer than :data:`MAX_SEGMENT_BYTES` keeps
-    its head and ends in ``%~`` plus 16 hex digits of its sha256. Shortened names cannot be inverted by
+    its head and ends in ``%~`` plus 16 hex digits of its sha256; a ``.``, ``..`` or empty folder segment
+    (legal in S3 keys) becomes ``%2E``, ``%2E%2E`` or ``%_``. Shortened names cannot be inverted by
     :func:`input_relpath`; the summary's ``uri`` and ``mask_uri`` map them back."""
-    if not rel or rel.startswith("/"):
-        raise UnsafePathError(f"input name {rel!r} is absolute or empty; its output would leave OUTPUT")
+    if not rel:
+        raise UnsafePathError("input name is empty; it names no file")
     if "\\" in rel:
         raise UnsafePathError(
             f"input name {rel!r} holds a backslash (a file name that is not valid UTF-8 "
             "shows its bytes as \\xNN); rename the file"
         )
     parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise UnsafePathError(f"input name {rel!r} has '', '.' or '..' segments; its output would leave OUTPUT")
+    if parts[-1] in DOT_SEGMENTS:
+        raise UnsafePathError(f"input name {rel!r} ends in '/', '/.' or '/..': it names a folder, not a file")
     out = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        if part in DOT_SEGMENTS:  # legal in an S3 key, each a different object: kept apart, inside OUTPUT
+            out.append(DOT_SEGMENTS[part])
+            continue
         segment = "".join(f"%{ord(ch):02X}" if ch in _ESCAPE else ch for ch in part)
         if not last and segment.lower().endswith(suffix.lower()) and suffix.startswith("."):
             cut = len(segment) - len(suffix)
@@ -167,9 +182,13 @@ def input_relpath(mask_rel: str) -> str:
         raise ValueError(f"{mask_rel!r} is not a mask name (masks/<name>.png)")
     if SHORTENED_MARK in mask_rel:
         raise ValueError(f"{mask_rel!r} is a shortened mask name; the summary's uri/mask_uri map it to its input")
-    name = mask_rel[len(prefix) :]
-    # Every %XX is one escape: "%" itself is always escaped, and "%~" marks a shortened name (refused above).
-    return re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), name[: -len(".png")])
+    name = mask_rel[len(prefix) : -len(".png")]
+    # Every %XX is one escape: "%" itself is always escaped, "%~" marks a shortened name (refused above),
+    # and a whole segment "%_" is an empty one.
+    return "/".join(
+        "" if part == EMPTY_SEGMENT else re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), part)
+        for part in name.split("/")
+    )
 
 
 def mask_name(mask_uri: str, uri: str, masks_prefix: str) -> str:

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 
 from segbatch import __version__, _storage, summary
 from segbatch._evaluate import locate_mask, read_label_png
-from segbatch.contract import MASKS_DIR, input_relpath, mask_name
+from segbatch.contract import MASKS_DIR, input_relpath, mask_name, mask_relpath
 from segbatch.errors import ConfigError, InputError
 from segbatch.manifest import manifest_rel
 from segbatch.overlay import background_ids, class_colour
@@ -51,6 +51,7 @@ READ_CHUNK = 64  # masks read (concurrently, on object stores) and encoded per s
 ENCODE_THREADS = min(8, os.cpu_count() or 1)  # PNG decoding and numpy release the GIL for most of the work
 INDEX_NAME = "export.json"  # DEST/export.json: what was exported and which shard files hold it
 SHARD_DIGITS = 5  # shard numbers are zero-padded to this width, so names sort in order
+MAX_NAME_BYTES = 255  # bytes in one file name segment on common filesystems (ext4, XFS, APFS, NTFS)
 
 # Label Studio's brush RLE (thi.ng/rle-pack, as label_studio_sdk.converter.brush reads it): a 32-bit value
 # count, a 5-bit word size minus one, four 4-bit run-length field widths minus one, then one code per run.
@@ -442,6 +443,12 @@ class CvatExporter(Exporter):
         untinted = background_ids(self.classes)
         lines = ["# label:color_rgb:parts:actions"]
         for class_id, name in enumerate(self.classes):
+            # labelmap.txt has no escapes: a ":" would end the name and a line break start a new label.
+            if class_id not in untinted and (":" in name or "\n" in name or "\r" in name):
+                raise ExportError(
+                    f"class {class_id} is named {name!r}: CVAT's labelmap.txt cannot hold ':' or a line break "
+                    "in a label name (rename it in --classes, or export another format)"
+                )
             r, g, b = class_colour(class_id)
             lines.append(f"{self.CVAT_BACKGROUND if class_id in untinted else name}:{r},{g},{b}::")
         self._labelmap = ("\n".join(lines) + "\n").encode()
@@ -481,6 +488,15 @@ class CvatExporter(Exporter):
 
     def write(self, image: ExportImage, prepared: Any) -> None:
         name = posixpath.splitext(image.name)[0]
+        if "\n" in name or "\r" in name:
+            raise _SkipImage("its name holds a line break, which would split CVAT's one-name-per-line default.txt")
+        if not self.zipped:
+            longest = max(len(segment.encode("utf-8")) for segment in f"{name}.png".split("/"))
+            if longest > MAX_NAME_BYTES:
+                raise _SkipImage(
+                    f"its CVAT mask name has a segment of {longest} bytes; a folder export holds at most "
+                    f"{MAX_NAME_BYTES} (export to a .zip instead)"
+                )
         if name in self._names:
             raise _SkipImage(
                 f"its CVAT name {name!r} is taken by another input in this shard (CVAT names drop the extension)"
@@ -625,9 +641,24 @@ def _read_chunk(chunk: pa.Table, output: tuple[Any, str], storage_options: Mappi
 def _input_name(uri: str, mask_uri: str, root: str) -> str:
     """The input's path below INPUT, from its mask's name; a manifest URL's name when that fails."""
     try:
-        return input_relpath(mask_name(mask_uri, uri, root + "/" + MASKS_DIR + "/"))
+        name = mask_name(mask_uri, uri, root + "/" + MASKS_DIR + "/")
     except ValueError:
         return manifest_rel(uri)
+    try:
+        return input_relpath(name)
+    except ValueError:
+        pass
+    # A shortened mask name (a segment over MAX_SEGMENT_BYTES) cannot be inverted, but it has one segment
+    # per segment of the input's name, and a listed input's uri ends in that name: take as many segments
+    # from the uri, and keep them when they give this very mask name.
+    depth = name.count("/")
+    candidate = "/".join(uri.split("/")[-depth:])
+    try:
+        if mask_relpath(candidate) == name:
+            return candidate
+    except ValueError:
+        pass
+    return manifest_rel(uri)
 
 
 def _load(row: dict[str, Any], data: Any, num_classes: int, root: str) -> ExportImage:

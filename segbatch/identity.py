@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,6 +71,15 @@ class Binding:
     identity: dict[str, Any]
     relabel_since: float | None  # epoch seconds; ok rows written before it are from an earlier identity
     changed_from: dict[str, Any] | None = None  # set when this run (a --redo-all) rebinds OUTPUT
+    #: The identity file this binding still has to write: (output, options, identity, run_id, since,
+    #: previous), or None. Written by :meth:`commit`, once the run is about to label something, so a
+    #: run refused or with nothing to do never binds OUTPUT to its model.
+    pending: tuple | None = None
+
+    def commit(self) -> None:
+        if self.pending is not None:
+            _write(*self.pending)
+            self.pending = None
 
 
 def _location(output_url: str, storage_options: Mapping[str, Any] | None):
@@ -89,8 +99,18 @@ def read(output_url: str, storage_options: Mapping[str, Any] | None = None) -> d
         data = json.loads(raw)
         if not isinstance(data, dict) or not isinstance(data.get("identity"), dict):
             raise ValueError("no identity mapping")
+        # Every identity segbatch writes names all its fields: one with fewer (a hand-edited `{}`) would
+        # match any model, and let another model's rows count as done beside the old ones.
+        missing = [name for name in FIELDS if name not in data["identity"]]
+        if missing:
+            raise ValueError(f"its identity lacks {', '.join(missing)}")
+        since = data.get("relabel_since")
+        if since is not None and (
+            isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since)
+        ):
+            raise ValueError("relabel_since is not a number of seconds")
         return data
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(
             "output",
             f"{IDENTITY_NAME} in OUTPUT is unreadable ({exc})",
@@ -105,11 +125,13 @@ def _write(
     run_id: str,
     relabel_since: float | None,
     previous: dict[str, Any] | None,
+    inputs: str | None = None,
 ) -> None:
     fs, path = _location(output_url, storage_options)
     data = {
         "version": IDENTITY_VERSION,
         "identity": identity,
+        "inputs": inputs,
         "bound_by_run": run_id,
         "bound_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "relabel_since": relabel_since,
@@ -135,11 +157,36 @@ def _legacy_identity(output_url: str, storage_options) -> dict[str, Any] | None:
     }
 
 
+#: How an OUTPUT's inputs are named (``inputs`` in the identity file): relative to a listed INPUT, or by
+#: their protocol and path (a manifest). The two namings can meet (a listed ``INPUT/file/data/a.jpg`` and a
+#: manifest's ``/data/a.jpg`` both name ``masks/file/data/a.jpg.png``), so one OUTPUT holds one kind.
+LISTED, MANIFEST = "listed", "manifest"
+
+
+def inputs_kind(config) -> str:
+    return MANIFEST if getattr(config, "manifest", None) else LISTED
+
+
+def _check_inputs_kind(data: Mapping[str, Any] | None, kind: str) -> None:
+    bound = data.get("inputs") if data else None
+    if bound not in (None, kind):
+        raise IdentityMismatchError(
+            f"OUTPUT holds the masks of {bound} inputs; this run's inputs are {kind}, and their masks could "
+            "take the names of the ones there (a listed INPUT/file/data/a.jpg and a manifest's /data/a.jpg "
+            "both name masks/file/data/a.jpg.png)",
+            "write to another OUTPUT",
+        )
+
+
 def bind(config, spec, run_id: str) -> Binding:
-    """Check this run's identity against OUTPUT's before any work; write it on the first run, and on a
-    ``--redo-all`` that changes it. Raises IdentityMismatchError otherwise. Call it holding the lease."""
+    """Check this run's identity against OUTPUT's before any work; on the first run, and on a
+    ``--redo-all`` that changes it, the returned binding's :meth:`Binding.commit` writes it (call that
+    once the run is about to label something). Raises IdentityMismatchError otherwise. Call it holding
+    the lease."""
     mine = of_run(config, spec)
+    kind = inputs_kind(config)
     data = read(config.output, config.storage_options)
+    _check_inputs_kind(data, kind)
     if data is None:
         old = _legacy_identity(config.output, config.storage_options)
         relabel_since = None
@@ -148,16 +195,18 @@ def bind(config, spec, run_id: str) -> Binding:
         relabel_since = data.get("relabel_since")
     diff = differences(old, mine) if old is not None else []
     if not diff:
-        if data is None or data["identity"] != mine:
-            _write(
+        pending = None
+        if data is None or data["identity"] != mine or data.get("inputs") != kind:
+            pending = (
                 config.output,
                 config.storage_options,
                 mine,
                 run_id,
                 relabel_since,
                 data.get("previous") if data else None,
+                kind,
             )
-        return Binding(mine, relabel_since)
+        return Binding(mine, relabel_since, pending=pending)
     if not config.redo_all:
         raise IdentityMismatchError(
             f"OUTPUT was labelled by [{describe(old)}]; this run is [{describe(mine)}] "
@@ -172,8 +221,9 @@ def bind(config, spec, run_id: str) -> Binding:
         describe(old),
         describe(mine),
     )
-    _write(config.output, config.storage_options, mine, run_id, since, old)
-    return Binding(mine, since, changed_from=old)
+    return Binding(
+        mine, since, changed_from=old, pending=(config.output, config.storage_options, mine, run_id, since, old, kind)
+    )
 
 
 def since_filter(relabel_since: float | None) -> pc.Expression | None:

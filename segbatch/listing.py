@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segbatch import _storage
+from segbatch.contract import OUTPUT_DIRS
 from segbatch.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ def _wanted(name: str, extensions: frozenset[str]) -> bool:
     return bool(dot) and ext.lower() in extensions
 
 
-#: Folders of OUTPUT that segbatch writes; never listed as input when OUTPUT and INPUT overlap.
-OUTPUT_OWNED_DIRS = ("masks", "overlays", "summary", "runs")
+#: Folders of OUTPUT that segbatch writes; never listed as input when OUTPUT and INPUT overlap. The
+#: contract's list, so a folder added there (confidence/) is never labelled by a rerun.
+OUTPUT_OWNED_DIRS = OUTPUT_DIRS
 
 
 def _printable(text: str) -> str:
@@ -124,6 +126,17 @@ def excluded_prefixes(fs, root: str, output_url: str | None, storage_options: Ma
         return []
     out_root = out_root.rstrip("/")
     root = root.rstrip("/")
+    if _is_local(fs):
+        # Compare where the two really are: INPUT or OUTPUT may be (or pass through) a symbolic link
+        # into the other. The prefixes are then spelled below INPUT as the listing spells its paths.
+        real_root, real_out = os.path.realpath(root), os.path.realpath(out_root)
+        if real_out == real_root:
+            return [_storage.join_path(root, d) for d in OUTPUT_OWNED_DIRS]
+        if _under(real_out, [real_root]):
+            return [_storage.join_path(root, posixpath.relpath(real_out, real_root))]
+        if _under(real_root, [_storage.join_path(real_out, d) for d in OUTPUT_OWNED_DIRS]):
+            return [root]  # INPUT is one of OUTPUT's own folders
+        return []
     if out_root.startswith(root + "/"):
         return [out_root]
     if out_root == root or root.startswith(out_root + "/"):
@@ -142,7 +155,7 @@ def _is_local(fs) -> bool:
 
 
 def _is_s3(fs) -> bool:
-    return hasattr(fs, "call_s3") and hasattr(fs, "split_path")
+    return hasattr(fs, "call_s3")  # s3fs: its boto client lists pages of keys, as stored
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,8 +188,8 @@ def _scan_top(fs, root: str, limit: int) -> tuple[list[tuple[str, dict]], list[s
                     files.append((path, {}))  # stat()ed by the read task
         return sorted(files), sorted(dirs), True
     if _is_s3(fs):
-        bucket, key, _ = fs.split_path(root)
-        prefix = key.rstrip("/") + "/" if key else ""
+        bucket, _, key = root.partition("/")  # not split_path, which drops the "/" of a "p//" folder
+        prefix = key + "/" if key else ""
         page = _storage.retry(
             fs.call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=limit, what="list"
         )
@@ -185,7 +198,8 @@ def _scan_top(fs, root: str, limit: int) -> tuple[list[tuple[str, dict]], list[s
         for obj in page.get("Contents", []):
             files.append((f"{bucket}/{obj['Key']}", _s3_info(obj)))
         for common in page.get("CommonPrefixes", []):
-            dirs.append(f"{bucket}/{common['Prefix'].rstrip('/')}")
+            # "p//" (keys with an empty segment) is the folder "p/" of its own: drop one slash only.
+            dirs.append(f"{bucket}/{common['Prefix'][:-1]}")
         return sorted(files), sorted(dirs), True
     entries = _storage.retry(fs.ls, root, detail=True, what=f"list {root}")
     if len(entries) > limit:
@@ -222,9 +236,10 @@ def _s3_info(obj: Mapping[str, Any]) -> dict:
 
 
 def _walk_s3(fs, top: str) -> Iterator[tuple[str, dict]]:
-    """Every key below ``top``, in key order: a recursive listing, one page of 1,000 keys at a time."""
-    bucket, key, _ = fs.split_path(top)
-    prefix = key.rstrip("/") + "/" if key else ""
+    """Every key below ``top``, in key order: a recursive listing, one page of 1,000 keys at a time. Keys
+    with ".", ".." or empty segments are listed as stored: each is an object of its own."""
+    bucket, _, key = top.partition("/")  # not split_path, which drops the "/" of a "p//" folder
+    prefix = key + "/" if key else ""
     token = None
     while True:
         kwargs = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
@@ -323,7 +338,8 @@ def _listed_chunks(
             not_utf8 += 1
             path, rel = shown, _printable(rel)
         size, etag, mtime = _storage.file_identity(info)
-        columns["uri"].append(_storage.join_url(root_url, rel))
+        # Not join_url: it would drop the leading empty segment of a key "p//x.jpg" (rel "/x.jpg").
+        columns["uri"].append(root_url.rstrip("/") + "/" + rel)
         columns["path"].append(path)
         columns["rel"].append(rel)
         columns["size"].append(size)

@@ -16,7 +16,8 @@ the filesystem's protocol, then the path: ``s3://bucket/a/b.jpg`` -> ``masks/s3/
 ``/data/x.png`` -> ``masks/file/data/x.png.png``, so ``/data/a.jpg`` and ``s3://data/a.jpg`` never share
 a mask.
 A listing's rule (relative to INPUT) needs the common prefix of every line, which a distributed read
-cannot know. URLs with ``..`` or empty segments get an error row instead of a mask outside OUTPUT.
+cannot know. ``.``, ``..`` and empty segments of an S3 URL are escaped in the mask's name
+(contract.DOT_SEGMENTS), so a mask never leaves OUTPUT.
 
 Duplicate lines and inputs that already have an ok row in OUTPUT are dropped by one distributed
 group-by on ``uri`` over the manifest and the summary's ok rows together, so resuming a 10^7-line
@@ -47,7 +48,8 @@ COMMENT = "#"
 BYTES_PER_PARTITION = 64 * 1024 * 1024  # manifest bytes per shuffle partition; bounds one reducer's memory
 MIN_PARTITIONS_CAP = 16  # at least min(cluster CPUs, this) partitions, so the group-by runs in parallel
 MAX_PARTITIONS = 2048  # more partitions only add scheduling overhead
-_KEYS = pa.schema([(URI_COLUMN, pa.string()), ("done", pa.int8())])
+# One row per manifest line (done 0, listed 1) or earlier ok row (done 1, listed 0); grouped by uri.
+_KEYS = pa.schema([(URI_COLUMN, pa.string()), ("done", pa.int8()), ("listed", pa.int8())])
 
 
 class ManifestInputs:
@@ -123,7 +125,7 @@ class ManifestInputs:
             min(int(_ray.cluster_cpus()), MIN_PARTITIONS_CAP), math.ceil(self._bytes / BYTES_PER_PARTITION)
         )
         unique = keys.groupby(URI_COLUMN, num_partitions=min(partitions, MAX_PARTITIONS)).aggregate(
-            Max("done", alias_name="done")
+            Max("done", alias_name="done"), Max("listed", alias_name="listed")
         )
         # Blocks of BLOCK_ROWS rows, as the listing's: a decode task then holds that many images.
         return unique.map_batches(
@@ -161,7 +163,10 @@ def _manifest_keys(batch: pa.Table, base_url: str) -> pa.Table:
         if protocol is None and not posixpath.isabs(line):
             line = _storage.join_url(base_url, line)  # relative to the manifest's folder
         uris.append(canonical_uri(line))
-    return pa.table([pa.array(uris, pa.string()), pa.array([0] * len(uris), pa.int8())], schema=_KEYS)
+    n = len(uris)
+    return pa.table(
+        [pa.array(uris, pa.string()), pa.array([0] * n, pa.int8()), pa.array([1] * n, pa.int8())], schema=_KEYS
+    )
 
 
 def _ok_keys(batch: pa.Table, since_ms: int | None = None) -> pa.Table:
@@ -170,7 +175,10 @@ def _ok_keys(batch: pa.Table, since_ms: int | None = None) -> pa.Table:
         written = pc.cast(batch["written_at"], pa.int64())
         keep = pc.and_(keep, pc.fill_null(pc.greater_equal(written, since_ms), False))
     ok = batch.filter(keep)
-    return pa.table([ok[URI_COLUMN].cast(pa.string()), pa.array([1] * ok.num_rows, pa.int8())], schema=_KEYS)
+    n = ok.num_rows
+    return pa.table(
+        [ok[URI_COLUMN].cast(pa.string()), pa.array([1] * n, pa.int8()), pa.array([0] * n, pa.int8())], schema=_KEYS
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -227,6 +235,9 @@ def _listing_rows(batch: pa.Table, run_id: str) -> pa.Table:
     segbatch/_tally.py, under a key named after the batch's contents (a retried batch overwrites it)."""
     from segbatch import _tally
 
+    # Only the manifest's own lines count as listed: an ok row of OUTPUT that the manifest does not name
+    # (another run's input) is neither listed nor skipped.
+    batch = batch.filter(pc.fill_null(pc.equal(batch["listed"], 1), False))
     done = pc.fill_null(pc.equal(batch["done"], 1), False)
     todo = batch.filter(pc.invert(done))
     first_last = "\n".join(

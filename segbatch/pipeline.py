@@ -8,6 +8,7 @@ a row (:func:`_check_complete`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -252,7 +253,9 @@ def run(config: RunConfig) -> RunReport:
             sha256=config.weights_sha256,
             storage_options=config.storage_options,
         )
-        with _lease.Lease(config.output, config.storage_options, run_id) as lease:
+        # From the lease on, a stop must end in a run record and a released lease: signals raise only inside
+        # the windows _stoppable() opens, and wait for the next one otherwise.
+        with _protected(), _lease.Lease(config.output, config.storage_options, run_id) as lease:
             return _run_holding_lease(config, spec, run_id, lease, started, ray_start)
     finally:
         ray_start.close()
@@ -270,7 +273,8 @@ def _run_holding_lease(
     report = RunReport(run_id=run_id, output=_storage.absolute_url(config.output))
     cleanup = binding.relabel_since is not None  # rows of an earlier model may need dropping afterwards
     try:
-        inputs = plan_inputs(config, binding.relabel_since, run_id=run_id)
+        with _stoppable():
+            inputs = plan_inputs(config, binding.relabel_since, run_id=run_id)
     except RunInterrupted as exc:
         report.stopped_early = f"interrupted by {exc.name} while listing INPUT; nothing was labelled"
         report.seconds = time.monotonic() - started
@@ -278,31 +282,38 @@ def _run_holding_lease(
         raise
 
     failure: BaseException | None = None
-    with ray_start.session():
-        from ray.data import DataContext
-
-        _restore_python_signal_handlers()
-        context = DataContext.get_current()
-        context.enable_progress_bars = False  # segbatch's own bar (progress.py) instead
-        # Ray Data gathers a task's output into blocks of up to this many bytes before handing any on: at
-        # the default (128 MiB) a read task would hold ~500,000 listed names before the first image is
-        # decoded. Forward passes travel as single rows (segbatch/decode.py), which no block size splits.
-        saved_block_size, context.target_max_block_size = context.target_max_block_size, STREAM_BLOCK_BYTES
-        bar = progress.RunProgress(config.progress)
-        bar.set_total(None)  # known once every listing task has finished
+    context, saved_block_size, bar = None, None, None
+    with contextlib.ExitStack() as ray_session:
         try:
+            ray_session.enter_context(_ray_session(ray_start))
+            from ray.data import DataContext
+
+            context = DataContext.get_current()
+            context.enable_progress_bars = False  # segbatch's own bar (progress.py) instead
+            # Ray Data gathers a task's output into blocks of up to this many bytes before handing any on: at
+            # the default (128 MiB) a read task would hold ~500,000 listed names before the first image is
+            # decoded. Forward passes travel as single rows (segbatch/decode.py), which no block size splits.
+            saved_block_size, context.target_max_block_size = context.target_max_block_size, STREAM_BLOCK_BYTES
+            bar = progress.RunProgress(config.progress)
+            bar.set_total(None)  # known once every listing task has finished
+            # A pool the cluster cannot hold is refused here (exit 2), not left waiting for resources.
+            resources.check_fits(sizing(config), _ray.cluster_cpus(), _ray.cluster_gpus())
             ds = build_dataset(config, spec, inputs, run_id)
-            counted = time.monotonic()
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                ok, errors = report.ok, report.errors
-                _count_rows(report, batch)
-                bar.update(report.ok - ok, report.errors - errors)
-                if time.monotonic() - counted >= COUNTS_EVERY:
-                    _read_counts(report, run_id, inputs, bar)
-                    counted = time.monotonic()
-                lease.check()
-                _check_error_budget(config, report)
-            _check_complete(config, spec, inputs, report, _read_counts(report, run_id, inputs, bar))
+            # Only now does OUTPUT belong to this run's model: a run refused before this point (a pool that
+            # does not fit) leaves OUTPUT free for any model. No task writes before the loop below starts.
+            binding.commit()
+            with _stoppable():
+                counted = time.monotonic()
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    ok, errors = report.ok, report.errors
+                    _count_rows(report, batch)
+                    bar.update(report.ok - ok, report.errors - errors)
+                    if time.monotonic() - counted >= COUNTS_EVERY:
+                        _read_counts(report, run_id, inputs, bar)
+                        counted = time.monotonic()
+                    lease.check()
+                    _check_error_budget(config, report)
+                _check_complete(config, spec, inputs, report, _read_counts(report, run_id, inputs, bar))
         except (RunInterrupted, KeyboardInterrupt) as exc:
             exc = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
             report.stopped_early = f"interrupted by {exc.name}; rows written so far stay valid, rerun to resume"
@@ -325,8 +336,10 @@ def _run_holding_lease(
                 )
                 failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
         finally:
-            context.target_max_block_size = saved_block_size
-            bar.close()
+            if context is not None:
+                context.target_max_block_size = saved_block_size
+            if bar is not None:
+                bar.close()
             try:
                 _read_counts(report, run_id)
                 _tally.clear(run_id)
@@ -340,6 +353,11 @@ def _run_holding_lease(
     runs.finish(config, report, completed=failure is None, cleanup=cleanup)
     if failure is not None:
         raise failure
+    if _stop_requested is not None:
+        log.warning(
+            "%s arrived after the last image was labelled: the run finished and recorded itself",
+            signal.Signals(_stop_requested).name,
+        )
     return report
 
 
@@ -395,21 +413,75 @@ def _missing_examples(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs
 
 
 _stop_handler = None  # set by install_stop_handlers (the CLI); None for library callers
+_stop_requested: int | None = None  # the first SIGINT/SIGTERM of this run, once one arrived
+_interruptible = True  # whether the handler may raise RunInterrupted right now (see _stoppable)
 
 
 def install_stop_handlers() -> None:
-    """SIGINT and SIGTERM raise RunInterrupted in the driver once; a second signal while the run stops
-    cleanly (writing its record, releasing its lease) is ignored rather than printing a traceback."""
-    global _stop_handler
+    """SIGINT and SIGTERM stop the run cleanly: inside a window of work that may stop at any moment
+    (listing, labelling: :func:`_stoppable`) the first one raises RunInterrupted at once; elsewhere once
+    the lease is held (starting and stopping Ray, writing the run record, merging summary files,
+    releasing the lease) it waits for the next such window or the end of the run, so the run record
+    is always written. Every later signal is ignored: the run is already stopping."""
+    global _stop_handler, _stop_requested, _interruptible
 
     def handler(signum, _frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise RunInterrupted(signum)
+        global _stop_requested
+        name = signal.Signals(signum).name
+        if _stop_requested is not None:
+            log.warning("%s: the run is already stopping (writing its record, releasing its lease)", name)
+            return
+        _stop_requested = signum
+        if _interruptible:
+            raise RunInterrupted(signum)
+        log.warning("%s: the run stops as soon as it can without losing its record", name)
 
     _stop_handler = handler
+    _stop_requested = None
+    _interruptible = True
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def _protected():
+    """Signals wait (see install_stop_handlers) until a :func:`_stoppable` window or the end."""
+    global _interruptible
+    before, _interruptible = _interruptible, False
+    try:
+        yield
+    finally:
+        _interruptible = before
+
+
+@contextlib.contextmanager
+def _stoppable():
+    """A window where a signal raises RunInterrupted at once; one that arrived before it raises on entry."""
+    global _interruptible
+    if _stop_requested is not None and _stop_handler is not None:
+        raise RunInterrupted(_stop_requested)
+    before, _interruptible = _interruptible, True
+    try:
+        yield
+    finally:
+        _interruptible = before
+
+
+@contextlib.contextmanager
+def _ray_session(ray_start: _ray.Starter):
+    """_ray.session with the CLI's stop handlers in place. ray.init installs its own SIGTERM handler
+    (``sys.exit(15)``) while it starts Ray: a SIGTERM then becomes RunInterrupted, so the run still
+    records itself; once Ray is up, the CLI's handlers go back."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(ray_start.session())
+        except SystemExit as exc:
+            if _stop_handler is None or exc.code != signal.SIGTERM:
+                raise
+            raise RunInterrupted(signal.SIGTERM) from None
+        finally:
+            _restore_python_signal_handlers()
+        yield
 
 
 def _restore_python_signal_handlers() -> None:
@@ -420,8 +492,7 @@ def _restore_python_signal_handlers() -> None:
     if _stop_handler is None or threading.current_thread() is not threading.main_thread():
         return
     for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _stop_handler)
+        signal.signal(signum, _stop_handler)
 
 
 def _recount(config: RunConfig, report: RunReport) -> None:

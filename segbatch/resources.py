@@ -128,6 +128,42 @@ def settle(config, cpus: float, gpus: float, gpu_bytes: int | None = None) -> Si
     )
 
 
+def check_fits(size: Sizing, cpus: float, gpus: float) -> None:
+    """Refuse (ConfigError, exit 2) a pool the cluster of ``cpus`` CPUs and ``gpus`` GPUs cannot hold: Ray
+    would wait forever for actors it cannot place (``--gpus-per-actor 1`` without a GPU, ``--actors 100``
+    on 2 CPUs). Called right after Ray starts, before any work."""
+    from segbatch.errors import ConfigError
+
+    for name, value in (("cpus_per_actor", size.cpus_per_actor), ("gpus_per_actor", size.gpus_per_actor)):
+        if not 0 <= value < math.inf:
+            raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
+    if size.gpus_per_actor > 0:
+        need = size.min_actors * size.gpus_per_actor
+        if need > gpus + 1e-9:
+            raise ConfigError(
+                "gpus_per_actor",
+                f"{size.min_actors} inference actor(s) x {size.gpus_per_actor:g} GPU need {need:g} GPU(s); "
+                f"the cluster has {gpus:g}",
+                "pass --gpus-per-actor 0 to run on CPUs, lower --actors, or add GPU nodes",
+            )
+    need = size.min_actors * size.cpus_per_actor
+    if need > cpus + 1e-9:
+        raise ConfigError(
+            "actors",
+            f"{size.min_actors} inference actor(s) x {size.cpus_per_actor:g} CPU need {need:g} CPUs; "
+            f"the cluster has {cpus:g}",
+            "lower --actors or --cpus-per-actor, or add CPUs",
+        )
+    spare = cpus - need
+    if spare + 1e-9 < size.decode_cpus:  # the actors would start, and decoding would wait for ever
+        raise ConfigError(
+            "cpus_per_actor",
+            f"{size.min_actors} inference actor(s) x {size.cpus_per_actor:g} CPU leave {spare:g} of the cluster's "
+            f"{cpus:g} CPUs for decode and write tasks, which need {size.decode_cpus:g} each",
+            "lower --cpus-per-actor or --actors, lower --decode-cpus, or add CPUs",
+        )
+
+
 def _decode_cpus(spare: float) -> float:
     """Per-task reservation: two tasks fit in the spare CPUs (decode of one batch beside the write of another)."""
     return round(min(MAX_DECODE_CPUS, max(spare / 2, 0.0625)), 4)
@@ -177,6 +213,7 @@ __all__ = [
     "PoolPlan",
     "Sizing",
     "auto_rules",
+    "check_fits",
     "default_batch_size",
     "gpu_batch_size",
     "gpu_bytes_of",

@@ -54,11 +54,33 @@ class ModelSpec:
         return f"ModelSpec(arch={self.arch!r}, weights={self.weights!r}, identity={self.identity!r})"
 
 
+#: Characters of a loader's error shown in a message: torch's unpickling errors run to several lines.
+SHOWN_ERROR_CHARS = 200
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= SHOWN_ERROR_CHARS else line[: SHOWN_ERROR_CHARS - 3] + "..."
+
+
 def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
     fs, path = _storage.open_url(url, storage_options)
-    text = _storage.retry(fs.cat_file, path, what=f"read {url}").decode("utf-8")
+    try:
+        text = _storage.retry(fs.cat_file, path, what=f"read {url}").decode("utf-8")
+    except FileNotFoundError:
+        raise WeightsError(f"classes: {url} does not exist") from None
+    except IsADirectoryError:
+        raise WeightsError(f"classes: {url} is a folder; pass the file of class names") from None
+    except UnicodeDecodeError:
+        raise WeightsError(f"classes: {url} is not UTF-8 text (one class name per line, or a JSON list)") from None
     stripped = text.strip()
-    names = json.loads(stripped) if stripped.startswith("[") else [line.strip() for line in text.splitlines()]
+    try:
+        names = json.loads(stripped) if stripped.startswith("[") else [line.strip() for line in text.splitlines()]
+    except ValueError as exc:
+        raise WeightsError(f"classes: {url} starts with '[' but is no JSON list ({_first_line(exc)})") from None
+    if not isinstance(names, list):
+        raise WeightsError(f"classes: {url} starts with '[' but is no JSON list")
     names = [str(n) for n in names if str(n)]
     if not names:
         raise WeightsError(f"classes: {url} holds no class names (one per line, or a JSON list)")
@@ -71,7 +93,16 @@ def _load_checkpoint(data: bytes, source: str, architecture: Architecture) -> di
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"weights: {source} is not a loadable state_dict ({type(exc).__name__}: {exc})") from None
+        # torch's unpickling errors are paragraphs that advise weights_only=False; a short one-line reason
+        # (a damaged zip archive) is worth showing, the paragraphs are not.
+        detail = str(exc).strip()
+        reason = f"{type(exc).__name__}: {detail}" if detail and "\n" not in detail else type(exc).__name__
+        if len(reason) > SHOWN_ERROR_CHARS:
+            reason = type(exc).__name__
+        raise WeightsError(
+            f"weights: {source} is not a loadable state_dict ({reason}); pass a checkpoint saved with "
+            "torch.save(model.state_dict(), PATH)"
+        ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # torchvision's reference training scripts save {"model": ...}
     if not isinstance(state, dict):
@@ -85,6 +116,8 @@ def _fetch(url: str, storage_options: Mapping[str, Any]) -> bytes:
         return _storage.retry(fs.cat_file, path, what=f"read {url}")
     except FileNotFoundError:
         raise WeightsError(f"weights: {url} does not exist") from None
+    except IsADirectoryError:
+        raise WeightsError(f"weights: {url} is a folder; pass the checkpoint file (.pt/.pth)") from None
 
 
 def default_spellings(arch: str) -> tuple[str, ...]:

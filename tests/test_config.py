@@ -22,7 +22,8 @@ def test_defaults_follow_the_design():
         ({"max_error_rate": 2}, "max_error_rate"),
         ({"weights_sha256": "abc"}, "weights_sha256"),
         ({"upsample": "cubic"}, "upsample"),
-        ({"gpus_per_actor": 0}, "gpus_per_actor"),
+        ({"gpus_per_actor": -1}, "gpus_per_actor"),  # 0 is CPU inference (issue 22 item 11)
+        ({"gpus_per_actor": float("inf")}, "gpus_per_actor"),
     ],
 )
 def test_bad_values_name_their_field(changes, field):

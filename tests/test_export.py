@@ -392,3 +392,43 @@ def test_progress_bar_counts_images_on_stderr(tmp_path, capsys):
     export(str(tmp_path / "out"), "coco", str(tmp_path / "coco"), progress=True)
     err = capsys.readouterr().err
     assert "export coco" in err and "4/4" in err
+
+
+# -- issue 22 item 8: CVAT with long names, line breaks, and class names its labelmap cannot hold --------
+def test_cvat_folder_export_of_long_names_uses_the_input_name_and_never_crashes(tmp_path):
+    """A 250-character input name: its temporary name must fit (it crashed with ENAMETOOLONG), and a
+    shortened mask name must still give the input's own name, not file/<absolute INPUT path>/..."""
+    long_a, long_b = "a" * 246 + ".jpg", "b" * 240 + ".jpg"
+    masks = {long_a: np.zeros((3, 4), int), f"sub/{long_b}": np.ones((5, 2), int), "ok.jpg": np.full((2, 2), 3)}
+    write_output(tmp_path / "out", [{"rel": rel, "mask": m} for rel, m in masks.items()], CLASSES)
+    result = export(str(tmp_path / "out"), "cvat", str(tmp_path / "cvat"), progress=False)
+    assert result.failed == [] and result.images == 3
+    assert_same(read_cvat(tmp_path / "cvat"), {rel.rsplit(".", 1)[0]: m for rel, m in masks.items()})
+    export(str(tmp_path / "out"), "coco", str(tmp_path / "coco"), progress=False)
+    coco = json.loads((tmp_path / "coco" / "coco-00000.json").read_text())
+    assert sorted(i["file_name"] for i in coco["images"]) == sorted(masks)  # no absolute paths
+    assert not list((tmp_path / "cvat").rglob(".*.tmp"))
+
+
+def test_cvat_names_that_cannot_be_held_are_reported_not_written(tmp_path):
+    masks = {
+        "line\nbreak.jpg": np.zeros((2, 2), int),
+        "c" * 252 + ".jpg": np.zeros((2, 2), int),
+        "ok.jpg": np.ones((2, 2), int),
+    }
+    write_output(tmp_path / "out", [{"rel": rel, "mask": m} for rel, m in masks.items()], CLASSES)
+    result = export(str(tmp_path / "out"), "cvat", str(tmp_path / "cvat"), progress=False)
+    assert result.images == 1 and len(result.failed) == 2, result.failed
+    assert (tmp_path / "cvat" / "ImageSets" / "Segmentation" / "default.txt").read_text() == "ok\n"
+    # The same names fit in a zip: no file name limit there, but still no line breaks.
+    zipped = export(str(tmp_path / "out"), "cvat", str(tmp_path / "z" / "task.zip"), progress=False)
+    assert zipped.images == 2 and len(zipped.failed) == 1
+
+
+@pytest.mark.parametrize("bad", ["cat:tabby", "dog\nhound"])
+def test_cvat_refuses_class_names_its_labelmap_cannot_hold(tmp_path, bad):
+    classes = [CLASSES[0], bad, *CLASSES[2:]]
+    write_output(tmp_path / "out", [{"rel": "a.jpg", "mask": np.ones((2, 2), int)}], classes)
+    with pytest.raises(ExportError, match="labelmap.txt cannot hold"):
+        export(str(tmp_path / "out"), "cvat", str(tmp_path / "cvat"), progress=False)
+    assert not (tmp_path / "cvat" / "labelmap.txt").exists()

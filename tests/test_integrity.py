@@ -248,3 +248,130 @@ def test_a_signal_stops_the_run_cleanly_with_a_true_record(tmp_path, signum, cod
     assert record["ok"] < 120
     assert not (out / _lease.LEASE_NAME).exists()
     assert not list(out.rglob("*.tmp"))
+
+
+# -- issue 22 item 7: a refused run leaves OUTPUT unbound ------------------------------------------------
+def test_a_run_with_nothing_to_list_does_not_bind_output(tmp_path, ray_local, checkpoint):
+    empty, src, out = tmp_path / "empty", tmp_path / "in", tmp_path / "out"
+    empty.mkdir()
+    src.mkdir()
+    save(src / "a.jpg", seed=1)
+    base = ["--model", TEST_ARCH, "--no-progress"]
+    assert main(["run", str(empty), str(out), "--weights", str(checkpoint), *base]) == EXIT_INPUT
+    assert not (out / identity.IDENTITY_NAME).exists()
+    # Nothing was ever labelled: other weights may have OUTPUT.
+    assert main(["run", str(src), str(out), "--weights", "random", *base]) == 0
+    assert identity.read(str(out))["identity"]["weights"].startswith("random")
+
+
+@pytest.mark.timeout(120)  # today's code waits forever for a GPU the cluster does not have
+@pytest.mark.parametrize("flags", [["--actors", "100"], ["--gpus-per-actor", "1"], ["--decode-cpus", "64"]])
+def test_a_pool_the_cluster_cannot_hold_is_refused_without_binding_output(tmp_path, ray_local, capsys, flags):
+    """Issue 22 items 7 and 9: refused at once with exit 2 (the session's Ray has 2 CPUs and no GPU), and
+    OUTPUT stays free for any model."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    save(src / "a.jpg", seed=1)
+    rc = main(["run", str(src), str(out), "--model", TEST_ARCH, "--weights", "random", "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert rc == EXIT_CONFIG and ("the cluster has" in err or "of the cluster's 2 CPUs" in err), err
+    assert not (out / identity.IDENTITY_NAME).exists()
+    assert not (out / "masks").exists()
+
+
+# -- issue 22 items 9 and 10: a hand-edited identity file is refused, never a new binding ----------------
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"identity": {}},
+        {"identity": {"model": TEST_ARCH}},
+        {"identity": {"model": TEST_ARCH, "weights": "random:seed=0"}},
+        "complete-but-bad-relabel_since",
+    ],
+)
+def test_an_incomplete_identity_file_is_refused(tmp_path, ray_local, capsys, data):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    save(src / "a.jpg", seed=1)
+    args = ["run", str(src), str(out), "--model", TEST_ARCH, "--weights", "random", "--no-progress"]
+    if data == "complete-but-bad-relabel_since":
+        assert main(args) == 0
+        data = json.loads((out / identity.IDENTITY_NAME).read_text())
+        data["relabel_since"] = "yesterday"
+    else:
+        out.mkdir()
+    (out / identity.IDENTITY_NAME).write_text(json.dumps(data))
+    before = (out / identity.IDENTITY_NAME).read_text()
+    assert main(args) == EXIT_CONFIG
+    assert identity.IDENTITY_NAME in capsys.readouterr().err
+    assert (out / identity.IDENTITY_NAME).read_text() == before  # not rebound
+
+
+# -- issue 22 item 6: every signal timing ends with a run record and a released lease ---------------------
+def test_signals_outside_a_stoppable_window_wait_for_it_and_later_ones_are_ignored():
+    """A signal while the run writes its record, merges its summary or stops Ray must not cut that short:
+    it waits for the next window of work (or the end), and a second signal is ignored."""
+    from segbatch import pipeline
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        pipeline.install_stop_handlers()
+        with pipeline._protected():
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. right after "execution finished"
+            time.sleep(0.1)  # handled here, and nothing was raised
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        with pytest.raises(pipeline.RunInterrupted) as stopped:
+            with pipeline._stoppable():
+                pass
+        assert stopped.value.name == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal while stopping: ignored, never the default
+        time.sleep(0.1)
+        assert signal.getsignal(signal.SIGTERM) is pipeline._stop_handler
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        pipeline._stop_handler = None
+        pipeline._stop_requested = None
+
+
+def test_a_second_sigterm_while_stopping_still_ends_with_a_record_and_no_lease(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    save(src / "img000.jpg", seed=0, size=(320, 240))
+    for i in range(1, 120):
+        os.link(src / "img000.jpg", src / f"img{i:03d}.jpg")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["run", str(src), str(out), "--model", TEST_ARCH, "--weights", "random", "--batch-size", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segbatch", *args, "--no-progress", "--run-id", "twice"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_masks(proc, out, 4, timeout=240)
+        proc.send_signal(signal.SIGTERM)
+        for _ in range(3):  # more signals while it stops: each must be ignored
+            time.sleep(0.5)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        try:
+            _stdout, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _stdout, stderr = proc.communicate()
+            pytest.fail(f"the run did not stop within 240 s: {stderr[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "stopped by SIGTERM" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    record = json.loads((out / "runs" / "twice.json").read_text())
+    rows = summary.read(str(out)).to_pylist()
+    assert record["completed"] is False and record["ok"] == sum(r["status"] == "ok" for r in rows)
+    assert not (out / _lease.LEASE_NAME).exists()
+    left = [p.name for p in (out / "summary").iterdir() if not p.name.startswith(("part-", "merged-"))]
+    assert not left and len(list((out / "summary").iterdir())) <= 2  # merged at the end

@@ -15,7 +15,7 @@ import torch
 from segbatch import _lease, _storage, cli, listing, manifest, preflight, weights
 from segbatch.config import RunConfig, parse_storage_value
 from segbatch.contract import MAX_SEGMENT_BYTES, UnsafePathError, input_relpath, mask_relpath
-from segbatch.errors import ConfigError, WeightsError
+from segbatch.errors import ConfigError, InputError, WeightsError
 
 from _helpers import TEST_ARCH, make_checkpoint
 
@@ -61,6 +61,51 @@ def test_config_file_type_error_exits_2(tmp_path, capsys):
     conf.write_text('redo_all: "false"\nmax_error_rate: "5%"\n')
     assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--config", str(conf)]) == EXIT_CONFIG
     assert "must be" in capsys.readouterr().err
+
+
+def _billion_laughs(key: str) -> str:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]")
+    body = "\n".join("  " + line for line in lines)
+    return f"{key}:\n{body}\n" if key != "storage_options" else f"storage_options:\n{body}\n"
+
+
+@pytest.mark.parametrize("key", ["batch_size", "input", "storage_options"])
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys, key):
+    """Issue 22 item 5: nested aliases expand ~1 KB into 9^9 strings; they are refused while parsing."""
+    conf = tmp_path / "bomb.yaml"
+    conf.write_text(_billion_laughs(key))
+    started = time.monotonic()
+    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--config", str(conf)]) == EXIT_CONFIG
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert "aliases" in err and len(err) < 2000
+
+
+def test_a_wrong_type_error_shows_a_bounded_value():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({"input": "in", "output": "out", "batch_size": ["x" * 10_000] * 1000})
+    assert len(str(err.value)) < 500
+
+
+def test_a_huge_config_file_is_refused(tmp_path, capsys):
+    from segbatch.config import MAX_CONFIG_BYTES
+
+    conf = tmp_path / "big.yaml"
+    conf.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--config", str(conf)]) == EXIT_CONFIG
+    assert "bytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["1: 2\n", "true: x\n", "null: 3\n"])
+def test_a_config_key_that_is_not_text_exits_2(tmp_path, capsys, text):
+    """Issue 22 item 9: a YAML key `1: 2` is a ConfigError, not an AttributeError traceback."""
+    conf = tmp_path / "run.yaml"
+    conf.write_text(text)
+    assert cli.main(["run", str(tmp_path), str(tmp_path / "o"), "--config", str(conf)]) == EXIT_CONFIG
+    assert "name must be text" in capsys.readouterr().err
 
 
 # -- 13: storage-option values ---------------------------------------------------------------------------
@@ -159,6 +204,52 @@ def test_outputs_own_tree_is_never_listed(tmp_path, output_rel):
         (out / d / "sub" / "b.png.jpg").write_bytes(b"x")
     table = listing.list_inputs(str(src), {}, ["jpg", "png"], exclude_output=str(out))
     assert table["rel"].to_pylist() == ["a.jpg", "sub/b.png"]
+
+
+def _photos_with_outputs(src: Path, out: Path) -> None:
+    (src / "sub").mkdir(parents=True, exist_ok=True)
+    (src / "a.jpg").write_bytes(b"x")
+    (src / "sub" / "b.png").write_bytes(b"x")
+    for d in ("masks", "overlays", "confidence", "summary", "runs"):  # every folder segbatch writes
+        (out / d / "sub").mkdir(parents=True, exist_ok=True)
+        (out / d / "a.jpg.png").write_bytes(b"x")
+        (out / d / "sub" / "b.png.png").write_bytes(b"x")
+
+
+def test_confidence_maps_of_output_equal_to_input_are_never_listed(tmp_path):
+    """Issue 22 item 3a: `segbatch run X X --confidence`, twice: confidence/ is OUTPUT's own too."""
+    src = tmp_path / "photos"
+    _photos_with_outputs(src, src)
+    table = listing.list_inputs(str(src), {}, ["jpg", "png"], exclude_output=str(src))
+    assert table["rel"].to_pylist() == ["a.jpg", "sub/b.png"]
+
+
+@pytest.mark.parametrize("layout", ["input-link", "output-link", "same-through-link"])
+def test_output_reached_through_a_symbolic_link_is_never_listed(tmp_path, layout):
+    """Issue 22 item 3b: INPUT a link to the folder OUTPUT is inside, or OUTPUT a link into INPUT."""
+    src = tmp_path / "in"
+    if layout == "input-link":
+        _photos_with_outputs(src, src / "labels")
+        (tmp_path / "inlink").symlink_to(src)
+        inp, out = tmp_path / "inlink", src / "labels"
+    elif layout == "output-link":
+        _photos_with_outputs(src, src / "labels")
+        (tmp_path / "outlink").symlink_to(src / "labels")
+        inp, out = src, tmp_path / "outlink"
+    else:
+        _photos_with_outputs(src, src)
+        (tmp_path / "inlink").symlink_to(src)
+        inp, out = tmp_path / "inlink", src
+    table = listing.list_inputs(str(inp), {}, ["jpg", "png"], exclude_output=str(out))
+    assert table["rel"].to_pylist() == ["a.jpg", "sub/b.png"]
+
+
+def test_input_that_is_one_of_outputs_folders_lists_nothing(tmp_path):
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "a.jpg.png").write_bytes(b"x")
+    with pytest.raises(InputError, match="no images found"):
+        listing.list_inputs(str(out / "masks"), {}, ["png"], exclude_output=str(out))
 
 
 # -- 4: manifest names -----------------------------------------------------------------------------------
@@ -324,6 +415,80 @@ def test_a_lease_taken_over_is_noticed_by_its_old_holder(tmp_path):
     other.release()
 
 
+def test_a_lease_being_written_is_not_stale(tmp_path):
+    """Issue 22 item 2: the moment between an exclusive create and its write leaves an empty lease file;
+    a second run reading it then must not take it over as if it were renewed at epoch 0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / _lease.LEASE_NAME).write_bytes(b"")  # created by another run this instant, not yet written
+    with pytest.raises(_lease.LeaseHeldError, match="unreadable lease file"):
+        _lease.Lease(str(out), {}, "second", timeout_s=60).acquire()
+    assert (out / _lease.LEASE_NAME).read_bytes() == b""  # left to its creator
+    # Once the file is older than the timeout, it is stale like any other lease.
+    old = time.time() - 600
+    os.utime(out / _lease.LEASE_NAME, (old, old))
+    _lease.Lease(str(out), {}, "later", timeout_s=60).acquire().release()
+
+
+def test_a_local_lease_is_never_seen_empty(tmp_path):
+    """The lease is written whole before its name exists (a hard link of a written temporary), and the
+    temporary is gone afterwards."""
+    out = tmp_path / "out"
+    lease = _lease.Lease(str(out), {}, "whole", timeout_s=60).acquire()
+    try:
+        assert json.loads((out / _lease.LEASE_NAME).read_text())["run_id"] == "whole"
+        assert sorted(p.name for p in out.iterdir()) == [_lease.LEASE_NAME]
+    finally:
+        lease.release()
+
+
+def _race_for_the_lease(out: str, start: float, queue) -> None:
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        lease = _lease.Lease(out, {}, f"racer-{os.getpid()}", timeout_s=60).acquire()
+    except _lease.LeaseHeldError:
+        queue.put(False)
+        return
+    queue.put(True)
+    time.sleep(0.5)  # hold it while the other racer looks
+    lease.release()
+
+
+def test_two_processes_racing_for_a_local_lease_never_both_hold_it(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(15):
+        out = str(tmp_path / f"out{trial}")
+        queue = ctx.Queue()
+        start = time.time() + 0.2
+        racers = [ctx.Process(target=_race_for_the_lease, args=(out, start, queue)) for _ in range(2)]
+        for p in racers:
+            p.start()
+        for p in racers:
+            p.join(30)
+        got = sorted(queue.get(timeout=5) for _ in racers)
+        assert got == [False, True], f"trial {trial}: {got}"
+
+
+@pytest.mark.parametrize(
+    "content", [b"[1, 2]", b"5", b'"x"', b"{", b'{"renewed_at": 1e20}', b'{"renewed_at": "nan"}', b'{"pid": []}']
+)
+def test_a_damaged_lease_file_is_held_until_its_mtime_is_stale(tmp_path, content):
+    """Issue 22 item 9: a lease file that is no lease is a lease of an unknown holder renewed at the
+    file's mtime: exit 2 while fresh, taken over once stale, never a traceback."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / _lease.LEASE_NAME).write_bytes(content)
+    with pytest.raises(_lease.LeaseHeldError, match="unreadable lease file"):
+        _lease.Lease(str(out), {}, "next", timeout_s=60).acquire()
+    old = time.time() - 600
+    os.utime(out / _lease.LEASE_NAME, (old, old))
+    lease = _lease.Lease(str(out), {}, "next", timeout_s=60).acquire()
+    assert lease.took_over.unreadable
+    lease.release()
+
+
 def test_lease_timeout_setting(monkeypatch):
     monkeypatch.setenv(_lease.TIMEOUT_ENV, "abc")
     with pytest.raises(ConfigError):
@@ -419,3 +584,37 @@ def test_a_full_disk_mid_run_is_found_behind_rays_wrapping_and_leaves_no_tempora
     with pytest.raises(OSError):
         _storage.write_atomic(fs, f"{root}/masks/a.png", b"data")
     assert [p.name for p in (tmp_path / "masks").iterdir()] == []
+
+
+# -- issue 22 items 9 and 11: bad paths given to the CLI are one line and a documented status ------------
+def test_compact_of_a_file_or_a_missing_path_is_exit_4_and_creates_nothing(tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    assert cli.main(["compact", str(afile)]) == EXIT_INPUT
+    assert "is a file" in capsys.readouterr().err
+    missing = tmp_path / "missing"
+    assert cli.main(["compact", str(missing)]) == EXIT_INPUT
+    assert "does not exist" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("problem", ["weights-folder", "classes-missing", "classes-folder", "random-bytes"])
+def test_unusable_weights_or_classes_are_one_line_and_exit_4(tmp_path, capsys, problem):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"x")
+    args = ["run", str(src), str(tmp_path / "out"), "--model", TEST_ARCH, "--weights", "random", "--no-progress"]
+    if problem == "weights-folder":
+        args[args.index("random")] = str(tmp_path)
+    elif problem == "classes-missing":
+        args += ["--classes", str(tmp_path / "missing.txt")]
+    elif problem == "classes-folder":
+        args += ["--classes", str(src)]
+    else:
+        (tmp_path / "rand.pt").write_bytes(os.urandom(5000))
+        args[args.index("random")] = str(tmp_path / "rand.pt")
+    assert cli.main(args) == EXIT_INPUT
+    full = capsys.readouterr().err
+    err = [line for line in full.splitlines() if line.startswith("segbatch:")]
+    assert len(err) == 1 and len(err[0]) < 400, err
+    assert "Traceback" not in full and "weights_only" not in full  # not torch's paragraphs either

@@ -48,7 +48,7 @@ def test_text_manifest_runs_dedups_and_resumes(images, s3_server, tmp_path, ray_
         "sub/b.png",  # relative to the manifest's folder
         f"s3://{bucket}/imgs/a.png",  # a duplicate: labelled once
         f"s3://{bucket}/imgs/missing.png",  # never there: an error row
-        f"s3://{bucket}/imgs/../imgs/c.png",  # '..' would put the mask outside OUTPUT: an error row
+        f"s3://{bucket}/imgs/../imgs/c.png",  # a key of its own (not imgs/c.png), never uploaded: an error row
         str(local),  # a local file in the same manifest
     ]
     manifest = _put(s3_server, bucket, "imgs/list.txt", "\n".join(lines).encode())
@@ -66,7 +66,7 @@ def test_text_manifest_runs_dedups_and_resumes(images, s3_server, tmp_path, ray_
     assert rows[a]["status"] == "ok" and rows[a]["mask_uri"] == f"{out}/masks/s3/{bucket}/imgs/a.png.png"
     assert rows[b]["status"] == "ok" and rows[b]["mask_uri"] == f"{out}/masks/s3/{bucket}/imgs/sub/b.png.png"
     assert "not found" in rows[f"s3://{bucket}/imgs/missing.png"]["error"]
-    assert "'..'" in rows[f"s3://{bucket}/imgs/../imgs/c.png"]["error"]
+    assert "not found" in rows[f"s3://{bucket}/imgs/../imgs/c.png"]["error"]
     # A local file in an S3 run: its mask is named after its protocol and absolute path, below OUTPUT.
     assert rows[str(local)]["mask_uri"] == f"{out}/masks/file/{str(local).lstrip('/')}.png"
     masks = s3_server.keys(bucket, "labels/masks/")
@@ -120,3 +120,39 @@ def test_missing_manifest_and_redo_changed_are_refused(s3_bucket, tmp_path, caps
     (tmp_path / "m.txt").write_text("/x.png\n")
     with pytest.raises(ConfigError, match="redo_changed"):
         ManifestInputs(RunConfig(manifest=str(tmp_path / "m.txt"), output=str(tmp_path / "o"), redo_changed=True))
+
+
+# -- issue 22 item 4: a listed input and a manifest input never share a mask ----------------------------
+def test_listed_and_manifest_inputs_never_share_an_output(tmp_path, ray_local, capsys):
+    """A listed ``in/file/<abs>/rocket.jpg`` and a manifest's ``<abs>/rocket.jpg`` both name
+    ``masks/file/<abs>/rocket.jpg.png``: an OUTPUT holds one kind of input, the other is refused (exit 2)."""
+    from segbatch import identity
+
+    src, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    rocket = elsewhere / "rocket.jpg"
+    rocket.write_bytes(_png(1))
+    nested = src / "file" / str(elsewhere).lstrip("/")
+    nested.mkdir(parents=True)
+    (nested / "rocket.jpg").write_bytes(_png(2))
+    base = ["--model", TEST_ARCH, "--weights", "random", "--no-progress"]
+    assert cli.main(["run", str(src), str(out), *base]) == 0
+    listed_mask = summary.read(str(out)).to_pylist()[0]["mask_uri"]
+    before = (tmp_path / "out" / listed_mask.split("/out/", 1)[1]).read_bytes()
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"{rocket}\n")
+    capsys.readouterr()
+    assert cli.main(["run", "--manifest", str(manifest), str(out), *base]) == EXIT_STATUS[ConfigError]
+    assert "listed inputs" in capsys.readouterr().err
+    assert summary.read(str(out)).num_rows == 1  # nothing written, the listed input's mask untouched
+    assert (tmp_path / "out" / listed_mask.split("/out/", 1)[1]).read_bytes() == before
+    assert identity.read(str(out))["inputs"] == "listed"
+    # Another OUTPUT takes the manifest. A later manifest's count is of its own lines only: the ok row
+    # of rocket.jpg, which it does not name, is neither listed nor skipped (it said "1 skipped of 2").
+    fresh = tmp_path / "fresh"
+    assert cli.main(["run", "--manifest", str(manifest), str(fresh), *base]) == 0
+    (elsewhere / "other.jpg").write_bytes(_png(3))
+    manifest.write_text(f"{elsewhere / 'other.jpg'}\n")
+    capsys.readouterr()
+    assert cli.main(["run", "--manifest", str(manifest), str(fresh), *base]) == 0
+    assert "1 ok, 0 error, 0 skipped (already labelled) of 1 listed" in capsys.readouterr().out

@@ -109,3 +109,54 @@ def test_a_simulated_sixteen_core_cluster(tmp_path):
     size = json.loads(out.stdout.strip().splitlines()[-1])
     assert (size["max_actors"], size["threads"], size["cpus_per_actor"], size["gpus_per_actor"]) == (4, 4, 3.5, 0.0)
     assert size["decode_cpus"] == 1.0 and size["batch_size"] == 1
+
+
+# -- issue 22 items 9 and 11: a pool the cluster cannot hold is refused, never waited for ----------------
+@pytest.mark.parametrize("cpus", [1, 2, 4, 16, 96])
+@pytest.mark.parametrize("gpus", [0, 1, 8])
+@pytest.mark.parametrize("manifest", [None, "m.txt"])
+def test_the_default_pool_always_fits(cpus, gpus, manifest):
+    from segbatch.resources import check_fits
+
+    if cpus < 2 * gpus:
+        pytest.skip("a GPU actor needs at least a quarter CPU, and decoding some: no real cluster is this thin")
+    config = RunConfig(input="" if manifest else "in", manifest=manifest, output="out")
+    check_fits(settle(config, cpus, gpus), cpus, gpus)
+
+
+@pytest.mark.parametrize(
+    "flags,cpus,gpus,field",
+    [
+        ({"gpus_per_actor": 1.0}, 2, 0, "gpus_per_actor"),
+        ({"gpus_per_actor": 0.5, "actors": "4"}, 16, 1, "gpus_per_actor"),
+        ({"actors": "100"}, 2, 0, "actors"),
+        ({"cpus_per_actor": 3.0}, 2, 0, "actors"),
+        ({"decode_cpus": 64.0}, 2, 0, "cpus_per_actor"),
+        ({"actors": "2", "cpus_per_actor": 1.0}, 2, 0, "cpus_per_actor"),
+    ],
+)
+def test_a_pool_that_cannot_be_placed_is_refused(flags, cpus, gpus, field):
+    from segbatch.errors import ConfigError
+    from segbatch.resources import check_fits
+
+    size = settle(RunConfig(input="in", output="out", **flags), cpus, gpus)
+    with pytest.raises(ConfigError) as err:
+        check_fits(size, cpus, gpus)
+    has = gpus if field == "gpus_per_actor" else cpus
+    assert err.value.field == field
+    assert f"the cluster has {has}" in str(err.value) or f"of the cluster's {has} CPUs" in str(err.value)
+
+
+def test_gpus_per_actor_0_means_cpu_inference_even_with_gpus():
+    size = settle(RunConfig(input="in", output="out", gpus_per_actor=0.0), 16, 2)
+    assert size.gpus_per_actor == 0 and size.max_actors == plan_pool(16, 0).actors
+
+
+@pytest.mark.parametrize("field", ["cpus_per_actor", "gpus_per_actor", "decode_cpus"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_infinite_or_negative_resources_are_refused_before_ray_starts(field, value):
+    from segbatch.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        RunConfig(input="in", output="out", **{field: value})
+    assert err.value.field == field

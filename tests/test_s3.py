@@ -151,3 +151,46 @@ def test_resume_on_s3_skips_done_inputs(runs, storage, capsys):
     assert cli.main(["run", inp + "/", out + "/", "--config", conf]) == 0
     printed = capsys.readouterr().out
     assert f"0 ok, 0 error, {len(storage['rels'])} skipped" in printed
+
+
+# -- issue 22 item 1: keys with ".", ".." or empty segments are objects of their own -------------------
+ODD_KEYS = ["w.jpg", "./w.jpg", "z.jpg", "a/../z.jpg", "/x.jpg", "x.jpg", "//y.jpg", "q//r.jpg"]
+
+
+def test_keys_with_dot_and_empty_segments_each_get_their_own_row_and_mask(s3_bucket, s3_server, ray_local, checkpoint):
+    """``p/./w.jpg`` is not ``p/w.jpg``, nor ``p//x.jpg`` ``p/x.jpg``: each key gets one ok row and a
+    mask of its own image, none overwritten by another key's."""
+    import fsspec
+
+    from segbatch import summary
+    from segbatch.contract import input_relpath, mask_name
+
+    from _helpers import load_model, reference_mask
+
+    client = s3_server.client()
+    images = {}
+    for i, rel in enumerate(ODD_KEYS):
+        buf = io.BytesIO()
+        Image.fromarray(photo_like(40 + 8 * i, 32, 100 + i)).save(buf, format="JPEG", quality=90)
+        images[rel] = buf.getvalue()
+        client.put_object(Bucket=s3_bucket, Key=f"p/{rel}", Body=images[rel])
+    inp, out = f"s3://{s3_bucket}/p", f"s3://{s3_bucket}/out"
+    args = ["run", inp, out, "--model", TEST_ARCH, "--weights", str(checkpoint), "--no-progress"]
+    assert cli.main(args) == 0
+    table = summary.read(out)
+    rows = table.to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(f"{inp}/{rel}" for rel in ODD_KEYS)
+    assert {r["status"] for r in rows} == {"ok"}, [(r["uri"], r["error"]) for r in rows]
+    masks = [r["mask_uri"] for r in rows]
+    assert len(set(masks)) == len(ODD_KEYS)
+    fs, _ = fsspec.core.url_to_fs(out)
+    model = load_model(checkpoint)
+    for row in rows:
+        rel = row["uri"][len(inp) + 1 :]
+        name = mask_name(row["mask_uri"], row["uri"], f"{s3_bucket}/out/masks/")
+        assert input_relpath(name) == rel  # the mask's name maps back to its own key
+        mask = np.asarray(Image.open(io.BytesIO(fs.cat_file(fs._strip_protocol(row["mask_uri"])))))
+        assert np.array_equal(mask, reference_mask(images[rel], model)), rel
+    # A rerun finds every key done: no second ok row for any of them.
+    assert cli.main(args) == 0
+    assert summary.read(out).num_rows == len(ODD_KEYS)

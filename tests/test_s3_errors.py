@@ -151,3 +151,24 @@ storage_options:
     table = list_inputs(config.input, config.storage_options, config.extensions)
     assert table["uri"].to_pylist() == [f"s3://{s3_bucket}/in/a.png"]
     clear_s3fs_cache()
+
+
+# -- issue 22 item 9: every subcommand meets an unreachable endpoint or half a key pair with exit 4 -------
+@pytest.mark.parametrize("command", ["status", "report", "compact", "export"])
+def test_an_unreachable_endpoint_is_exit_4_for_every_subcommand(tmp_path, capsys, command):
+    from _helpers import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = [command, "s3://segbatch-unreachable/out", "--storage-option", f"endpoint_url={closed}"]
+    if command == "export":
+        args[2:2] = [str(tmp_path / "dest"), "--format", "coco", "--no-progress"]
+    assert cli.main(args) == EXIT_STATUS[InputError]
+    err = capsys.readouterr().err
+    assert "cannot reach storage" in err and "Traceback" not in err
+
+
+def test_a_secret_without_its_key_is_exit_4_and_never_echoed(s3_bucket, capsys):
+    secret = "segbatch-half-a-pair-secret"
+    assert cli.main(["status", f"s3://{s3_bucket}/out", "--storage-option", f"secret={secret}"]) == 4
+    err = capsys.readouterr().err
+    assert "PartialCredentialsError" in err and secret not in err

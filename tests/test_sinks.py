@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segbatch.contract import UnsafePathError, mask_relpath, voc_palette
+from segbatch.contract import UnsafePathError, input_relpath, mask_relpath, voc_palette
 from segbatch.writers import encode_png
 
 
@@ -25,10 +25,24 @@ def test_mask_names_escape_url_specials_injectively():
     assert all("?" not in o and "#" not in o for o in out)
 
 
-@pytest.mark.parametrize("rel", ["../x.jpg", "a/../../x.jpg", "/etc/x.jpg", "", "a//b.jpg", "./a.jpg", "a\\..\\b.jpg"])
-def test_names_that_would_escape_output_are_refused(rel):
+@pytest.mark.parametrize("rel", ["", "a\\..\\b.jpg", "a/", "a/.", "a/.."])
+def test_names_that_name_no_file_are_refused(rel):
     with pytest.raises(UnsafePathError):
         mask_relpath(rel)
+
+
+def test_dot_and_empty_segments_stay_inside_output_with_names_of_their_own():
+    """Issue 22 item 1: S3 keys may hold ".", ".." and empty segments, each key a different object."""
+    rels = ["../x.jpg", "a/../../x.jpg", "/etc/x.jpg", "a//b.jpg", "./a.jpg", "x.jpg", "a/b.jpg", "etc/x.jpg"]
+    out = [mask_relpath(r) for r in rels]
+    assert len(set(out)) == len(out)
+    assert (
+        out[0] == "masks/%2E%2E/x.jpg.png" and out[2] == "masks/%_/etc/x.jpg.png" and out[3] == "masks/a/%_/b.jpg.png"
+    )
+    for name, rel in zip(out, rels):
+        assert name.startswith("masks/") and ".." not in name.split("/") and "" not in name.split("/")
+        assert input_relpath(name) == rel
+    assert mask_relpath("%2E/a.jpg") != mask_relpath("./a.jpg") and mask_relpath("%_/a.jpg") != mask_relpath("/a.jpg")
 
 
 def test_png_is_single_channel_class_ids_with_voc_colours():
