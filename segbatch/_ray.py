@@ -148,6 +148,9 @@ def _shutdown(ray) -> None:
         if not stopper.is_alive():
             break
         stopper.join(HANDLER_REINSTALL_INTERVAL_S)
+    for signum, handler in handlers.items():  # once more: the core may reset them just before it ends
+        if handler is not None:
+            signal.signal(signum, handler)
     if failed:
         raise failed[0]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -183,6 +184,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         report = run(config)
     except RunInterrupted as exc:
+        # The run has stopped and recorded itself: later signals are ignored while Python exits (its
+        # shutdown would otherwise put the default action back, and a late SIGTERM end us with -15).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(
             f"segbatch: stopped by {exc.name}; rows written so far stay valid, the run record says how many; "
             "rerun to resume",
