@@ -38,7 +38,7 @@ from segbatch import (
 from segbatch.config import RunConfig
 from segbatch.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR
 from segbatch.decode import DecodeImages, Limits
-from segbatch.errors import BudgetError, ConfigError, IncompleteRunError, InputError
+from segbatch.errors import BudgetError, IncompleteRunError, InputError
 from segbatch.inputs import Inputs
 from segbatch.sinks import WriteOutputs
 from segbatch.writers import WriterContext
@@ -155,7 +155,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
     from ray.data import ActorPoolStrategy
 
     size = sizing(config)
-    _check_cpus_left_for_tasks(size)
+    resources.check_fits(size, _ray.cluster_cpus(), _ray.cluster_gpus())
     limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
     resize = spec.architecture.resize()
 
@@ -216,19 +216,6 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
         batch_format="pyarrow",
         num_cpus=size.decode_cpus,
     )
-
-
-def _check_cpus_left_for_tasks(size: resources.Sizing) -> None:
-    """Refuse a pool that would leave no CPU for decode and write tasks: the run would wait forever."""
-    total = _ray.cluster_cpus()
-    spare = total - size.max_actors * size.cpus_per_actor
-    if spare + 1e-9 < size.decode_cpus:
-        raise ConfigError(
-            "cpus_per_actor",
-            f"{size.max_actors} inference actor(s) x {size.cpus_per_actor:g} CPU leave {spare:g} of the cluster's "
-            f"{total:g} CPUs for decode and write tasks, which need {size.decode_cpus:g} each",
-            "lower --cpus-per-actor or --actors, lower --decode-cpus, or add CPUs",
-        )
 
 
 def run(config: RunConfig) -> RunReport:
