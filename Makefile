@@ -11,14 +11,17 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# Re-install when the dependency list changes; the editable install picks up code changes by itself.
+# Re-install when the dependency list or the pins change; the editable install picks up code changes by
+# itself. deploy/constraints.txt pins every package to a tested set (`make lock`): the install gets what the
+# suite passed with, and pip's resolver has nothing to search (unpinned, it backtracked for many minutes
+# between boto3, aiobotocore and ray releases).
 # pip shows each package it fetches and its download progress (not -q: a silent five minutes looks hung);
 # the first install fetches torch with its CUDA libraries, about 6.5 GB in .venv.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "segbatch: installing into $(VENV) (first time: about 6.5 GB, torch with its CUDA libraries; several minutes)"
 	@$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --disable-pip-version-check -c deploy/constraints.txt -e '.[test]'
 	@touch $(STAMP)
 	@echo "segbatch: installed; the command is $(VENV)/bin/segbatch (or run \`source $(VENV)/bin/activate\` first)"
 
