@@ -466,7 +466,7 @@ figure.chart { margin: 0; } figure.chart svg { max-width: 100%; height: auto; }
 /* 21 classes fit a 1280 px window: column names read bottom-up, counts in a small font; a wider matrix
    scrolls inside its own box instead of cutting the page. */
 .scroll-x { max-width: 100%; overflow-x: auto; }
-#confusion { width: auto; min-width: 0; font-size: 11px; } #confusion td, #confusion th { padding: 2px 4px; }
+#confusion { width: auto; min-width: 0; font-size: 11px; } #confusion td, #confusion th { padding: 2px 3px; }
 #confusion thead th.col { writing-mode: vertical-rl; transform: rotate(180deg); white-space: nowrap;
                           vertical-align: bottom; text-align: left; }
 #confusion tbody th { white-space: nowrap; }

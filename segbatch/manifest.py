@@ -238,6 +238,8 @@ def _listing_rows(batch: pa.Table, run_id: str) -> pa.Table:
     # Only the manifest's own lines count as listed: an ok row of OUTPUT that the manifest does not name
     # (another run's input) is neither listed nor skipped.
     batch = batch.filter(pc.fill_null(pc.equal(batch["listed"], 1), False))
+    if batch.num_rows == 0:  # only earlier ok rows the manifest does not name: nothing listed here
+        return LISTING_SCHEMA.empty_table()
     done = pc.fill_null(pc.equal(batch["done"], 1), False)
     todo = batch.filter(pc.invert(done))
     first_last = "\n".join(

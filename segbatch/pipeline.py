@@ -90,6 +90,7 @@ class RunReport:
     seconds: float = 0.0
     error_examples: list[tuple[str, str]] = field(default_factory=list)
     stopped_early: str | None = None
+    devices: set[str] = field(default_factory=set)  # where inference ran ("cpu", "cuda:0"), from the rows
     passes: float = 0.0  # forward passes, summed as 1/(images in the pass) over the images they labelled
     inferred: int = 0  # images that went through a forward pass
 
@@ -284,7 +285,8 @@ def _run_holding_lease(
             bar = progress.RunProgress(config.progress)
             bar.set_total(None)  # known once every listing task has finished
             # A pool the cluster cannot hold is refused here (exit 2), not left waiting for resources.
-            resources.check_fits(sizing(config), _ray.cluster_cpus(), _ray.cluster_gpus())
+            size = sizing(config)
+            resources.check_fits(size, _ray.cluster_cpus(), _ray.cluster_gpus())
             ds = build_dataset(config, spec, inputs, run_id)
             # Only now does OUTPUT belong to this run's model: a run refused before this point (a pool that
             # does not fit) leaves OUTPUT free for any model. No task writes before the loop below starts.
@@ -301,6 +303,11 @@ def _run_holding_lease(
                     lease.check()
                     _check_error_budget(config, report)
                 _check_complete(config, spec, inputs, report, _read_counts(report, run_id, inputs, bar))
+            if size.gpus_per_actor and "cpu" in report.devices:
+                # The actors say so in their own logs; a default run shows none of those, so the driver does.
+                log.warning(
+                    "Ray assigned GPUs to the inference actors, but torch sees no CUDA device: running on the CPU"
+                )
         except (RunInterrupted, KeyboardInterrupt) as exc:
             exc = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
             report.stopped_early = f"interrupted by {exc.name}; rows written so far stay valid, rerun to resume"
@@ -499,6 +506,8 @@ def _recount(config: RunConfig, report: RunReport) -> None:
 
 
 def _count_rows(report: RunReport, batch: pa.Table) -> None:
+    if "device" in batch.column_names:
+        report.devices.update(d for d in batch["device"].unique().to_pylist() if d)
     if FORWARD_PASS_COLUMN in batch.column_names:
         sizes = [s for s in batch[FORWARD_PASS_COLUMN].to_pylist() if s]
         report.inferred += len(sizes)

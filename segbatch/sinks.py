@@ -62,7 +62,7 @@ class WriteOutputs:
         table = self._summary_table(rows)
         if table.num_rows:
             self._write_summary(table)
-        out = table.select(["uri", "status", "error"])
+        out = table.select(["uri", "status", "error", "device"])  # device: the driver says when GPUs were not used
         if rows and FORWARD_PASS_COLUMN in rows[0]:  # for the driver's tally of forward passes
             out = out.append_column(FORWARD_PASS_COLUMN, pa.array([r[FORWARD_PASS_COLUMN] for r in rows], pa.int32()))
         return out
