@@ -154,11 +154,6 @@ def _holder_is_dead(holder: Holder) -> bool:
     return False
 
 
-def _is_local(fs) -> bool:
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return bool(protocols & {"file", "local"})
-
-
 def _is_s3(fs) -> bool:
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     return bool(protocols & {"s3", "s3a"})
@@ -194,7 +189,7 @@ class Lease:
     def _create(self, data: bytes) -> bool:
         """Exclusive create; False when the file already exists."""
         fs, path = self._fs, self._path
-        if _is_local(fs):
+        if _storage.is_local(fs):
             return self._create_local(data)
         if _is_s3(fs):
             try:
@@ -305,7 +300,7 @@ class Lease:
         fs, path = self._fs, self._path
         if _is_s3(fs):
             return self._put_if_match(data, stale_etag)
-        if _is_local(fs):
+        if _storage.is_local(fs):
             aside = f"{path}.stale-{uuid.uuid4().hex[:12]}"
             try:
                 os.rename(path, aside)

@@ -94,6 +94,12 @@ def join_url(root_url: str, relative: str) -> str:
     return root_url.rstrip("/") + "/" + relative.lstrip("/")
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local disk (where renames are atomic and os calls apply)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"file", "local"})
+
+
 def join_path(root: str, relative: str) -> str:
     return posixpath.join(root, relative) if root else relative
 

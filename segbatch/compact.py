@@ -77,12 +77,6 @@ class CompactReport:
         return text
 
 
-def _is_local(fs) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
 def _kill_point(name: str) -> None:
     if os.environ.get(KILL_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -200,7 +194,7 @@ def compact(
     report.files_before = len(candidates)
     if len(candidates) < 2:  # one file is as compact as it gets
         return report
-    local = _is_local(fs)
+    local = _storage.is_local(fs)
     merges: dict[bytes | None, _Merge] = {}
     try:
         for start in range(0, len(candidates), READ_CHUNK_FILES):

@@ -20,6 +20,7 @@ A read task is a pure function of INPUT and OUTPUT's summary: Ray retries a dead
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -126,7 +127,7 @@ def excluded_prefixes(fs, root: str, output_url: str | None, storage_options: Ma
         return []
     out_root = out_root.rstrip("/")
     root = root.rstrip("/")
-    if _is_local(fs):
+    if _storage.is_local(fs):
         # Compare where the two really are: INPUT or OUTPUT may be (or pass through) a symbolic link
         # into the other. The prefixes are then spelled below INPUT as the listing spells its paths.
         real_root, real_out = os.path.realpath(root), os.path.realpath(out_root)
@@ -146,12 +147,6 @@ def excluded_prefixes(fs, root: str, output_url: str | None, storage_options: Ma
 
 def _under(path: str, prefixes: list[str]) -> bool:
     return any(path == p or path.startswith(p + "/") for p in prefixes)
-
-
-def _is_local(fs) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
 
 
 def _is_s3(fs) -> bool:
@@ -176,7 +171,7 @@ def _scan_top(fs, root: str, limit: int) -> tuple[list[tuple[str, dict]], list[s
     """(files with info, folders, complete) at INPUT's top level, looking at no more than ``limit`` entries."""
     files: list[tuple[str, dict]] = []
     dirs: list[str] = []
-    if _is_local(fs):
+    if _storage.is_local(fs):
         with os.scandir(root) as it:
             for n, entry in enumerate(it):
                 if n >= limit:
@@ -305,14 +300,14 @@ def _walk_fsspec(fs, top: str, stats: _WalkStats, excluded: list[str]) -> Iterat
 
 def _walk_shard(fs, shard: Shard, stats: _WalkStats, excluded: list[str]) -> Iterator[tuple[str, dict]]:
     for path, info in shard.files:
-        if _is_local(fs):
+        if _storage.is_local(fs):
             info = _local_info(path)
             if info is None:
                 stats.links_skipped += 1
                 continue
         yield path, info
     for top in shard.dirs:
-        if _is_local(fs):
+        if _storage.is_local(fs):
             yield from _walk_local(top, stats, excluded)
         elif _is_s3(fs):
             yield from _walk_s3(fs, top)
@@ -352,12 +347,10 @@ def _listed_chunks(
         yield _with_shapes(columns), not_utf8
 
 
-def _with_shapes(columns: dict[str, list], shapes: list[tuple[int, int]] | None = None) -> pa.Table:
-    n = len(columns["uri"])
-    zeros = np.zeros(n, dtype=np.int32)
-    h = pa.array([s[0] for s in shapes], pa.int32()) if shapes else pa.array(zeros)
-    w = pa.array([s[1] for s in shapes], pa.int32()) if shapes else pa.array(zeros)
-    return pa.table({**columns, "model_h": h, "model_w": w}, schema=LISTING_SCHEMA)
+def _with_shapes(columns: dict[str, list]) -> pa.Table:
+    """Listing rows with their shape not probed yet (0, 0)."""
+    zeros = pa.array(np.zeros(len(columns["uri"]), dtype=np.int32))
+    return pa.table({**columns, "model_h": zeros, "model_w": zeros}, schema=LISTING_SCHEMA)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,7 +387,7 @@ class DoneIndex:
             other_run = pc.field("run_id").is_null() | (pc.field("run_id") != run_id)
             self._filter = summary.done_filter(since) & other_run
         self._groups: list[tuple[str | None, str | None, Any, int]] = []
-        self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
         ds = summary.dataset(output_url, storage_options)
         for fragment in ds.get_fragments() if ds is not None else ():
             meta = fragment.metadata
@@ -412,17 +405,16 @@ class DoneIndex:
         return len(self._groups)
 
     def _load(self, index: int) -> pa.Table:
-        key = (index, 0)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
         from segbatch.contract import SUMMARY_SCHEMA
 
         _, _, fragment, rg = self._groups[index]
         table = fragment.subset(row_group_ids=[rg]).to_table(
             schema=SUMMARY_SCHEMA, columns=self._columns, filter=self._filter
         )
-        self._cache[key] = table
+        self._cache[index] = table
         if len(self._cache) > self.CACHED_ROW_GROUPS:
             self._cache.popitem(last=False)
         return table
@@ -464,7 +456,7 @@ def probe_shape(fs, path: str, size: int | None, resize: Any) -> tuple[int, int]
     from PIL import Image
 
     try:
-        opener = open(path, "rb") if _is_local(fs) else fs.open(path, "rb", block_size=PROBE_BYTES)
+        opener = open(path, "rb") if _storage.is_local(fs) else fs.open(path, "rb", block_size=PROBE_BYTES)
         with opener as f, Image.open(f) as image:
             width, height = image.size
             if image.getexif().get(EXIF_ORIENTATION) in ORIENTATIONS_SWAPPING_AXES:
@@ -605,7 +597,7 @@ def read_shard(settings: ListingSettings, shard: Shard, report: bool = True) -> 
     listed = skipped = not_utf8 = 0
     last_report = time.monotonic()
     part = f"list-{shard.index:05d}"
-    with ThreadPoolExecutor(PROBE_THREADS) if probing else _NoPool() as pool:
+    with ThreadPoolExecutor(PROBE_THREADS) if probing else contextlib.nullcontext() as pool:
         walk = _walk_shard(fs, shard, stats, excluded)
         for chunk, bad_names in _listed_chunks(fs, root, root_url, walk, settings.extensions, excluded):
             listed += chunk.num_rows
@@ -633,14 +625,6 @@ def read_shard(settings: ListingSettings, shard: Shard, report: bool = True) -> 
         _report(settings.run_id, part, listed, skipped, finished=True)
 
 
-class _NoPool:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _set_shapes(chunk: pa.Table, shapes: list[tuple[int, int]]) -> pa.Table:
     h = pa.array([s[0] for s in shapes], pa.int32())
     w = pa.array([s[1] for s in shapes], pa.int32())
@@ -652,10 +636,6 @@ def _report(run_id: str, part: str, listed: int, skipped: int, finished: bool) -
     from segbatch import _tally
 
     _tally.put(run_id, part, listed, skipped, finished)
-
-
-def _read_task_fn(settings: ListingSettings, shard: Shard) -> Iterator[pa.Table]:
-    return read_shard(settings, shard)
 
 
 class ListingDatasource:
@@ -675,7 +655,7 @@ class ListingDatasource:
             def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
                 meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
                 return [
-                    ReadTask(functools.partial(_read_task_fn, settings, shard), meta, schema=LISTING_SCHEMA)
+                    ReadTask(functools.partial(read_shard, settings, shard), meta, schema=LISTING_SCHEMA)
                     for shard in shards
                 ]
 
@@ -695,14 +675,7 @@ class ListedInputs:
 
     def __init__(self, config: Any, relabel_since: float | None = None, run_id: str = "plan"):
         self._config = config
-        fs, root = _storage.open_url(config.input, config.storage_options)
-        fs.invalidate_cache(root)  # a cached listing from earlier in this process would miss new files
-        require_exists(fs, root, f"INPUT {config.input}")
-        if _storage.retry(fs.isfile, root, what=f"check {config.input}"):
-            raise InputError(
-                f"INPUT {config.input} is a file, not a folder: pass the folder that holds it, or list it in a "
-                "--manifest file"
-            )
+        fs, root = _open_input(config.input, config.storage_options)
         check_output(config.output, config.storage_options)
         self._fs, self._root = fs, root
         self._excluded = excluded_prefixes(fs, root, config.output, config.storage_options)
@@ -728,11 +701,7 @@ class ListedInputs:
             raise self.no_images_error()
 
     def no_images_error(self) -> InputError:
-        looked_for = ", ".join(f".{e}" for e in sorted(self._settings.extensions))
-        return InputError(
-            f"INPUT {self._config.input}: no images found (looked for files ending in {looked_for}, "
-            "case-insensitive, hidden files skipped; change the list with --extensions)"
-        )
+        return _no_images_error(self._config.input, self._settings.extensions)
 
     def plan(self, *, run_id: str, batch_size: int, spread: int, max_shards: int, resize: Any) -> None:
         block = max(BLOCK_ROWS, batch_size)
@@ -814,13 +783,7 @@ def list_inputs(
 
     ``exclude_output`` (OUTPUT's URL) keeps OUTPUT's own tree out of the listing when the two overlap.
     Symbolic links to files are followed; links to folders and broken links are skipped and counted."""
-    fs, root = _storage.open_url(url, storage_options)
-    fs.invalidate_cache(root)
-    require_exists(fs, root, f"INPUT {url}")
-    if _storage.retry(fs.isfile, root, what=f"check {url}"):
-        raise InputError(
-            f"INPUT {url} is a file, not a folder: pass the folder that holds it, or list it in a --manifest file"
-        )
+    fs, root = _open_input(url, storage_options)
     excluded = excluded_prefixes(fs, root, exclude_output, storage_options)
     settings = ListingSettings(
         run_id="local",
@@ -834,12 +797,28 @@ def list_inputs(
     tables = [t for shard in plan_shards(fs, root, excluded, 1) for t in read_shard(settings, shard, report=False)]
     table = pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
     if table.num_rows == 0:
-        looked_for = ", ".join(f".{e}" for e in sorted(settings.extensions))
-        raise InputError(
-            f"INPUT {url}: no images found (looked for files ending in {looked_for}, "
-            "case-insensitive, hidden files skipped; change the list with --extensions)"
-        )
+        raise _no_images_error(url, settings.extensions)
     return table.sort_by("uri")
+
+
+def _no_images_error(url: str, extensions: Iterable[str]) -> InputError:
+    looked_for = ", ".join(f".{e}" for e in sorted(extensions))
+    return InputError(
+        f"INPUT {url}: no images found (looked for files ending in {looked_for}, "
+        "case-insensitive, hidden files skipped; change the list with --extensions)"
+    )
+
+
+def _open_input(url: str, storage_options: Mapping[str, Any] | None):
+    """INPUT's filesystem and root, refused before any work when missing, unreadable or a file."""
+    fs, root = _storage.open_url(url, storage_options)
+    fs.invalidate_cache(root)  # a cached listing from earlier in this process would miss new files
+    require_exists(fs, root, f"INPUT {url}")
+    if _storage.retry(fs.isfile, root, what=f"check {url}"):
+        raise InputError(
+            f"INPUT {url} is a file, not a folder: pass the folder that holds it, or list it in a --manifest file"
+        )
+    return fs, root
 
 
 def check_output(url: str, storage_options: Mapping[str, Any] | None) -> None:

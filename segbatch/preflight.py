@@ -59,7 +59,7 @@ def probe_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
     try:
         if _storage.retry(fs.isfile, root, what=f"check {url}"):
             raise OutputNotWritableError(f"OUTPUT {url} is a file; OUTPUT must be a folder or URL prefix")
-        if _is_local(fs):
+        if _storage.is_local(fs):
             path = root
             while path and not os.path.lexists(path):
                 created.append(path)
@@ -79,11 +79,6 @@ def probe_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
                 os.rmdir(path)
             except OSError:
                 break
-
-
-def _is_local(fs) -> bool:
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return bool(protocols & {"file", "local"})
 
 
 def check_inputs_exist(config) -> None:
