@@ -2,6 +2,10 @@
 
     python benchmarks/driver_memory.py --counts 1000 20000 100000
     python benchmarks/driver_memory.py --counts 1000 1000000 --max-seconds 90 [--flat]
+    python benchmarks/driver_memory.py --s3 --counts 1000 100000 --max-seconds 60
+
+`--s3`: the inputs are keys in a moto S3 server on 127.0.0.1 (a child process; keys go straight into its
+backend, as in benchmarks/s3_list.py) and the run reads `s3://...`; OUTPUT stays on local disk.
 
 Time to the first row is from the command's start to the first summary file in OUTPUT. Inputs sit in
 folders of 1,000 (`--flat`: all in one folder, which one listing task streams).
@@ -85,17 +89,32 @@ def peak_rss(
     return rss.mib(), time.perf_counter() - start, report, first_row
 
 
+def _s3_inputs(counts: list[int], flat: bool) -> tuple[object, dict[int, str]]:
+    """One moto server holding every count's keys under its own prefix; returns (server process, urls)."""
+    import functools
+
+    from _moto import start_server
+    from s3_list import BUCKET, insert_keys
+
+    prefixes = {n: f"in{n}/" for n in counts}
+    setup = functools.partial(insert_keys, [(prefixes[n], n) for n in counts], 0 if flat else 1000)
+    proc, _endpoint = start_server(setup)
+    return proc, {n: f"s3://{BUCKET}/{prefixes[n]}" for n in counts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[1000, 20000, 100000])
     parser.add_argument("--max-seconds", type=float, help="stop each run after this long and report its peak so far")
     parser.add_argument("--flat", action="store_true", help="all inputs in one folder")
+    parser.add_argument("--s3", action="store_true", help="inputs are keys on a loopback moto S3 server")
     args = parser.parse_args()
     rows = []
+    server, urls = _s3_inputs(args.counts, args.flat) if args.s3 else (None, {})
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.counts:
-            src = os.path.join(tmp, f"in{n}")
-            for i in range(n):
+            src = urls.get(n) or os.path.join(tmp, f"in{n}")
+            for i in range(0 if args.s3 else n):
                 folder = src if args.flat else os.path.join(src, f"{i // 1000:04d}")
                 os.makedirs(folder, exist_ok=True)
                 open(os.path.join(folder, f"{i:07d}.jpg"), "wb").close()
@@ -115,8 +134,11 @@ def main() -> None:
             load = os.getloadavg()[0]
             rss, seconds, report, first_row = peak_rss(cmd, args.max_seconds, os.path.join(tmp, f"out{n}"))
             rows.append((n, rss, seconds, first_row, f"{load:.1f}-{os.getloadavg()[0]:.1f}", report))
-            shutil.rmtree(src)
+            if not args.s3:
+                shutil.rmtree(src)
             print(f"{n} inputs done", file=sys.stderr, flush=True)
+    if server is not None:
+        server.terminate()
     print(f"{'inputs':>8} {'driver peak RSS':>16} {'first row s':>12} {'seconds':>9} {'load avg':>10}  report")
     for n, rss, seconds, first_row, load, report in rows:
         shown = f"{first_row:.1f}" if first_row is not None else "-"

@@ -64,8 +64,8 @@ def _fast_list_v2(self, bucket, prefix, delimiter, continuation_token, start_aft
     return out, truncated, token
 
 
-def _insert_keys(keys: int, folder_size: int) -> None:
-    """Runs in the server's process: keys straight into moto's backend, far faster than PUTs."""
+def insert_keys(prefixes: list[tuple[str, int]], folder_size: int) -> None:
+    """Runs in the server's process: (prefix, count) keys straight into moto's backend, far faster than PUTs."""
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.s3.models import FakeKey, S3Backend, s3_backends
 
@@ -75,12 +75,14 @@ def _insert_keys(keys: int, folder_size: int) -> None:
     bucket = backend.get_bucket(BUCKET)
     t0 = time.perf_counter()
     body = b"\xff\xd8\xff"  # three bytes: the keys matter here, not the contents
-    for i in range(keys):
-        name = f"{PREFIX}{i // folder_size:05d}/{i:08d}.jpg" if folder_size else f"{PREFIX}{i:08d}.jpg"
-        bucket.keys[name] = FakeKey(
-            name, body, account_id=DEFAULT_ACCOUNT_ID, region_name="us-east-1", bucket_name=BUCKET
-        )
-    print(f"  (server: inserted {keys} keys in {time.perf_counter() - t0:.0f}s)", flush=True)
+    for prefix, keys in prefixes:
+        for i in range(keys):
+            name = f"{prefix}{i // folder_size:05d}/{i:08d}.jpg" if folder_size else f"{prefix}{i:08d}.jpg"
+            bucket.keys[name] = FakeKey(
+                name, body, account_id=DEFAULT_ACCOUNT_ID, region_name="us-east-1", bucket_name=BUCKET
+            )
+    total = sum(keys for _, keys in prefixes)
+    print(f"  (server: inserted {total} keys in {time.perf_counter() - t0:.0f}s)", flush=True)
 
 
 def main() -> None:
@@ -88,7 +90,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--folder-size", type=int, default=FOLDER_SIZE, help="keys per folder; 0: one flat prefix")
     args = parser.parse_args()
-    proc, _endpoint = start_server(functools.partial(_insert_keys, args.keys, args.folder_size))
+    proc, _endpoint = start_server(functools.partial(insert_keys, [(PREFIX, args.keys)], args.folder_size))
 
     import s3fs
 
