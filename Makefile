@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml deploy/constraints.txt
 	@echo "segbatch: installed; the command is $(VENV)/bin/segbatch (or run \`source $(VENV)/bin/activate\` first)"
 
 demo: $(STAMP)
-	$(PY) -m segbatch.demo --output $(DEMO_OUT) --model $(DEMO_MODEL)
+	$(PY) -m segbatch.commands.demo --output $(DEMO_OUT) --model $(DEMO_MODEL)
 
 # CI and developers run the same thing. CUDA tests are deselected: they run on a GPU machine (make test-gpu).
 test: $(STAMP)

@@ -30,8 +30,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from segbatch import compact, listing, summary  # noqa: E402
-from segbatch.contract import SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata  # noqa: E402
+from segbatch.stages import listing  # noqa: E402
+from segbatch.store import compact, summary
+from segbatch.store.contract import SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata  # noqa: E402
 
 ROWS_PER_FILE = 64  # what pipeline.SUMMARY_ROWS_PER_FILE writes per summary file
 NEW_FRACTION = 0.1  # share of listed inputs that are new since the last run

@@ -4,7 +4,7 @@
 
 For each split with P x T = cores (and each batch size given), P processes each run the bare model
 (channels_last, inference mode, seeded random weights) on 520x693 inputs for ``--seconds`` and count the
-images; the table gives images/s for the whole machine. segbatch's CPU default (segbatch/resources.py) is
+images; the table gives images/s for the whole machine. segbatch's CPU default (segbatch/_internal/resources.py) is
 chosen from this table (docs/benchmarks.md).
 """
 
@@ -22,8 +22,8 @@ HEIGHT, WIDTH = 520, 693  # a 640x480 photo after the weights' 520-px resize
 def _worker(threads: int, batch: int, seconds: float, arch: str, start, result) -> None:
     import torch
 
-    from segbatch.model import Predictor
-    from segbatch.weights import resolve
+    from segbatch.models.weights import resolve
+    from segbatch.stages.model import Predictor
 
     torch.set_num_threads(threads)
     predictor = Predictor(resolve(arch, "random"), device=torch.device("cpu"), threads=threads)

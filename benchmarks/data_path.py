@@ -26,14 +26,16 @@ import time
 
 import numpy as np
 
-from segbatch import _ray, pipeline, weights
+from segbatch import pipeline
+from segbatch._internal import _ray
 from segbatch.config import RunConfig
+from segbatch.models import weights
 
 ARCH = "deeplabv3_mobilenet_v3_large"  # only its resize (520 px shorter side) and 21 classes matter here
 
 
 class StandInPredictor:
-    """Predictor's interface (segbatch.model.Predictor) at a fixed cost per forward pass."""
+    """Predictor's interface (segbatch.stages.model.Predictor) at a fixed cost per forward pass."""
 
     min_confidence = None
 
@@ -48,7 +50,7 @@ class StandInPredictor:
         return images
 
     def masks(self, images, sizes):
-        from segbatch.model import Labelled
+        from segbatch.stages.model import Labelled
 
         if self.pass_seconds:
             time.sleep(self.pass_seconds)

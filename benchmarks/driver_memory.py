@@ -15,7 +15,7 @@ about how many rows it had written, for input counts whose full run takes hours 
 The inputs are zero-byte `.jpg` files: each becomes an error row ("empty file"), so the run goes through
 listing, the input blocks, decode tasks, the inference actor pool (which skips error rows), the summary writes
 and the driver's tally exactly as a real run does, without hours of CPU inference. The driver is a fresh
-`python -m segbatch run` process; its RSS is sampled with psutil (segbatch/_rss.py).
+`python -m segbatch run` process; its RSS is sampled with psutil (segbatch/_internal/_rss.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from segbatch._rss import PeakRSS
+from segbatch._internal._rss import PeakRSS
 
 
 class FirstFile:
@@ -93,8 +93,9 @@ def _s3_inputs(counts: list[int], flat: bool) -> tuple[object, dict[int, str]]:
     """One moto server holding every count's keys under its own prefix; returns (server process, urls)."""
     import functools
 
-    from _moto import start_server
     from s3_list import BUCKET, insert_keys
+
+    from _moto import start_server
 
     prefixes = {n: f"in{n}/" for n in counts}
     setup = functools.partial(insert_keys, [(prefixes[n], n) for n in counts], 0 if flat else 1000)

@@ -94,8 +94,8 @@ def main() -> None:
 
     import s3fs
 
-    from segbatch import listing
     from segbatch.config import DEFAULT_EXTENSIONS
+    from segbatch.stages import listing
 
     s3fs.S3FileSystem(skip_instance_cache=True).ls(BUCKET)  # imports, connection pool: not timed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

@@ -31,7 +31,7 @@ def main() -> None:
     proc, endpoint = start_server()
     import s3fs
 
-    from segbatch import _storage
+    from segbatch._internal import _storage
 
     fs = s3fs.S3FileSystem()
     fs.mkdir(BUCKET)

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from segbatch import __version__
-from segbatch.architectures import available_models
 from segbatch.config import RunConfig, load_config_file, parse_storage_value
 from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, StorageError, exit_status
+from segbatch.models.architectures import available_models
 
 EXIT_SIGINT = 130  # stopped by Ctrl-C: rows written so far stay valid
 EXIT_SIGTERM = 143  # stopped by SIGTERM: rows written so far stay valid
@@ -43,7 +43,7 @@ HELP_EXAMPLE_CLUSTERS = ((2, 0), (16, 0), (16, 2))
 
 def _auto_help(name: str) -> str:
     """``default auto: <the rule in words>; e.g. <what resources.settle picks on a few clusters>``."""
-    from segbatch import resources
+    from segbatch._internal import resources
 
     examples = []
     for cpus, gpus in HELP_EXAMPLE_CLUSTERS:
@@ -157,7 +157,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 def _unreachable(exc: BaseException) -> bool:
     """A storage endpoint that cannot be reached (after retries): a message and exit 4, not a traceback."""
-    from segbatch import _storage
+    from segbatch._internal import _storage
 
     names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
     return bool(
@@ -208,7 +208,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from segbatch import _status as status
+    from segbatch.commands import _status as status
 
     result = status.collect(args.output, dict(args.storage_options or []))
     print(result)
@@ -216,7 +216,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from segbatch._report import write_report
+    from segbatch.commands._report import write_report
 
     where = write_report(args.output, dict(args.storage_options or []), samples=args.samples, out=args.out)
     print(f"segbatch report: wrote {where}")
@@ -224,7 +224,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from segbatch._evaluate import default_json_url, evaluate, write_json
+    from segbatch.commands._evaluate import default_json_url, evaluate, write_json
 
     storage_options = dict(args.storage_options or [])
     result = evaluate(
@@ -250,8 +250,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compact(args: argparse.Namespace) -> int:
     import time
 
-    from segbatch import _lease
-    from segbatch.compact import compact
+    from segbatch.store import _lease
+    from segbatch.store.compact import compact
 
     storage_options = dict(args.storage_options or [])
     _require_output_folder(args.output, storage_options)
@@ -264,7 +264,7 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 def _require_output_folder(url: str, storage_options: dict[str, Any]) -> None:
     """An OUTPUT to read or compact must exist and be a folder (exit 4, as status and report): taking
     the lease there would create a missing folder, or fail below a file."""
-    from segbatch import _storage
+    from segbatch._internal import _storage
 
     fs, path = _storage.open_url(url, storage_options)
     if not _storage.retry(fs.exists, path, what=f"check {url}"):
@@ -274,8 +274,8 @@ def _require_output_folder(url: str, storage_options: dict[str, Any]) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from segbatch.commands.export import export
     from segbatch.errors import ExportIncomplete
-    from segbatch.export import export
 
     # Format-specific flags go through only when given, so a format that has no use for one can say so.
     options = {k: v for k, v in (("from_name", args.from_name), ("to_name", args.to_name)) if v is not None}
@@ -297,7 +297,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export_parser(sub: Any) -> None:
-    from segbatch.export import DEFAULT_SHARD_SIZE, formats, get_exporter
+    from segbatch.commands.export import DEFAULT_SHARD_SIZE, formats, get_exporter
 
     p = sub.add_parser("export", help="OUTPUT's masks as COCO JSON, CVAT Segmentation mask 1.1 or Label Studio tasks")
     p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
@@ -320,7 +320,7 @@ def _add_export_parser(sub: Any) -> None:
 
 
 def _add_results_parsers(sub: Any) -> None:
-    from segbatch._evaluate import DEFAULT_WORST
+    from segbatch.commands._evaluate import DEFAULT_WORST
 
     report_p = sub.add_parser("report", help="write OUTPUT/report.html: runs, class chart, sample overlays, errors")
     report_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
@@ -368,7 +368,7 @@ def make_parser() -> argparse.ArgumentParser:
     status_p.add_argument("output", help="the OUTPUT folder or URL prefix of earlier runs")
     _add_storage_option(status_p)
     status_p.set_defaults(func=_cmd_status)
-    from segbatch import bench
+    from segbatch.commands import bench
 
     bench_p = sub.add_parser("bench", help="throughput side by side: bare model, one-image loop, segbatch")
     bench.add_arguments(bench_p)
@@ -386,7 +386,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from segbatch import _logs
+    from segbatch._internal import _logs
 
     parser = make_parser()
     args = parser.parse_args(argv)

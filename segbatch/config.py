@@ -120,7 +120,7 @@ class RunConfig:
     weights: str = "default"
     weights_sha256: str | None = None
     classes: str | None = None
-    batch_size: int | None = None  # None: segbatch.resources picks one for the cluster's devices
+    batch_size: int | None = None  # None: segbatch._internal.resources picks one for the cluster's devices
     precision: str = "fp32"
     upsample: str = "exact"
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -129,7 +129,7 @@ class RunConfig:
     actors: str | None = None
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
-    decode_cpus: float | None = None  # None: segbatch.resources.plan_pool picks it
+    decode_cpus: float | None = None  # None: segbatch._internal.resources.plan_pool picks it
     max_image_pixels: int = 100_000_000  # pixels; refuses decompression bombs before decoding
     max_file_bytes: int = 512 * 1024 * 1024  # bytes read per input file
     max_model_pixels: int = 16_000_000  # pixels after the weights' resize; long thin strips exceed it
@@ -190,7 +190,7 @@ class RunConfig:
     # -- derived views --------------------------------------------------------------------------------
     @property
     def writers(self) -> tuple[str, ...]:
-        """The output writers (segbatch.writers) this run uses: the mask always, then what was asked for."""
+        """The output writers (segbatch.stages.writers) this run uses: the mask always, then what was asked for."""
         return ("mask",) + (("overlay",) if self.overlays else ()) + (("confidence",) if self.confidence else ())
 
     @property

@@ -19,29 +19,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from segbatch import (
-    _lease,
-    _ray,
-    _storage,
-    _tally,
-    identity,
-    inference,
-    listing,
-    manifest,
-    preflight,
-    progress,
-    resources,
-    runs,
-    summary,
-    weights,
-)
+from segbatch._internal import _ray, _storage, _tally, progress, resources
 from segbatch.config import RunConfig
-from segbatch.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR
-from segbatch.decode import DecodeImages, Limits
 from segbatch.errors import BudgetError, IncompleteRunError, InputError
-from segbatch.inputs import Inputs
-from segbatch.sinks import WriteOutputs
-from segbatch.writers import WriterContext
+from segbatch.models import weights
+from segbatch.stages import inference, listing, manifest
+from segbatch.stages.decode import DecodeImages, Limits
+from segbatch.stages.inputs import Inputs
+from segbatch.stages.sinks import WriteOutputs
+from segbatch.stages.writers import WriterContext
+from segbatch.store import _lease, identity, preflight, runs, summary
+from segbatch.store.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +131,7 @@ def plan_inputs(config: RunConfig, relabel_since: float | None = None, run_id: s
 
 
 def sizing(config: RunConfig) -> resources.Sizing:
-    """Pool and batch settings for the cluster this process is attached to (segbatch.resources)."""
+    """Pool and batch settings for the cluster this process is attached to (segbatch._internal.resources)."""
     import ray
 
     gpu_bytes = resources.gpu_bytes_of(ray.cluster_resources())
@@ -202,7 +190,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1: a dead actor is replaced
         # and its blocks retried, so a lost worker costs time, not images (tests/test_faults.py).
     )
-    # 4. Writing: masks first, then the block's summary file (segbatch/sinks.py).
+    # 4. Writing: masks first, then the block's summary file (segbatch/stages/sinks.py).
     context = WriterContext(
         config.output,
         config.storage_options,
@@ -280,7 +268,7 @@ def _run_holding_lease(
             context.enable_progress_bars = False  # segbatch's own bar (progress.py) instead
             # Ray Data gathers a task's output into blocks of up to this many bytes before handing any on: at
             # the default (128 MiB) a read task would hold ~500,000 listed names before the first image is
-            # decoded. Forward passes travel as single rows (segbatch/decode.py), which no block size splits.
+            # decoded. Forward passes travel as single rows (segbatch/stages/decode.py), which no block size splits.
             saved_block_size, context.target_max_block_size = context.target_max_block_size, STREAM_BLOCK_BYTES
             bar = progress.RunProgress(config.progress)
             bar.set_total(None)  # known once every listing task has finished

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.models import get_model_builder, get_model_weights
 
-from segbatch.architectures import get_architecture
-from segbatch.seeded import make_checkpoint  # noqa: F401  (the one copy: the demo's fallback uses it too)
+from segbatch.models.architectures import get_architecture
+from segbatch.models.seeded import make_checkpoint  # noqa: F401  (the one copy: the demo's fallback uses it too)
 
 TEST_ARCH = "deeplabv3_mobilenet_v3_large"  # the smallest architecture: fast enough for CI on 2 cores
 
@@ -127,8 +127,8 @@ def write_output(out: Path, rows: list[dict], classes: list[str], input_root: st
     """
     import pyarrow.parquet as pq
 
-    from segbatch.contract import SUMMARY_DIR, SUMMARY_SCHEMA, mask_relpath, summary_metadata
-    from segbatch.writers import encode_png
+    from segbatch.stages.writers import encode_png
+    from segbatch.store.contract import SUMMARY_DIR, SUMMARY_SCHEMA, mask_relpath, summary_metadata
 
     (out / SUMMARY_DIR).mkdir(parents=True, exist_ok=True)
     for i, row in enumerate(rows):

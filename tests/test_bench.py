@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from segbatch import bench, cli
+from segbatch import cli
+from segbatch.commands import bench
 
 from _helpers import TEST_ARCH, photo_like
 

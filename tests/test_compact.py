@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from segbatch import RunConfig, compact, runs, summary
-from segbatch import _status as status
+from segbatch import RunConfig
 from segbatch.cli import main
-from segbatch.contract import SUMMARY_SCHEMA, summary_metadata
+from segbatch.commands import _status as status
+from segbatch.store import compact, runs, summary
+from segbatch.store.contract import SUMMARY_SCHEMA, summary_metadata
 
 from _helpers import TEST_ARCH, photo_like
 
@@ -285,7 +286,7 @@ def two_outputs(tmp_path_factory, ray_local, checkpoint):
         progress=False,
         run_id="r1",
     )
-    from segbatch import listing
+    from segbatch.stages import listing
 
     original, block_rows = compact.compact, listing.BLOCK_ROWS
     compact.compact = lambda *a, **k: compact.CompactReport()  # as a killed run or an older version leaves it
@@ -360,8 +361,8 @@ def test_uncompacted_output_has_small_files(two_outputs):
 
 
 def test_status_report_eval_and_resume_read_both_alike(two_outputs):
-    from segbatch._evaluate import evaluate
-    from segbatch._report import collect
+    from segbatch.commands._evaluate import evaluate
+    from segbatch.commands._report import collect
     from segbatch.pipeline import plan_inputs
 
     root, config = two_outputs
@@ -392,7 +393,7 @@ def test_status_report_eval_and_resume_read_both_alike(two_outputs):
 
 
 def test_compact_holds_the_lease_and_stops_while_a_run_holds_it(tmp_path, capsys):
-    from segbatch import _lease
+    from segbatch.store import _lease
 
     out = tmp_path / "out"
     rows = synthetic(out, files=5)

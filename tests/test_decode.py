@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from segbatch.architectures import get_architecture
-from segbatch.decode import DecodeImages, ImageError, Limits, ResizeSpec, decode_image
+from segbatch.models.architectures import get_architecture
+from segbatch.stages.decode import DecodeImages, ImageError, Limits, ResizeSpec, decode_image
 
 from _helpers import exif_jpeg, photo_like
 
@@ -187,7 +187,7 @@ def test_decode_workers_do_not_import_torch():
     import sys
 
     code = (
-        "import sys, pickle; from segbatch.decode import DecodeImages; d = pickle.loads(sys.stdin.buffer.read()); "
+        "import sys, pickle; from segbatch.stages.decode import DecodeImages; d = pickle.loads(sys.stdin.buffer.read()); "
         "import numpy as np; from PIL import Image; d._resize.apply(Image.new('RGB', (64, 48))); "
         "print('torch' in sys.modules)"
     )

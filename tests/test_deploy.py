@@ -668,8 +668,8 @@ def test_dockerfile_builds_on_a_cuda_base_and_prestages_with_segbatch_itself():
     text = dockerfile()
     assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.M)
     assert re.search(r"^RUN pip install --no-cache-dir -c constraints\.txt \.$", text, re.M)
-    assert "from segbatch.weights import ensure_default_weights" in text
-    from segbatch.weights import ensure_default_weights  # noqa: F401  (the name the build calls exists)
+    assert "from segbatch.models.weights import ensure_default_weights" in text
+    from segbatch.models.weights import ensure_default_weights  # noqa: F401  (the name the build calls exists)
 
     assert re.search(r"^COPY --chown=\S+ jobs/ /app/jobs/$", text, re.M)
     assert "ENTRYPOINT" not in "\n".join(line for line in text.splitlines() if not line.startswith("#"))

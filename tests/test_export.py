@@ -23,9 +23,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from segbatch import RunConfig, cli, run
-from segbatch.contract import CLASSES_METADATA_KEY
+from segbatch.commands.export import ExportError, brush_rle, coco_bbox, coco_rle, export, formats, get_exporter
 from segbatch.errors import EXIT_STATUS, ConfigError, ExportIncomplete, InputError
-from segbatch.export import ExportError, brush_rle, coco_bbox, coco_rle, export, formats, get_exporter
+from segbatch.store.contract import CLASSES_METADATA_KEY
 
 from _helpers import BROKEN, TEST_ARCH, photo_like, summary_table, write_inputs, write_output
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from segbatch import RunConfig, run, summary
+from segbatch import RunConfig, run
+from segbatch.store import summary
 
 from _faultproxy import FaultProxy
 from _helpers import TEST_ARCH, photo_like, wait_for_masks

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from segbatch import model, weights
-from segbatch.architectures import get_architecture
+from segbatch.models import weights
+from segbatch.models.architectures import get_architecture
+from segbatch.stages import model
 
 from _helpers import TEST_ARCH, agreement, load_model, photo_like, reference_mask
 
@@ -30,7 +31,7 @@ def _images(n: int) -> list[bytes]:
 
 
 def _predict(predictor: model.Predictor, data: bytes) -> np.ndarray:
-    from segbatch.decode import Limits, ResizeSpec, decode_image
+    from segbatch.stages.decode import Limits, ResizeSpec, decode_image
 
     image = decode_image(data, Limits(10**8, 10**9, 10**8))
     resized = ResizeSpec.from_transforms(get_architecture(TEST_ARCH).transforms()).apply(image)

@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from segbatch import RunConfig, run, runs
-from segbatch._status import collect as collect_status
+from segbatch import RunConfig, run
 from segbatch.cli import main
+from segbatch.commands._status import collect as collect_status
 from segbatch.errors import EXIT_STATUS, InputError
 from segbatch.pipeline import plan_inputs
+from segbatch.store import runs
 
 from _helpers import TEST_ARCH, photo_like, summary_table
 
@@ -146,7 +147,7 @@ def test_status_of_an_empty_output_says_so(tmp_path, capsys):
 def test_drop_superseded_finishes_an_interrupted_cleanup(tmp_path):
     """A crash between writing a redo's rows and dropping the older ones leaves two ok rows; the next
     cleanup keeps the newest and rewrites only the file holding the older one."""
-    from segbatch.contract import SUMMARY_SCHEMA, summary_metadata
+    from segbatch.store.contract import SUMMARY_SCHEMA, summary_metadata
 
     out = tmp_path / "out"
     (out / "summary").mkdir(parents=True)
@@ -178,7 +179,7 @@ def test_drop_superseded_finishes_an_interrupted_cleanup(tmp_path):
 
 
 def test_drop_done_compares_identity_where_both_sides_have_it():
-    from segbatch.listing import LISTING_SCHEMA, drop_done
+    from segbatch.stages.listing import LISTING_SCHEMA, drop_done
 
     listed = pa.table(
         {

@@ -14,12 +14,13 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from segbatch import RunConfig, _lease, identity, run, summary
-from segbatch._status import collect as collect_status
+from segbatch import RunConfig, run
 from segbatch.cli import main
-from segbatch.contract import MAX_SEGMENT_BYTES
+from segbatch.commands._status import collect as collect_status
 from segbatch.errors import EXIT_STATUS, ConfigError, InputError
-from segbatch.identity import IdentityMismatchError
+from segbatch.store import _lease, identity, summary
+from segbatch.store.contract import MAX_SEGMENT_BYTES
+from segbatch.store.identity import IdentityMismatchError
 
 from _helpers import TEST_ARCH, photo_like, wait_for_masks
 
@@ -102,7 +103,7 @@ def test_rows_of_an_earlier_model_do_not_count_as_done(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from segbatch.contract import SUMMARY_SCHEMA
+    from segbatch.store.contract import SUMMARY_SCHEMA
 
     since = time.time()
     rows = {name: [None] * 2 for name in SUMMARY_SCHEMA.names}

@@ -12,10 +12,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from segbatch import _lease, _storage, cli, listing, manifest, preflight, weights
+from segbatch import cli
+from segbatch._internal import _storage
 from segbatch.config import RunConfig, parse_storage_value
-from segbatch.contract import MAX_SEGMENT_BYTES, UnsafePathError, input_relpath, mask_relpath
 from segbatch.errors import ConfigError, InputError, WeightsError
+from segbatch.models import weights
+from segbatch.stages import listing, manifest
+from segbatch.store import _lease, preflight
+from segbatch.store.contract import MAX_SEGMENT_BYTES, UnsafePathError, input_relpath, mask_relpath
 
 from _helpers import TEST_ARCH, make_checkpoint
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from segbatch import IncompleteRunError, RunConfig, run, summary
+from segbatch import IncompleteRunError, RunConfig, run
+from segbatch.store import summary
 
 from _helpers import TEST_ARCH, photo_like
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from segbatch import listing
-from segbatch.contract import SUMMARY_SCHEMA
-from segbatch.decode import ResizeSpec
+from segbatch.stages import listing
+from segbatch.stages.decode import ResizeSpec
+from segbatch.store.contract import SUMMARY_SCHEMA
 
 from _helpers import exif_jpeg, photo_like
 

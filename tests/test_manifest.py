@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from segbatch import RunConfig, cli, summary
+from segbatch import RunConfig, cli
 from segbatch.errors import EXIT_STATUS, ConfigError, InputError
-from segbatch.listing import LISTING_SCHEMA
-from segbatch.manifest import ManifestInputs
+from segbatch.stages.listing import LISTING_SCHEMA
+from segbatch.stages.manifest import ManifestInputs
+from segbatch.store import summary
 
 from _helpers import TEST_ARCH, photo_like
 
@@ -126,7 +127,7 @@ def test_missing_manifest_and_redo_changed_are_refused(s3_bucket, tmp_path, caps
 def test_listed_and_manifest_inputs_never_share_an_output(tmp_path, ray_local, capsys):
     """A listed ``in/file/<abs>/rocket.jpg`` and a manifest's ``<abs>/rocket.jpg`` both name
     ``masks/file/<abs>/rocket.jpg.png``: an OUTPUT holds one kind of input, the other is refused (exit 2)."""
-    from segbatch import identity
+    from segbatch.store import identity
 
     src, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -5,9 +5,10 @@ import hashlib
 import pytest
 import torch
 
-from segbatch import model, weights
-from segbatch.architectures import available_models
 from segbatch.errors import ConfigError, WeightsError
+from segbatch.models import weights
+from segbatch.models.architectures import available_models
+from segbatch.stages import model
 
 from _helpers import TEST_ARCH, make_checkpoint
 
@@ -112,7 +113,7 @@ def test_registered_architecture_meets_the_reference(arch, tmp_path, reference_i
     on every image, for each model in the registry, with a seeded content-sensitive checkpoint."""
     import numpy as np
 
-    from segbatch.decode import Limits, ResizeSpec, decode_image
+    from segbatch.stages.decode import Limits, ResizeSpec, decode_image
 
     from _helpers import agreement, load_model, reference_mask
 
@@ -170,7 +171,7 @@ def test_the_registry_knows_what_the_driver_needs_without_torch(arch):
     from torchvision.models import get_model_weights
     from torchvision.transforms.functional import pil_modes_mapping
 
-    from segbatch.architectures import get_architecture
+    from segbatch.models.architectures import get_architecture
 
     architecture = get_architecture(arch)
     default = get_model_weights(arch).DEFAULT
@@ -187,7 +188,7 @@ def test_a_random_weights_driver_does_not_import_torch():
     import sys
 
     code = (
-        "import sys; from segbatch import pipeline, weights; "
+        "import sys; from segbatch import pipeline; from segbatch.models import weights; "
         "weights.resolve('deeplabv3_mobilenet_v3_large', 'random').architecture.resize(); "
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_faults import assert_exactly_one_ok_row_each, tiny_images
 
-from segbatch import summary
+from segbatch.store import summary
 
 from _helpers import TEST_ARCH, wait_for_masks
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from segbatch import RunConfig, run
-from segbatch.contract import SUMMARY_SCHEMA
+from segbatch.store.contract import SUMMARY_SCHEMA
 
 from _helpers import TEST_ARCH, agreement, exif_jpeg, load_model, photo_like, reference_mask, summary_table
 
@@ -166,7 +166,7 @@ def test_confidence_maps_and_columns_follow_the_reference_softmax(ray_local, tmp
         assert agreement(mask, probs.argmax(0).numpy().astype(np.uint8)) >= 0.995
 
     # The report's "least confident" gallery lists them, least confident first.
-    from segbatch._report import collect
+    from segbatch.commands._report import collect
 
     data = collect(str(tmp_path / "out"))
     by_confidence = sorted(rows.values(), key=lambda r: r["mean_confidence"])
@@ -222,7 +222,8 @@ def test_actors_that_leave_no_cpu_for_decoding_are_refused(ray_local, tmp_path):
 
 def test_decoding_runs_in_cpu_tasks_beside_the_actor_pool(ray_local, tmp_path, checkpoint):
     """Ray Data must not fuse decoding into the inference actor (it would then run serially with it)."""
-    from segbatch import pipeline, weights
+    from segbatch import pipeline
+    from segbatch.models import weights
 
     (tmp_path / "in").mkdir()
     for i in range(4):

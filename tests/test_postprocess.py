@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segbatch import postprocess
+from segbatch.stages import postprocess
 
 
 def smooth_logits(c: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -148,7 +148,7 @@ _RSS_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     import torch, torch.nn.functional as F
-    from segbatch import postprocess
+    from segbatch.stages import postprocess
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     low = F.interpolate(torch.randn(1, 21, 11, 15, generator=g) * 4, size=(65, 87), mode="bilinear")[0]

@@ -1,4 +1,4 @@
-"""Default pool, thread and batch choices (segbatch/resources.py) for CPU-only and GPU clusters."""
+"""Default pool, thread and batch choices (segbatch/_internal/resources.py) for CPU-only and GPU clusters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from segbatch import RunConfig
-from segbatch.resources import gpu_batch_size, plan_pool, settle
+from segbatch._internal.resources import gpu_batch_size, plan_pool, settle
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4, 8, 16, 64, 96])
@@ -76,7 +76,7 @@ def test_default_batch_size_cpu_and_gpu():
 
 
 def test_gpu_memory_from_ray_accelerator_labels():
-    from segbatch.resources import gpu_bytes_of
+    from segbatch._internal.resources import gpu_bytes_of
 
     assert gpu_bytes_of({"CPU": 16, "GPU": 1, "accelerator_type:H100": 1}) == 80 * 1024**3
     assert gpu_bytes_of({"CPU": 16, "GPU": 2, "accelerator_type:T4": 1, "accelerator_type:L4": 1}) == 16 * 1024**3
@@ -116,7 +116,7 @@ def test_a_simulated_sixteen_core_cluster(tmp_path):
 @pytest.mark.parametrize("gpus", [0, 1, 8])
 @pytest.mark.parametrize("manifest", [None, "m.txt"])
 def test_the_default_pool_always_fits(cpus, gpus, manifest):
-    from segbatch.resources import check_fits
+    from segbatch._internal.resources import check_fits
 
     if cpus < 2 * gpus:
         pytest.skip("a GPU actor needs at least a quarter CPU, and decoding some: no real cluster is this thin")
@@ -136,8 +136,8 @@ def test_the_default_pool_always_fits(cpus, gpus, manifest):
     ],
 )
 def test_a_pool_that_cannot_be_placed_is_refused(flags, cpus, gpus, field):
+    from segbatch._internal.resources import check_fits
     from segbatch.errors import ConfigError
-    from segbatch.resources import check_fits
 
     size = settle(RunConfig(input="in", output="out", **flags), cpus, gpus)
     with pytest.raises(ConfigError) as err:

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from segbatch import RunConfig, cli, run
-from segbatch._evaluate import confusion_matrix, metrics
-from segbatch.contract import input_relpath, mask_name, mask_relpath, overlay_relpath
+from segbatch.commands._evaluate import confusion_matrix, metrics
 from segbatch.errors import EXIT_STATUS, InputError
-from segbatch.overlay import background_ids, blend, class_colour, encode_jpeg
+from segbatch.stages.overlay import background_ids, blend, class_colour, encode_jpeg
+from segbatch.store.contract import input_relpath, mask_name, mask_relpath, overlay_relpath
 
 from _helpers import BROKEN, TEST_ARCH, photo_like, write_inputs
 

@@ -162,8 +162,8 @@ def test_keys_with_dot_and_empty_segments_each_get_their_own_row_and_mask(s3_buc
     mask of its own image, none overwritten by another key's."""
     import fsspec
 
-    from segbatch import summary
-    from segbatch.contract import input_relpath, mask_name
+    from segbatch.store import summary
+    from segbatch.store.contract import input_relpath, mask_name
 
     from _helpers import load_model, reference_mask
 

@@ -7,9 +7,11 @@ import json
 import pytest
 from PIL import Image
 
-from segbatch import RunConfig, cli, pipeline, summary, weights
+from segbatch import RunConfig, cli, pipeline
 from segbatch.errors import EXIT_STATUS, InputError
-from segbatch.listing import list_inputs
+from segbatch.models import weights
+from segbatch.stages.listing import list_inputs
+from segbatch.store import summary
 
 from _helpers import TEST_ARCH, photo_like
 
@@ -43,7 +45,7 @@ def test_missing_output_bucket_stops_the_run_at_the_start(s3_bucket, s3_server, 
 
 
 class _Listed:
-    """Inputs (segbatch.inputs.Inputs) whose listing was taken before the test changed the bucket."""
+    """Inputs (segbatch.stages.inputs.Inputs) whose listing was taken before the test changed the bucket."""
 
     parts = None
     block_rows = 2

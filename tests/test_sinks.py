@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segbatch.contract import UnsafePathError, input_relpath, mask_relpath, voc_palette
-from segbatch.writers import encode_png
+from segbatch.stages.writers import encode_png
+from segbatch.store.contract import UnsafePathError, input_relpath, mask_relpath, voc_palette
 
 
 def test_mask_names_keep_the_extension_so_stems_never_collide():

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from segbatch import _logs, resources
+from segbatch._internal import _logs, resources
+from segbatch._internal.progress import INTERVAL_ENV, RunProgress
 from segbatch.config import RunConfig
-from segbatch.progress import INTERVAL_ENV, RunProgress
 
 from _helpers import TEST_ARCH, write_inputs
 
@@ -325,7 +325,7 @@ def test_config_help_names_json():
     ],
 )
 def test_torchvisions_spellings_of_the_pretrained_weights_are_default(spelling):
-    from segbatch import weights
+    from segbatch.models import weights
 
     assert weights.canonical(TEST_ARCH, spelling) == "default"
 
@@ -333,7 +333,7 @@ def test_torchvisions_spellings_of_the_pretrained_weights_are_default(spelling):
 def test_torchvision_spellings_match_torchvisions_enum():
     from torchvision.models import get_model_weights
 
-    from segbatch import weights
+    from segbatch.models import weights
 
     enum = get_model_weights(TEST_ARCH)
     for spelling in weights.default_spellings(TEST_ARCH)[1:]:
@@ -343,8 +343,8 @@ def test_torchvision_spellings_match_torchvisions_enum():
 
 @pytest.mark.parametrize("bad", ["FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1", "IMAGENET1K_V1", "/no/such/file.pt"])
 def test_a_wrong_weights_name_lists_the_valid_values(bad):
-    from segbatch import weights
     from segbatch.errors import WeightsError
+    from segbatch.models import weights
 
     with pytest.raises(WeightsError) as err:
         weights.resolve(TEST_ARCH, bad)
@@ -354,7 +354,7 @@ def test_a_wrong_weights_name_lists_the_valid_values(bad):
 
 def test_the_cli_takes_torchvisions_spelling(tmp_path, monkeypatch):
     """Offline, --weights DEFAULT reaches the download (and says how to get the file), not 'does not exist'."""
-    from segbatch import weights
+    from segbatch.models import weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
     resolved = []
@@ -376,7 +376,7 @@ def test_the_cli_takes_torchvisions_spelling(tmp_path, monkeypatch):
 def test_the_demo_falls_back_to_seeded_weights_and_its_next_commands_work_as_printed(tmp_path):
     env = _env(TORCH_HOME=str(tmp_path / "torch"), XDG_CACHE_HOME=str(tmp_path / "cache"))
     done = subprocess.run(
-        [sys.executable, "-m", "segbatch.demo", "--output", "demo-output"],
+        [sys.executable, "-m", "segbatch.commands.demo", "--output", "demo-output"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -419,7 +419,7 @@ def test_status_of_a_missing_output_says_it_does_not_exist(tmp_path, capsys):
 
 
 def test_export_names_the_files_it_wrote():
-    from segbatch.export import ExportResult
+    from segbatch.commands.export import ExportResult
 
     zips = ExportResult("cvat", "/x/cvat.zip", images=6, shard_size=4)
     zips.shards = [{"path": "cvat-00000.zip", "images": 4}, {"path": "cvat-00001.zip", "images": 2}]
@@ -446,8 +446,8 @@ def _report_with_eval(tmp_path: Path) -> Path:
 
     import numpy as np
 
-    from segbatch._report import write_report
-    from segbatch.architectures import VOC_CATEGORIES
+    from segbatch.commands._report import write_report
+    from segbatch.models.architectures import VOC_CATEGORIES
 
     from _helpers import write_output
 

@@ -38,10 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import split_protocol, url_to_fs
 
-from segbatch import _ray, _storage, summary
+from segbatch._internal import _ray, _storage
 from segbatch.config import RunConfig
 from segbatch.errors import ConfigError
-from segbatch.listing import BLOCK_ROWS, LISTING_SCHEMA, check_output, require_exists
+from segbatch.stages.listing import BLOCK_ROWS, LISTING_SCHEMA, check_output, require_exists
+from segbatch.store import summary
 
 URI_COLUMN = "uri"
 COMMENT = "#"
@@ -53,7 +54,7 @@ _KEYS = pa.schema([(URI_COLUMN, pa.string()), ("done", pa.int8()), ("listed", pa
 
 
 class ManifestInputs:
-    """The inputs of a manifest run (:class:`segbatch.inputs.Inputs`): checked in the driver, read lazily
+    """The inputs of a manifest run (:class:`segbatch.stages.inputs.Inputs`): checked in the driver, read lazily
     by Ray inside the session."""
 
     parts = None  # the manifest's batches are known only once Ray has read it
@@ -85,7 +86,7 @@ class ManifestInputs:
 
     def counts(self) -> tuple[int, int]:
         """(distinct inputs in the manifest, of which skipped as already labelled), once Ray has read it."""
-        from segbatch import _tally
+        from segbatch._internal import _tally
 
         totals = _tally.totals(self.run_id)
         return totals.listed, totals.skipped
@@ -136,7 +137,7 @@ class ManifestInputs:
         """uri of every ok row in OUTPUT's summary, as a Ray Dataset (or None before the first run)."""
         import ray
 
-        ds = summary.dataset(self._output, self._options)  # the files readers take (segbatch/compact.py)
+        ds = summary.dataset(self._output, self._options)  # the files readers take (segbatch/store/compact.py)
         if ds is None:
             return None
         fs, _root = _storage.open_url(self._output, self._options)
@@ -232,8 +233,8 @@ def manifest_rel(uri: str) -> str:
 
 def _listing_rows(batch: pa.Table, run_id: str) -> pa.Table:
     """Distinct URLs with their done flag -> the listing rows still to do; counts go to the driver through
-    segbatch/_tally.py, under a key named after the batch's contents (a retried batch overwrites it)."""
-    from segbatch import _tally
+    segbatch/_internal/_tally.py, under a key named after the batch's contents (a retried batch overwrites it)."""
+    from segbatch._internal import _tally
 
     # Only the manifest's own lines count as listed: an ok row of OUTPUT that the manifest does not name
     # (another run's input) is neither listed nor skipped.

@@ -1,7 +1,7 @@
-"""Overlays: an image blended with its colourised mask, for `run --overlays` (segbatch.writers) and the
+"""Overlays: an image blended with its colourised mask, for `run --overlays` (segbatch.stages.writers) and the
 report's gallery.
 
-Colours are the PASCAL VOC palette of the masks themselves (:data:`segbatch.contract.PALETTE`), so an
+Colours are the PASCAL VOC palette of the masks themselves (:data:`segbatch.store.contract.PALETTE`), so an
 overlay, a mask opened in an image viewer, and the report's legend all agree. Background pixels stay
 untinted: tinting them with the palette's black would only darken the photo.
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from segbatch import contract
+from segbatch.store import contract
 
 OVERLAY_ALPHA = 0.5  # share of the class colour in a tinted pixel; 0.5 keeps the photo readable under it
 OVERLAY_JPEG_QUALITY = 85  # overlays are for looking at; 85 is visually clean at a third of q95's size

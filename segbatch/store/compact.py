@@ -4,7 +4,7 @@ A run ends by merging its own ``part-<run_id>-*.parquet`` files; ``segbatch comp
 ``part-*`` file (runs that were killed, older versions) and merged files far below the target size.
 
 A merged file ``merged-<hash>.parquet`` holds up to :data:`MAX_ROWS` rows or about :data:`MAX_BYTES`,
-in row groups of :data:`ROW_GROUP_ROWS` rows, all columns of :data:`~segbatch.contract.SUMMARY_SCHEMA`;
+in row groups of :data:`ROW_GROUP_ROWS` rows, all columns of :data:`~segbatch.store.contract.SUMMARY_SCHEMA`;
 files with different class names are never merged together. Each merge goes in four steps, so that a
 kill at any point leaves every row present at least once and never twice as readers see it:
 
@@ -13,14 +13,14 @@ kill at any point leaves every row present at least once and never twice as read
 3. the merged file is published under its name (a rename, or one upload that appears whole);
 4. the replaced files are deleted, then the marker.
 
-Readers (:func:`segbatch.summary.dataset`) skip every file that a marker names as replaced *when the
+Readers (:func:`segbatch.store.summary.dataset`) skip every file that a marker names as replaced *when the
 marker's merged file exists*; a marker whose merged file is missing (a kill between 2 and 3) changes
 nothing. The next compaction first finishes what markers describe (step 4, or drops a marker whose
 merged file never appeared), then merges.
 
 Nothing may write into OUTPUT while a compaction runs (a write task retried after its file was merged
 would bring the file back beside the merged copy of its rows): ``segbatch compact`` holds OUTPUT's lease
-(segbatch/_lease.py), and a run compacts its own files under its lease, after all its write tasks ended.
+(segbatch/store/_lease.py), and a run compacts its own files under its lease, after all its write tasks ended.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from segbatch import _storage
-from segbatch.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
+from segbatch._internal import _storage
+from segbatch.store.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
 
 log = logging.getLogger(__name__)
 
 # A merged file is sorted by `uri` (so a listing read task reads only the row groups whose `uri` range its
-# chunk of names touches, segbatch/listing.py's DoneIndex), and sorting holds the file's rows in memory:
+# chunk of names touches, segbatch/stages/listing.py's DoneIndex), and sorting holds the file's rows in memory:
 MAX_ROWS = 262_144  # rows per merged file (~40-100 MB held while it is sorted)
 MAX_BYTES = 128 * 1024**2  # about this many bytes per merged file, as held in memory before writing
 ROW_GROUP_ROWS = 16_384  # rows per row group: a resume lookup reads one or two of them per 1,024 names

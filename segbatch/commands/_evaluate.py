@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from segbatch import _ray, _storage, summary
-from segbatch.contract import EVAL_NAME, MASKS_DIR, ground_truth_relpath, input_relpath, mask_name
+from segbatch._internal import _ray, _storage
+from segbatch._internal.progress import RunProgress
 from segbatch.errors import ConfigError, InputError
-from segbatch.progress import RunProgress
+from segbatch.store import summary
+from segbatch.store.contract import EVAL_NAME, MASKS_DIR, ground_truth_relpath, input_relpath, mask_name
 
 EVAL_BATCH_ROWS = 64  # images per Ray task: enough reads in flight to hide object-store latency
 MAX_LISTED = 1000  # missing or failed images named in the result; the counts stay exact beyond it

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from segbatch import _storage
+from segbatch._internal import _storage
 from segbatch.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Per-image output writers, chosen by name: the mask PNG, and the extras a run asks for.
 
 Each writer is one class with a ``name`` (the key in :data:`WRITERS`) that turns one labelled image into
-one file under OUTPUT. The sink (:class:`segbatch.sinks.WriteOutputs`) runs the writers a run's config
+one file under OUTPUT. The sink (:class:`segbatch.stages.sinks.WriteOutputs`) runs the writers a run's config
 names, in order, mask first; adding an output format is a new class here and a name in the config, and
 the pipeline does not change.
 """
@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from segbatch import _storage
-from segbatch.contract import PALETTE, confidence_relpath, mask_relpath, overlay_relpath
+from segbatch._internal import _storage
 from segbatch.errors import ConfigError
+from segbatch.store.contract import PALETTE, confidence_relpath, mask_relpath, overlay_relpath
 
 __all__ = [
     "ConfidenceWriter",
@@ -40,7 +40,7 @@ class WriterContext:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     input_url: str = ""  # "" for manifest runs: each input then carries its own URL
     classes: tuple[str, ...] = ()
-    limits: Any = None  # segbatch.decode.Limits, for writers that read the input again
+    limits: Any = None  # segbatch.stages.decode.Limits, for writers that read the input again
     png_compress_level: int = 1
 
     def __repr__(self) -> str:  # storage options may hold secrets
@@ -97,15 +97,15 @@ class OverlayWriter(OutputWriter):
     name = "overlay"
 
     def __init__(self, context: WriterContext):
-        from segbatch.overlay import background_ids
+        from segbatch.stages.overlay import background_ids
 
         super().__init__(context)
         self._input = _storage.Location(context.input_url, context.storage_options) if context.input_url else None
         self._untinted = background_ids(context.classes)
 
     def write(self, row: Mapping[str, Any], mask: np.ndarray) -> str:
-        from segbatch.decode import decode_image
-        from segbatch.overlay import blend, encode_jpeg
+        from segbatch.stages.decode import decode_image
+        from segbatch.stages.overlay import blend, encode_jpeg
 
         if self._input is not None:
             fs, path = self._input.open()[0], row["path"]

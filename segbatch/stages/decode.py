@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
 
-from segbatch import _storage
+from segbatch._internal import _storage
 
 # Multi-frame formats (GIF, TIFF, WebP) open on their first frame; that is the frame we label.
 # Truncated files must fail, not decode as grey: never let PIL pad them.
@@ -196,7 +196,7 @@ class DecodeImages:
         shape, at most ``max_batch`` of them, packed into one ``pixels`` value, so that however Ray cuts
         the stream into blocks downstream, a forward pass stays whole. Inputs that failed share one row
         without pixels."""
-        from segbatch.contract import UnsafePathError, mask_relpath
+        from segbatch.store.contract import UnsafePathError, mask_relpath
 
         errors: list[str | None] = []
         for rel in batch["rel"].to_pylist():

@@ -13,8 +13,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segbatch import _storage, runs, summary
+from segbatch._internal import _storage
 from segbatch.errors import InputError
+from segbatch.store import runs, summary
 
 KEY_COLUMNS = ["uri", "status", "run_id", "written_at"]
 
@@ -129,7 +130,7 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None) -
 
 
 def _add_identity(status: Status, table: pa.Table, output_url: str, storage_options) -> None:
-    from segbatch import identity
+    from segbatch.store import identity
 
     try:
         bound = identity.read(output_url, storage_options)

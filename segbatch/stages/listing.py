@@ -13,7 +13,7 @@ never holds the listing. A read task:
 3. with a batch size above one, reads each image's header for its model-input shape (:func:`probe_shape`)
    and cuts the rows into blocks of single-shape runs of ``batch_size`` rows (:class:`ShapeCutter`), so
    each forward pass is full without a central batching step. Only names travel here; no pixel does;
-4. reports its counts (listed, skipped) to the driver through Ray's key-value store (segbatch/_tally.py).
+4. reports its counts (listed, skipped) to the driver through Ray's key-value store (segbatch/_internal/_tally.py).
 
 A read task is a pure function of INPUT and OUTPUT's summary: Ray retries a dead one from the start.
 """
@@ -38,9 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segbatch import _storage
-from segbatch.contract import OUTPUT_DIRS
+from segbatch._internal import _storage
 from segbatch.errors import InputError
+from segbatch.store.contract import OUTPUT_DIRS
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ class DoneIndex:
         rows_of_run: str | None = None,
         run_id: str = "",
     ):
-        from segbatch import summary
+        from segbatch.store import summary
 
         self._identity = identity
         self._columns = ["uri", *summary.IDENTITY_COLUMNS] if identity else ["uri"]
@@ -408,7 +408,7 @@ class DoneIndex:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        from segbatch.contract import SUMMARY_SCHEMA
+        from segbatch.store.contract import SUMMARY_SCHEMA
 
         _, _, fragment, rg = self._groups[index]
         table = fragment.subset(row_group_ids=[rg]).to_table(
@@ -570,7 +570,7 @@ class ListingSettings:
     batch_size: int = 1
     block_rows: int = BLOCK_ROWS
     spread: int = 1
-    resize: Any = None  # segbatch.decode.ResizeSpec, for probing shapes; None: no probing
+    resize: Any = None  # segbatch.stages.decode.ResizeSpec, for probing shapes; None: no probing
     excluded: tuple[str, ...] = field(default_factory=tuple)
     # Set to check a run: then an input counts as done when that run wrote any row for it, ok or error.
     rows_of_run: str | None = None
@@ -633,7 +633,7 @@ def _set_shapes(chunk: pa.Table, shapes: list[tuple[int, int]]) -> pa.Table:
 
 
 def _report(run_id: str, part: str, listed: int, skipped: int, finished: bool) -> None:
-    from segbatch import _tally
+    from segbatch._internal import _tally
 
     _tally.put(run_id, part, listed, skipped, finished)
 
@@ -668,7 +668,7 @@ class ListingDatasource:
 
 
 class ListedInputs:
-    """The inputs of a listed INPUT (:class:`segbatch.inputs.Inputs`): planned in the driver, listed by
+    """The inputs of a listed INPUT (:class:`segbatch.stages.inputs.Inputs`): planned in the driver, listed by
     Ray read tasks during the run, less the ones with an ok row in OUTPUT (all of them with ``redo_all``)."""
 
     parts_known = True  # the driver knows the read tasks' number, so it knows when listing is complete
@@ -840,7 +840,7 @@ def drop_done(listing: pa.Table, done: pa.Table | Iterable[pa.Table], redo_chang
     """Remove inputs that already have an ``ok`` row.
 
     ``done`` holds the key columns of earlier ok rows (``uri`` and, for ``redo_changed``, ``size``/``etag``/
-    ``mtime`` where present), as one table or as chunks of it (:func:`segbatch.summary.done_key_chunks`):
+    ``mtime`` where present), as one table or as chunks of it (:func:`segbatch.store.summary.done_key_chunks`):
     the driver holds one chunk at a time besides the listing. With ``redo_changed`` an input whose size,
     ETag or mtime differs from its ok row is kept. The listing's order is kept.
     """

@@ -1,6 +1,6 @@
-"""Stage 3, the model: the inference actor (the registry: segbatch.architectures; weights: segbatch.weights).
+"""Stage 3, the model: the inference actor (the registry: segbatch.models.architectures; weights: segbatch.models.weights).
 
-Weights are resolved once in the driver (:func:`segbatch.weights.resolve`), which also pins their identity (name or
+Weights are resolved once in the driver (:func:`segbatch.models.weights.resolve`), which also pins their identity (name or
 sha256) and class names, so a bad checkpoint fails the run before any image is touched. Each actor of
 the pool then builds its model once in ``__init__`` (:class:`Segmenter`).
 """
@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from segbatch import postprocess
-from segbatch.contract import FORWARD_PASS_COLUMN
 from segbatch.errors import WeightsError
-from segbatch.weights import RANDOM_SEED, ModelSpec, _fetch, _load_checkpoint
+from segbatch.models.weights import RANDOM_SEED, ModelSpec, _fetch, _load_checkpoint
+from segbatch.stages import postprocess
+from segbatch.store.contract import FORWARD_PASS_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Predictor:
 
         Upsampling, argmax and counts run on the model's device: only uint8 maps cross back. With
         ``min_confidence`` set, mask and confidence both come from the literal full-resolution logits
-        (:func:`segbatch.postprocess.confidence`, in row tiles)."""
+        (:func:`segbatch.stages.postprocess.confidence`, in row tiles)."""
         if isinstance(images, Staged):
             if images.ready is not None:
                 current = torch.cuda.current_stream(self.device)
@@ -277,7 +277,7 @@ class Segmenter:
             return None  # _infer retries it and turns a persistent failure into error rows
 
     def __call__(self, passes: pa.Table) -> pa.Table:
-        """Rows of :data:`segbatch.decode.PASS_SCHEMA` (one forward pass each) -> one row per image: the
+        """Rows of :data:`segbatch.stages.decode.PASS_SCHEMA` (one forward pass each) -> one row per image: the
         image's fields, its mask and pixel counts, and how many images shared its pass."""
         rows = passes.to_pylist()
         work = [r for r in rows if r["pixels"]]
@@ -300,7 +300,7 @@ class Segmenter:
         return self._table(out)
 
     def _table(self, out: list[dict[str, Any]]) -> pa.Table:
-        from segbatch.decode import IMAGE_FIELDS, PASS_SCHEMA
+        from segbatch.stages.decode import IMAGE_FIELDS, PASS_SCHEMA
 
         image_type = PASS_SCHEMA.field("images").type.value_type
         columns: dict[str, pa.Array] = {

@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from segbatch import _storage, compact
-from segbatch.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
+from segbatch._internal import _storage
+from segbatch.store import compact
+from segbatch.store.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
 
 
 def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pads.Dataset | None:
@@ -30,7 +31,7 @@ def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -
         return None
     listed = _storage.retry(fs.find, path, what=f"list {path}")
     # Files that a finished merge replaced but a killed compaction left behind hold rows that the merged
-    # file holds too: they are skipped (segbatch/compact.py).
+    # file holds too: they are skipped (segbatch/store/compact.py).
     top = [p for p in listed if posixpath.dirname(p) == path.rstrip("/")]
     replaced = (
         compact.replaced_files(fs, path, [posixpath.basename(p) for p in top])

@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from segbatch import _storage
+from segbatch._internal import _storage
 from segbatch.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _write(
 def _legacy_identity(output_url: str, storage_options) -> dict[str, Any] | None:
     """For an OUTPUT labelled before identity files existed: the model and weights of its ok rows, when
     they differ from one another or from ``current`` (the summary records only these two)."""
-    from segbatch import summary
+    from segbatch.store import summary
 
     table = summary.read(output_url, storage_options, columns=["model", "weights"], filter=pc.field("status") == "ok")
     if table.num_rows == 0:

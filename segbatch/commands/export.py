@@ -39,12 +39,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segbatch import __version__, _storage, summary
-from segbatch._evaluate import locate_mask, read_label_png
-from segbatch.contract import MASKS_DIR, input_relpath, mask_name, mask_relpath
+from segbatch import __version__
+from segbatch._internal import _storage
+from segbatch.commands._evaluate import locate_mask, read_label_png
 from segbatch.errors import ConfigError, InputError
-from segbatch.manifest import manifest_rel
-from segbatch.overlay import background_ids, class_colour
+from segbatch.stages.manifest import manifest_rel
+from segbatch.stages.overlay import background_ids, class_colour
+from segbatch.store import summary
+from segbatch.store.contract import MASKS_DIR, input_relpath, mask_name, mask_relpath
 
 DEFAULT_SHARD_SIZE = 10_000  # images per shard file: a COCO shard of 10^4 images is tens of MB of JSON
 READ_CHUNK = 64  # masks read (concurrently, on object stores) and encoded per step

@@ -49,9 +49,9 @@ class Starter:
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             return
-        from segbatch import _logs
+        from segbatch._internal import _logs
 
-        # Ray's C++ core lines stay off the terminal unless -v (segbatch/_logs.py); on from before Ray starts.
+        # Ray's C++ core lines stay off the terminal unless -v (segbatch/_internal/_logs.py); on from before Ray starts.
         self._stderr_filter = _logs.NativeStderrFilter().start()
         if background:
             # The thread lives until close(): Ray's GCS and raylet are started with a parent-death signal,
@@ -67,9 +67,9 @@ class Starter:
         self._release.wait()
 
     def _start(self) -> None:
-        from segbatch import _logs
+        from segbatch._internal import _logs
 
-        quiet = _logs.ray_init_kwargs()  # Ray's own lines: off unless -v (segbatch/_logs.py)
+        quiet = _logs.ray_init_kwargs()  # Ray's own lines: off unless -v (segbatch/_internal/_logs.py)
         try:
             import ray
 

@@ -2,7 +2,7 @@
 
 Pretrained weights are used when they can be had (already in the torch hub cache, or downloadable);
 otherwise the demo says so loudly and falls back to seeded, BatchNorm-calibrated weights
-(segbatch/seeded.py): untrained, so the labels mean nothing, but the masks follow the photos' content, so
+(segbatch/models/seeded.py): untrained, so the labels mean nothing, but the masks follow the photos' content, so
 the masks, overlays and report show that the pipeline works.
 """
 
@@ -15,9 +15,10 @@ import shlex
 import sys
 from importlib import resources
 
-from segbatch import RunConfig, _logs, run
+from segbatch import RunConfig, run
+from segbatch._internal import _logs
 from segbatch.errors import WeightsError
-from segbatch.weights import ensure_default_weights
+from segbatch.models.weights import ensure_default_weights
 
 BANNER = "=" * 78
 
@@ -32,12 +33,12 @@ def pick_weights(arch: str) -> str:
     try:
         cached = ensure_default_weights(arch)
     except WeightsError as exc:
-        from segbatch.seeded import cached_checkpoint
+        from segbatch.models.seeded import cached_checkpoint
 
         path = cached_checkpoint(arch)
         print(
             f"\n{BANNER}\nPretrained weights are not available here:\n  {exc}\n"
-            "Falling back to SEEDED, UNTRAINED weights (BatchNorm-calibrated, segbatch/seeded.py):\n"
+            "Falling back to SEEDED, UNTRAINED weights (BatchNorm-calibrated, segbatch/models/seeded.py):\n"
             f"  {path}\n"
             "The masks follow the photos' edges and regions, so they show that the pipeline works;\n"
             "their class NAMES MEAN NOTHING. With network access, `make demo` uses the pretrained weights.\n"
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig(input=samples_dir(), output=args.output, model=args.model, weights=weights, redo_all=True)
     report = run(config)
     print(f"\n{report}\n")
-    from segbatch._report import write_report
+    from segbatch.commands._report import write_report
 
     where = write_report(args.output, {})
     print(f"segbatch report: wrote {where} (open it in a browser)\n")

@@ -158,7 +158,7 @@ def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
     It starts in an empty temporary folder, so a folder named ``segbatch`` in bench's own cwd (a clone)
     cannot shadow the package, with the measured package first on PYTHONPATH. Its rate counts the images
     the run reports as processed (ok + error), which must be ``n_images``."""
-    from segbatch._rss import PeakRSS
+    from segbatch._internal._rss import PeakRSS
 
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as cwd:
         cmd = [
@@ -228,8 +228,8 @@ def stage_rates(paths: list[str], transforms) -> dict[str, float]:
     """Per-stage rates on one core, for the capacity model: decode+resize, postprocess+PNG encode."""
     from PIL import Image
 
-    from segbatch.decode import Limits, ResizeSpec, decode_image
-    from segbatch.writers import encode_png
+    from segbatch.stages.decode import Limits, ResizeSpec, decode_image
+    from segbatch.stages.writers import encode_png
 
     limits = Limits(10**9, 10**10, 10**9)
     resize = ResizeSpec.from_transforms(transforms)
@@ -361,9 +361,10 @@ def breakdown(input_url: str, spec, device, precision: str, end_to_end_s_per_ima
     across processes), the serial sum is the total and the overhead is 0."""
     import torch
 
-    from segbatch import _storage, listing, model, postprocess
-    from segbatch.decode import DecodeImages, Limits
-    from segbatch.writers import encode_png
+    from segbatch._internal import _storage
+    from segbatch.stages import listing, model, postprocess
+    from segbatch.stages.decode import DecodeImages, Limits
+    from segbatch.stages.writers import encode_png
 
     seconds = dict.fromkeys(BREAKDOWN_STAGES, 0.0)
     loop_start = time.perf_counter()
@@ -430,7 +431,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     stages that finished are kept."""
     from PIL import Image, ImageOps
 
-    from segbatch import listing, model, weights
+    from segbatch.models import weights
+    from segbatch.stages import listing, model
 
     skip = set(filter(None, args.skip.split(",")))
     table = listing.list_inputs(args.input, {}, EXTENSIONS).slice(0, args.limit)

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from segbatch import _storage
-from segbatch.contract import FORWARD_PASS_COLUMN, SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata
-from segbatch.writers import MaskWriter, WriterContext, get_writer
+from segbatch._internal import _storage
+from segbatch.stages.writers import MaskWriter, WriterContext, get_writer
+from segbatch.store.contract import FORWARD_PASS_COLUMN, SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata
 
 WRITE_THREADS = 16  # concurrent object writes per task; object stores reward parallel PUTs
 
@@ -38,7 +38,7 @@ class WriteOutputs:
         self._writers = [get_writer(name)(context) for name in names]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from segbatch.preflight import is_fatal_write_error
+        from segbatch.store.preflight import is_fatal_write_error
 
         self._output.open()
         rows = batch.to_pylist()

@@ -26,8 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from segbatch import _storage, compact, summary
-from segbatch.contract import RUNS_DIR
+from segbatch._internal import _storage
+from segbatch.store import compact, summary
+from segbatch.store.contract import RUNS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _rewrite_without(fs, path: str, keys: set[tuple[str, str]]) -> int:
 
 def finish(config, report, *, completed: bool, cleanup: bool = False) -> None:
     """Record the run; after a redo run (or any run while OUTPUT still holds an earlier model's rows,
-    ``cleanup``) drop superseded ok rows; then merge the run's summary files (segbatch/compact.py). Never
+    ``cleanup``) drop superseded ok rows; then merge the run's summary files (segbatch/store/compact.py). Never
     raises: every row already written is valid, and a failure here must not hide the run's own outcome."""
     try:
         record(config, report, completed=completed)

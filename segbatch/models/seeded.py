@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segbatch.architectures import get_architecture
+from segbatch.models.architectures import get_architecture
 
 SEED = 1234  # the seed of make_checkpoint's model and calibration images
 

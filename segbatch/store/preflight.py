@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from segbatch import _storage
+from segbatch._internal import _storage
 from segbatch.errors import InputError
 
 PROBE_PREFIX = "._segbatch-probe-"
@@ -83,7 +83,7 @@ def probe_output(url: str, storage_options: Mapping[str, Any] | None) -> None:
 
 def check_inputs_exist(config) -> None:
     """INPUT (or the manifest) must exist before OUTPUT is touched at all."""
-    from segbatch.listing import require_exists
+    from segbatch.stages.listing import require_exists
 
     url = config.manifest or config.input
     label = "manifest" if config.manifest else "INPUT"

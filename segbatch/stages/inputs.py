@@ -1,10 +1,10 @@
 """What every kind of input (a listed INPUT, a manifest) offers the pipeline.
 
-The pipeline knows inputs only through :class:`Inputs`: :class:`segbatch.listing.ListedInputs` lists a
-folder or prefix in Ray read tasks, :class:`segbatch.manifest.ManifestInputs` lets Ray read a file of
-URLs. Both yield rows of :data:`segbatch.listing.LISTING_SCHEMA`, both have already dropped the inputs
+The pipeline knows inputs only through :class:`Inputs`: :class:`segbatch.stages.listing.ListedInputs` lists a
+folder or prefix in Ray read tasks, :class:`segbatch.stages.manifest.ManifestInputs` lets Ray read a file of
+URLs. Both yield rows of :data:`segbatch.stages.listing.LISTING_SCHEMA`, both have already dropped the inputs
 that OUTPUT holds an ok row for, and both report how many they listed and skipped through
-segbatch/_tally.py.
+segbatch/_internal/_tally.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 :func:`resolve` checks the weights once in the driver and pins their identity (a weights name or a
 sha256) and class names, so a bad checkpoint fails the run before any image is touched. ``--weights
 random`` and ``--weights default`` (once cached) need no torch here: the registry knows their class
-names and preprocessing (segbatch.architectures), so the driver of such a run never imports torch.
+names and preprocessing (segbatch.models.architectures), so the driver of such a run never imports torch.
 Checking a checkpoint file loads it, and that imports torch.
 """
 
@@ -19,14 +19,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from segbatch import _storage
-from segbatch.architectures import Architecture, get_architecture
+from segbatch._internal import _storage
 from segbatch.errors import WeightsError
+from segbatch.models.architectures import Architecture, get_architecture
 
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("segbatch.model")  # the name users have seen in logs
+log = logging.getLogger("segbatch.stages.model")  # the name users have seen in logs
 
 RANDOM_SEED = 0  # `--weights random` is seeded so every actor, and every run, builds the same model
 MAX_CLASSES = 256  # masks are 8-bit PNGs: one byte per class id

@@ -28,11 +28,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from segbatch import _evaluate as evaluate
-from segbatch import _storage, overlay, runs, summary
-from segbatch._evaluate import locate_mask, read_label_png
-from segbatch.contract import EVAL_NAME, REPORT_NAME
+from segbatch._internal import _storage
+from segbatch.commands import _evaluate as evaluate
+from segbatch.commands._evaluate import locate_mask, read_label_png
 from segbatch.errors import ConfigError, InputError
+from segbatch.stages import overlay
+from segbatch.store import runs, summary
+from segbatch.store.contract import EVAL_NAME, REPORT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +277,7 @@ def _thumbnail(
     uri: str, mask_uri: str, output: tuple[Any, str], storage_options: Mapping[str, Any], untinted: frozenset[int]
 ) -> Sample:
     from segbatch.config import RunConfig
-    from segbatch.decode import Limits, decode_image
+    from segbatch.stages.decode import Limits, decode_image
 
     fs, path = locate_mask(mask_uri, uri, output, storage_options)
     mask = read_label_png(_storage.retry(fs.cat_file, path, what=f"read {path}"), f"mask {path}")

@@ -78,7 +78,7 @@ def ray_init_kwargs() -> dict:
 
 
 class _DropProgressNotices(logging.Filter):
-    """Ray Data's notices about its own progress bars (off: segbatch shows its own, segbatch.progress)."""
+    """Ray Data's notices about its own progress bars (off: segbatch shows its own, segbatch._internal.progress)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.name.startswith("ray.data._internal.progress") and record.levelno < logging.ERROR)

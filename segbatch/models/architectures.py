@@ -78,8 +78,8 @@ class Architecture:
         return VOC_CATEGORIES
 
     def resize(self):
-        """The resize of ``transforms()`` as decode tasks apply it (segbatch.decode.ResizeSpec), torch-free."""
-        from segbatch.decode import ResizeSpec
+        """The resize of ``transforms()`` as decode tasks apply it (segbatch.stages.decode.ResizeSpec), torch-free."""
+        from segbatch.stages.decode import ResizeSpec
 
         return ResizeSpec(RESIZE_SIZE, PIL_BILINEAR)
 
