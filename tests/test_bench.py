@@ -93,3 +93,29 @@ def test_breakdown_alone_has_every_stage_and_adds_up(tmp_path, capsys):
     assert result["rows"] == []
     _check_breakdown(result["breakdown"], 2)
     assert result["breakdown"]["basis"] == "this process, serially"
+
+
+def test_plan_counts_listing_and_the_decode_to_inference_bytes():
+    from segbatch.commands.bench import plan
+
+    kwargs = dict(infer_rate=400.0, decode_rate=100.0, encode_rate=200.0, gpus_per_node=8, cpus_per_node=96)
+    # 10^7 images in 1 h need 2,778 images/s; one flat prefix listed at 1,000 names/s cannot keep up.
+    flat = plan(1e7, 1.0, list_rate=1000.0, list_tasks=1, handoff_bytes=3 * 520 * 693, **kwargs)
+    assert "listing: 1,000 names/s per read task x 1 task(s)" in flat
+    assert "<- the bottleneck: 3 top-level folders would keep up" in flat
+    assert "decode -> inference: 1.03 MiB per image" in flat
+    spread = plan(1e7, 1.0, list_rate=1000.0, list_tasks=64, **kwargs)
+    assert "x 64 task(s) = 64,000/s" in spread and "the bottleneck: 3 top-level" not in spread
+
+
+def test_listing_rate_walks_and_probes_every_image(tmp_path):
+    from segbatch.commands.bench import listing_rate
+    from segbatch.models.architectures import get_architecture
+    from segbatch.stages.decode import ResizeSpec
+
+    for i in range(6):
+        folder = tmp_path / "in" / f"sub{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like(64 + 8 * i, 48, seed=i)).save(folder / f"{i}.jpg")
+    resize = ResizeSpec.from_transforms(get_architecture(TEST_ARCH).transforms())
+    assert listing_rate(str(tmp_path / "in"), resize) > 0

@@ -224,8 +224,10 @@ def _watch_first_file(folder: str, start: float, proc: subprocess.Popen, found: 
         time.sleep(0.05)
 
 
-def stage_rates(paths: list[str], transforms) -> dict[str, float]:
-    """Per-stage rates on one core, for the capacity model: decode+resize, postprocess+PNG encode."""
+def stage_rates(paths: list[str], transforms, input_url: str | None = None) -> dict[str, float]:
+    """Per-stage rates, for the capacity model: decode+resize and postprocess+PNG encode on one core; names
+    one listing read task hands on per second (walk, resume filter and header probe, as a run at batch
+    :data:`PLAN_BATCH` lists); and the bytes one image carries from decode to inference."""
     from PIL import Image
 
     from segbatch.stages.decode import Limits, ResizeSpec, decode_image
@@ -240,11 +242,48 @@ def stage_rates(paths: list[str], transforms) -> dict[str, float]:
     decode = len(paths) / (time.perf_counter() - start)
     with Image.open(paths[0]) as im:
         mask = np.zeros((im.height, im.width), np.uint8)
+        model_h, model_w = resize.output_size(im.width, im.height)
     start = time.perf_counter()
     for _ in paths:
         encode_png(mask, 1)
     encode = len(paths) / (time.perf_counter() - start)
-    return {"decode_per_core": decode, "encode_per_core": encode}
+    rates = {
+        "decode_per_core": decode,
+        "encode_per_core": encode,
+        # decode hands inference each image as uint8 RGB at the model's input size (decode.PASS_SCHEMA)
+        "handoff_bytes_per_image": 3 * model_h * model_w,
+    }
+    if input_url is not None:
+        rates["list_per_task"] = listing_rate(input_url, resize)
+    return rates
+
+
+PLAN_BATCH = 16  # the batch size whose listing (with header probes) --plan assumes: a GPU run's
+
+
+def listing_rate(input_url: str, resize) -> float:
+    """Names per second one listing read task hands on over ``input_url``, in this process, exactly as a
+    run's read task does at batch :data:`PLAN_BATCH`: walk, resume filter, one header probe per image."""
+    from segbatch.stages import listing
+
+    fs, root = listing._open_input(input_url, {})
+    settings = listing.ListingSettings(
+        run_id="bench",
+        input_url=input_url,
+        storage_options={},
+        extensions=frozenset(EXTENSIONS),
+        output_url=None,
+        batch_size=PLAN_BATCH,
+        block_rows=listing.BLOCK_ROWS,
+        resize=resize,
+    )
+    start = time.perf_counter()
+    names = sum(
+        block.num_rows
+        for shard in listing.plan_shards(fs, root, [], 1)
+        for block in listing.read_shard(settings, shard, report=False)
+    )
+    return names / (time.perf_counter() - start)
 
 
 def plan(
@@ -257,8 +296,16 @@ def plan(
     gpus_per_node: int,
     cpus_per_node: int,
     cpus_per_actor: float = 1.0,
+    list_rate: float | None = None,
+    list_tasks: int | None = None,
+    handoff_bytes: float | None = None,
 ) -> str:
-    """How many nodes label ``n_images`` in ``hours``, and which stage limits each cluster size."""
+    """How many nodes label ``n_images`` in ``hours``, and which stage limits each cluster size.
+
+    Every stage counts: listing (``list_rate`` names/s per listing read task, ``list_tasks`` of them: the
+    top-level folders of INPUT, capped at 2 per CPU), decode and encode on the CPUs the actors leave,
+    inference, the bytes each image carries from decode to inference (``handoff_bytes``: at most one
+    network hop, decode and inference may sit on different nodes) and the store's write rate."""
     need = n_images / (hours * 3600)
     cpu_rate_per_image = 1 / decode_rate + 1 / encode_rate  # core-seconds per image outside the model
     task_cpus = cpus_per_node - gpus_per_node * cpus_per_actor
@@ -268,6 +315,7 @@ def plan(
     }
     node_rate = min(per_node.values())
     nodes = math.ceil(need / node_rate) if node_rate else math.inf
+    cluster_cpus = nodes * cpus_per_node if nodes != math.inf else cpus_per_node
     lines = [
         f"capacity plan: {n_images:,.0f} images in {hours:g} h = {need:,.1f} images/s",
         f"  per node ({gpus_per_node} GPU, {cpus_per_node} CPUs): inference {per_node['inference']:,.1f}/s, "
@@ -276,6 +324,26 @@ def plan(
         f"  nodes needed: {nodes}  (GPUs: {nodes * gpus_per_node})",
         f"  CPUs per GPU that decoding needs at full GPU speed: {infer_rate * cpu_rate_per_image:.1f}",
     ]
+    if list_rate:
+        # Listing streams beside inference: it limits the run only when all listing tasks together hand on
+        # fewer names per second than the cluster labels.
+        tasks = max(1, min(list_tasks or 1, 2 * cluster_cpus))
+        listed = tasks * list_rate
+        lines.append(
+            f"  listing: {list_rate:,.0f} names/s per read task x {tasks} task(s) = {listed:,.0f}/s "
+            f"(all {n_images:,.0f} listed in {n_images / listed / 3600:,.2f} h)"
+            + (
+                f"  <- the bottleneck: {math.ceil(need / list_rate)} top-level folders would keep up"
+                if listed < need
+                else ""
+            )
+        )
+    if handoff_bytes:
+        lines.append(
+            f"  decode -> inference: {handoff_bytes / 2**20:.2f} MiB per image, "
+            f"{node_rate * handoff_bytes / 2**30:,.2f} GiB/s into each node at most "
+            f"({node_rate * handoff_bytes * 8 / 1e9:,.1f} Gbit/s of its network when decode runs elsewhere)"
+        )
     # Masks and summary files are PUTs; past one prefix's rate the store itself becomes the limit.
     puts = need * (1 + 1 / 64)
     lines.append(
@@ -343,6 +411,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cpus-per-node", type=int, default=96, help="--plan: CPUs of one cluster node (default %(default)s)"
+    )
+    parser.add_argument(
+        "--list-rate",
+        type=float,
+        help="--plan: names/s one listing task hands on (default: measured on INPUT; S3 lists ~1,000 keys per request)",
+    )
+    parser.add_argument(
+        "--list-tasks",
+        type=int,
+        default=1,
+        help="--plan: INPUT's top-level folders, each listed by its own task (default %(default)s: one flat prefix)",
     )
 
 
@@ -501,7 +580,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 inputs, spec, device, args.precision, e2e.seconds / e2e.images if e2e and e2e.images else None
             )
             stage = "one-core stage rates"
-            result["stage_rates"] = stage_rates(paths[:16], transforms)
+            result["stage_rates"] = stage_rates(paths[:16], transforms, inputs)
         except Exception as exc:  # keep what was measured; say which stage failed and why
             result["failed"] = {"stage": stage, "error": f"{type(exc).__name__}: {exc}"}
     return result
@@ -549,6 +628,11 @@ def format_result(result: dict[str, Any]) -> str:
         lines.append(
             f"one core: decode+resize {rates['decode_per_core']:.1f} img/s, "
             f"PNG encode {rates['encode_per_core']:.1f} img/s"
+            + (
+                f"; one listing task {rates['list_per_task']:,.0f} names/s (header probes included)"
+                if "list_per_task" in rates
+                else ""
+            )
         )
     return "\n".join(lines)
 
@@ -572,6 +656,9 @@ def run(args: argparse.Namespace) -> int:
             encode_rate=rates["encode_per_core"],
             gpus_per_node=args.gpus_per_node,
             cpus_per_node=args.cpus_per_node,
+            list_rate=args.list_rate or rates.get("list_per_task"),
+            list_tasks=args.list_tasks,
+            handoff_bytes=rates.get("handoff_bytes_per_image"),
         )
         print(result["plan"])
     if args.json:
