@@ -153,6 +153,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
     inputs.plan(
         run_id=run_id,
         batch_size=size.batch_size,
+        block_rows=size.block_rows,
         spread=size.max_actors,
         max_shards=max(listing.MIN_MAX_SHARDS, int(_ray.cluster_cpus() * listing.MAX_SHARDS_PER_CPU)),
         resize=resize,

@@ -286,15 +286,15 @@ def two_outputs(tmp_path_factory, ray_local, checkpoint):
         progress=False,
         run_id="r1",
     )
-    from segbatch.stages import listing
+    from segbatch._internal import resources
 
-    original, block_rows = compact.compact, listing.BLOCK_ROWS
+    original, block_rows = compact.compact, resources.CPU_BLOCK_ROWS
     compact.compact = lambda *a, **k: compact.CompactReport()  # as a killed run or an older version leaves it
-    listing.BLOCK_ROWS = 2  # one summary file per 2 images: many small files, as a large run leaves them
+    resources.CPU_BLOCK_ROWS = 2  # one summary file per 2 images: many small files, as a large run leaves them
     try:
         report = run(config)
     finally:
-        compact.compact, listing.BLOCK_ROWS = original, block_rows
+        compact.compact, resources.CPU_BLOCK_ROWS = original, block_rows
     assert (report.ok, report.errors) == (19, 1)
     shutil.copytree(root / "small", root / "merged")
     compact.compact(str(root / "merged"))

@@ -75,6 +75,15 @@ def test_default_batch_size_cpu_and_gpu():
     assert gpu_batch_size("fcn_resnet50", "fp32", 1024**3) == 1
 
 
+def test_blocks_are_whole_passes_small_on_a_cpu_for_early_masks():
+    from segbatch._internal.resources import CPU_BLOCK_ROWS, GPU_BLOCK_ROWS, block_rows
+
+    assert settle(RunConfig(model="deeplabv3_mobilenet_v3_large"), 2, 0).block_rows == CPU_BLOCK_ROWS == 8
+    assert settle(RunConfig(model="deeplabv3_mobilenet_v3_large"), 16, 1).block_rows == GPU_BLOCK_ROWS == 32
+    assert block_rows(3, gpu=False) == 9  # rounded up to whole passes of 3
+    assert block_rows(64, gpu=True) == 64  # one pass, never less
+
+
 def test_gpu_memory_from_ray_accelerator_labels():
     from segbatch._internal.resources import gpu_bytes_of
 

@@ -17,6 +17,14 @@ LOOPBACK = "127.0.0.1"  # an embedded Ray listens on loopback only
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Seconds between re-installs of the driver's signal handlers while Ray shuts down (see _shutdown).
 HANDLER_REINSTALL_INTERVAL_S = 0.002
+# Idle worker processes an embedded Ray keeps. Ray's default keeps as many as the machine has CPUs and
+# kills the rest after 1 s idle; a run's listing, decode and write tasks plus Ray Data's own actors need
+# more than 2 on a 2-core machine, so each pause between blocks cost a new worker: ~2 s of CPU (Python,
+# Ray, pyarrow) five times in a 128-image run there. A kept worker costs ~100 MB while idle.
+MIN_WORKERS_KEPT = 12
+# What an embedded Ray runs without: nobody scrapes its metrics (it has no dashboard), and exporting
+# them costs its agent CPU every few seconds.
+EMBEDDED_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 
 
 @contextlib.contextmanager
@@ -80,7 +88,17 @@ class Starter:
                 # "local" never attaches to a cluster found on this machine: the run gets its own Ray.
                 # Ray maps 127.0.0.1 to the host's address unless LOOPBACK_ONLY_ENV (set above) says that
                 # this is a single-machine Ray; an embedded Ray has no peers, so it listens on loopback only.
-                ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **quiet)
+                system_config = {
+                    **EMBEDDED_SYSTEM_CONFIG,
+                    "num_workers_soft_limit": max(os.cpu_count() or 1, MIN_WORKERS_KEPT),
+                }
+                ray.init(
+                    address="local",
+                    include_dashboard=False,
+                    _node_ip_address=LOOPBACK,
+                    _system_config=system_config,
+                    **quiet,
+                )
             self._owned = True
             _logs.quiet_ray_data()
         except BaseException as exc:  # re-raised in the caller's thread by wait()

@@ -20,7 +20,7 @@ class Inputs(Protocol):
     #: Rows per block handed to decoding (a whole number of forward passes).
     block_rows: int
 
-    def plan(self, *, run_id: str, batch_size: int, spread: int, max_shards: int, resize: Any) -> None:
+    def plan(self, *, run_id: str, batch_size: int, block_rows: int, spread: int, max_shards: int, resize: Any) -> None:
         """Fix the run's sizing before :meth:`dataset` (driver only, before any listing)."""
 
     def dataset(self) -> Any:

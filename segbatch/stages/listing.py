@@ -703,8 +703,17 @@ class ListedInputs:
     def no_images_error(self) -> InputError:
         return _no_images_error(self._config.input, self._settings.extensions)
 
-    def plan(self, *, run_id: str, batch_size: int, spread: int, max_shards: int, resize: Any) -> None:
-        block = max(BLOCK_ROWS, batch_size)
+    def plan(
+        self,
+        *,
+        run_id: str,
+        batch_size: int,
+        spread: int,
+        max_shards: int,
+        resize: Any,
+        block_rows: int = BLOCK_ROWS,
+    ) -> None:
+        block = max(block_rows, batch_size)
         self._settings = ListingSettings(
             **{
                 **self._settings.__dict__,

@@ -81,8 +81,9 @@ class ManifestInputs:
 
     block_rows = BLOCK_ROWS  # a manifest is not probed for shapes: blocks are listing-order slices
 
-    def plan(self, *, run_id: str, **_sizing: Any) -> None:
+    def plan(self, *, run_id: str, block_rows: int = BLOCK_ROWS, **_sizing: Any) -> None:
         self.run_id = run_id
+        self.block_rows = block_rows
 
     def counts(self) -> tuple[int, int]:
         """(distinct inputs in the manifest, of which skipped as already labelled), once Ray has read it."""
@@ -130,7 +131,7 @@ class ManifestInputs:
         )
         # Blocks of BLOCK_ROWS rows, as the listing's: a decode task then holds that many images.
         return unique.map_batches(
-            _listing_rows, fn_kwargs={"run_id": self.run_id}, batch_format="pyarrow", batch_size=BLOCK_ROWS
+            _listing_rows, fn_kwargs={"run_id": self.run_id}, batch_format="pyarrow", batch_size=self.block_rows
         )
 
     def _done_keys(self):
