@@ -48,6 +48,8 @@ def test_limit_runs_stage_c_on_exactly_the_limited_inputs(tmp_path, capsys):
     assert result["images"] == 2 and e2e["images"] == 2
     assert e2e["extra"]["ok"] + e2e["extra"]["errors"] == 2
     assert e2e["img_per_s"] == pytest.approx(2 / e2e["seconds"])
+    steady = e2e["extra"]["steady_img_per_s"]  # from the first of the 2 masks to the last
+    assert steady is None or steady > e2e["img_per_s"]
     _check_breakdown(result["breakdown"], 2)
     assert result["breakdown"]["basis"] == "(c) end to end"
     assert "(d) per-stage breakdown" in out and "waiting/overhead" in out
@@ -93,6 +95,21 @@ def test_breakdown_alone_has_every_stage_and_adds_up(tmp_path, capsys):
     assert result["rows"] == []
     _check_breakdown(result["breakdown"], 2)
     assert result["breakdown"]["basis"] == "this process, serially"
+
+
+def test_bare_model_on_a_cpu_runs_both_layouts():
+    import torch
+
+    from segbatch.models.weights import resolve
+    from segbatch.stages.model import build
+
+    spec = resolve(TEST_ARCH, "random")
+    net = build(spec)
+    example = torch.rand(1, 3, 40, 48)
+    rows = bench.bare_model(net, example, [1], torch.device("cpu"), "fp32")
+    assert [r.stage for r in rows] == ["(a) bare model, batch 1", "(a) bare model, batch 1, channels_last"]
+    assert all(r.images == bench.BARE_IMAGES and r.seconds > 0 for r in rows)
+    assert next(net.parameters()).is_contiguous()  # (b) then runs the model as a plain loop does
 
 
 def test_plan_counts_listing_and_the_decode_to_inference_bytes():
