@@ -1,6 +1,7 @@
 """Build the standard benchmark input: N photo-like 640x480 JPEGs (deterministic, license-free).
 
 python benchmarks/bench_data.py bench-data/jpeg640 --count 128
+python benchmarks/bench_data.py bench-data/photo12mp --count 8 --size 4000x3000   # phone-size photos
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder")
     parser.add_argument("--count", type=int, default=128)
     parser.add_argument("--mixed", action="store_true", help="six interleaved sizes instead of 640x480")
+    parser.add_argument("--size", default=f"{WIDTH}x{HEIGHT}", help="WIDTHxHEIGHT (default %(default)s)")
     args = parser.parse_args(argv)
-    sizes = MIXED_SIZES if args.mixed else ((WIDTH, HEIGHT),)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    sizes = MIXED_SIZES if args.mixed else ((width, height),)
     paths = build(args.folder, args.count, sizes)
     print(f"{len(paths)} JPEGs of {', '.join(f'{w}x{h}' for w, h in sizes)} in {args.folder}")
 
