@@ -23,9 +23,9 @@ from segbatch._internal import _ray, _storage, _tally, progress, resources
 from segbatch.config import RunConfig
 from segbatch.errors import BudgetError, IncompleteRunError, InputError
 from segbatch.models import weights
-from segbatch.stages import inference, listing, manifest
+from segbatch.stages import inference, listing
 from segbatch.stages.decode import DecodeImages, Limits
-from segbatch.stages.inputs import Inputs
+from segbatch.stages.inputs import Inputs, inputs_for
 from segbatch.stages.sinks import WriteOutputs
 from segbatch.stages.writers import WriterContext
 from segbatch.store import _lease, identity, preflight, runs, summary
@@ -121,13 +121,10 @@ def new_run_id() -> str:
 
 
 def plan_inputs(config: RunConfig, relabel_since: float | None = None, run_id: str = "plan") -> Inputs:
-    """The inputs this run must process: a listed INPUT or a manifest, both read by Ray during the run. Ok
+    """The inputs this run must process: the registered input kind its settings name
+    (segbatch.stages.inputs.INPUT_KINDS: a listed INPUT or a manifest), read by Ray during the run. Ok
     rows written before ``relabel_since`` (an earlier model's, see identity.py) do not count as done."""
-    if config.manifest:
-        inputs = manifest.ManifestInputs(config, run_id=run_id)
-        inputs.relabel_since = relabel_since
-        return inputs
-    return listing.ListedInputs(config, relabel_since, run_id=run_id)
+    return inputs_for(config, relabel_since, run_id=run_id)
 
 
 def sizing(config: RunConfig) -> resources.Sizing:
@@ -177,7 +174,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
             "spec": spec,
             "precision": config.precision,
             "upsample": config.upsample,
-            "min_confidence": config.min_confidence if config.confidence else None,
+            "min_confidence": config.min_confidence if config.computes_confidence else None,
             "max_batch": size.batch_size,
             "threads": size.threads,
             **({"predictor": predictor} if predictor is not None else {}),
@@ -200,7 +197,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
         png_compress_level=config.png_compress_level,
     )
     return ds.map_batches(
-        WriteOutputs(context, config.writers, run_id=run_id, model=spec.arch, weights=spec.identity),
+        WriteOutputs(context, config.output_writers, run_id=run_id, model=spec.arch, weights=spec.identity),
         batch_size=inputs.block_rows,
         batch_format="pyarrow",
         num_cpus=size.decode_cpus,
