@@ -29,7 +29,7 @@ from segbatch.stages.inputs import Inputs, inputs_for
 from segbatch.stages.sinks import WriteOutputs
 from segbatch.stages.writers import WriterContext
 from segbatch.store import _lease, identity, preflight, runs, summary
-from segbatch.store.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR
+from segbatch.store.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR, WRITTEN_SCHEMA, check_schema
 
 log = logging.getLogger(__name__)
 
@@ -491,12 +491,14 @@ def _recount(config: RunConfig, report: RunReport) -> None:
 
 
 def _count_rows(report: RunReport, batch: pa.Table) -> None:
-    if "device" in batch.column_names:
-        report.devices.update(d for d in batch["device"].unique().to_pylist() if d)
-    if FORWARD_PASS_COLUMN in batch.column_names:
-        sizes = [s for s in batch[FORWARD_PASS_COLUMN].to_pylist() if s]
-        report.inferred += len(sizes)
-        report.passes += sum(1.0 / s for s in sizes)
+    """Tally one block of the sinks' rows (:data:`segbatch.store.contract.WRITTEN_SCHEMA`)."""
+    if batch.num_rows == 0:
+        return
+    check_schema(batch, WRITTEN_SCHEMA, "sinks")
+    report.devices.update(d for d in batch["device"].unique().to_pylist() if d)
+    sizes = [s for s in batch[FORWARD_PASS_COLUMN].to_pylist() if s]
+    report.inferred += len(sizes)
+    report.passes += sum(1.0 / s for s in sizes)
     for uri, status, error in zip(*(batch[c].to_pylist() for c in ("uri", "status", "error"))):
         if status == "ok":
             report.ok += 1

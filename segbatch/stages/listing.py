@@ -41,24 +41,13 @@ import pyarrow.compute as pc
 from segbatch._internal import _storage
 from segbatch.errors import InputError
 from segbatch.stages.inputs import INPUT_KINDS
+from segbatch.store import contract
 from segbatch.store.contract import OUTPUT_DIRS
 
 log = logging.getLogger(__name__)
 
-LISTING_SCHEMA = pa.schema(
-    [
-        ("uri", pa.string()),  # the input as users name it: absolute path or URL
-        ("path", pa.string()),  # the same input in its filesystem's own terms
-        ("rel", pa.string()),  # path relative to INPUT; masks are named after it
-        ("size", pa.int64()),
-        ("etag", pa.string()),
-        ("mtime", pa.float64()),  # seconds since the epoch
-        # The model-input shape read from the image's header (0: not probed, or unreadable); decoding
-        # computes the real one, so a wrong probe costs a smaller forward pass, never a wrong mask.
-        ("model_h", pa.int32()),
-        ("model_w", pa.int32()),
-    ]
-)
+#: The rows both input kinds hand to decoding; declared with the other hand-offs in the contract.
+LISTING_SCHEMA = contract.LISTING_SCHEMA
 
 LIST_CHUNK_ROWS = 1024  # listed rows looked up against the summary and probed together
 PLAN_SCAN_ENTRIES = 1000  # top-level entries the driver looks at (one S3 page); a larger top level is one shard
