@@ -24,14 +24,16 @@ from _helpers import TEST_ARCH, make_checkpoint  # noqa: E402
 # - a test that uses one of these fixtures, directly or through other fixtures (item.fixturenames is the
 #   whole closure, so a module's own fixture built on ray_local counts);
 # - a test whose own code, or one of its fixtures' code, starts a process or a run: subprocess calls,
-#   sys.executable, ray.init, or an in-process `run(...)` / `main(["run", ...])` (which starts Ray);
+#   sys.executable, multiprocessing, ray.init, or an in-process `run(...)` / `main(["run", ...])` (which
+#   starts Ray, in the background even when a check then refuses the run);
 # - a module or test that starts one less visibly (through a helper) says so with
 #   `pytestmark = pytest.mark.integration` or `@pytest.mark.integration`.
 _INTEGRATION_FIXTURES = {"ray_local", "s3_server", "s3_bucket"}
 _STARTS_A_PROCESS = re.compile(
-    r"subprocess\.(Popen|run|call|check_call|check_output)\(|sys\.executable|\bray\.init\("
-    r"|(?<![.\w])run\(\s*(RunConfig|config|cfg)\b|main\(\s*\[\s*\"run\""
+    r"subprocess\.(Popen|run|call|check_call|check_output)\(|sys\.executable|\bray\.init\(|\.Process\("
+    r"|(?<![.\w])run\(\s*(RunConfig|config|cfg)\b"
 )
+_CLI_RUN = (re.compile(r"\bmain\("), re.compile(r"\[\s*\"run\"\s*,"))  # cli.main(["run", ...]): a run, so Ray
 
 
 @functools.cache
@@ -40,7 +42,7 @@ def _starts_a_process(func) -> bool:
         source = inspect.getsource(func)
     except (OSError, TypeError):
         return False
-    return bool(_STARTS_A_PROCESS.search(source))
+    return bool(_STARTS_A_PROCESS.search(source)) or all(p.search(source) for p in _CLI_RUN)
 
 
 def _is_integration(item) -> bool:
