@@ -51,11 +51,12 @@ def test_checkpoint_identity_is_its_sha256_and_aux_keys_are_accepted(tmp_path):
         assert net(torch.zeros(1, 3, 64, 64))["out"].shape == (1, 5, 64, 64)
 
 
-def test_classes_file_names_the_classes(tmp_path, three_class_checkpoints):
-    path = three_class_checkpoints(TEST_ARCH)
+def test_classes_file_names_the_classes(tmp_path, checkpoint):
+    path = checkpoint  # 21 classes
     names = tmp_path / "names.txt"
-    names.write_text("sky\nroad\ncar\n")
-    assert weights.resolve(TEST_ARCH, str(path), classes_url=str(names)).classes == ("sky", "road", "car")
+    wanted = tuple(f"name{i}" for i in range(21))
+    names.write_text("\n".join(wanted) + "\n")
+    assert weights.resolve(TEST_ARCH, str(path), classes_url=str(names)).classes == wanted
     names.write_text("sky\nroad\n")
     with pytest.raises(WeightsError, match="2 classes"):
         weights.resolve(TEST_ARCH, str(path), classes_url=str(names))
@@ -152,10 +153,9 @@ def test_registered_architecture_meets_the_reference(arch, tmp_path, reference_i
 
 
 @pytest.mark.parametrize("arch", available_models())
-def test_checkpoint_for_another_architecture_is_refused(arch, three_class_checkpoints):
+def test_checkpoint_for_another_architecture_is_refused(arch, three_class_checkpoints, checkpoint):
     """A state_dict is loaded strictly into the architecture (on the meta device) before any actor."""
-    other = "lraspp_mobilenet_v3_large" if arch != "lraspp_mobilenet_v3_large" else TEST_ARCH
-    path = three_class_checkpoints(other)
+    path = three_class_checkpoints("lraspp_mobilenet_v3_large") if arch != "lraspp_mobilenet_v3_large" else checkpoint
     with pytest.raises(WeightsError):
         weights.resolve(arch, str(path))
 

@@ -165,6 +165,8 @@ def test_an_unreachable_endpoint_is_exit_4_for_every_subcommand(tmp_path, capsys
     # Every try of the backoff still happens (the refusal comes after the last); only the waits shrink.
     monkeypatch.setattr(_storage, "RETRY_BASE_DELAY", 0.001)
     monkeypatch.setattr(_storage, "RETRY_MAX_DELAY", 0.001)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # and botocore's own retries with backoff
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     args = [command, "s3://segbatch-unreachable/out", "--storage-option", f"endpoint_url={closed}"]
     if command == "export":
