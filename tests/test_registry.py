@@ -40,6 +40,9 @@ def test_an_unknown_name_is_a_config_error_listing_the_valid_ones():
         reg.get("yolo")
     assert err.value.field == "format"
     assert str(err.value) == "format: unknown export format 'yolo' (valid export formats: coco, cvat)"
+    models: Registry[int] = Registry("model", "model")
+    with pytest.raises(ConfigError, match=r"^model: unknown 'foo' \(valid models: \)$"):
+        models.get("foo")
 
 
 @pytest.mark.parametrize(

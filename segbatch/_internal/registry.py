@@ -55,8 +55,10 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except (KeyError, TypeError):
+            # "model: unknown 'x'", "writers: unknown writer 'x'": the kind is said once.
+            what = "unknown" if self.kind == self.setting else f"unknown {self.kind}"
             raise ConfigError(
-                self.setting, f"unknown {self.kind} {name!r}", f"valid {self.kind}s: {', '.join(self._entries)}"
+                self.setting, f"{what} {name!r}", f"valid {self.kind}s: {', '.join(self._entries)}"
             ) from None
 
     def names(self) -> list[str]:
