@@ -12,6 +12,7 @@ from segbatch import __version__
 from segbatch.config import RunConfig, load_config_file, parse_storage_value
 from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, StorageError, exit_status
 from segbatch.models.architectures import available_models
+from segbatch.stages.writers import WRITERS
 
 EXIT_SIGINT = 130  # stopped by Ctrl-C: rows written so far stay valid
 EXIT_SIGTERM = 143  # stopped by SIGTERM: rows written so far stay valid
@@ -111,12 +112,24 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-error-rate", type=float, help="exit non-zero once the share of error rows passes this")
     p.add_argument("--redo-changed", action="store_const", const=True, help="redo inputs whose size/ETag/mtime changed")
     p.add_argument("--redo-all", action="store_const", const=True, help="redo every input")
-    p.add_argument("--overlays", action="store_const", const=True, help="also write a JPEG overlay per image")
+    p.add_argument(
+        "--writers",
+        metavar="NAME[,NAME]",
+        help=f"per-image outputs, comma-separated: {', '.join(WRITERS.names())} (default {','.join(RunConfig.writers)}; "
+        "the mask is always written)",
+    )
+    p.add_argument(
+        "--overlays",
+        action="store_const",
+        const=True,
+        help="also write a JPEG overlay per image (same as adding overlay to --writers)",
+    )
     p.add_argument(
         "--confidence",
         action="store_const",
         const=True,
-        help="also write confidence/<name>.png and the summary's mean_confidence, low_confidence_share",
+        help="also write confidence/<name>.png (the confidence writer) and the summary's mean_confidence, "
+        "low_confidence_share",
     )
     p.add_argument(
         "--min-confidence",

@@ -136,6 +136,9 @@ class RunConfig:
     max_error_rate: float | None = None
     redo_changed: bool = False
     redo_all: bool = False
+    # Per-image outputs by name (segbatch.stages.writers.WRITERS); the mask always. `overlays` and
+    # `confidence` are aliases that add their writer (confidence also adds its summary columns).
+    writers: tuple[str, ...] = ("mask",)
     overlays: bool = False
     confidence: bool = False  # confidence maps and columns; costs a literal full-resolution softmax per image
     min_confidence: float = 0.5  # a pixel under this largest softmax probability counts as low confidence
@@ -178,6 +181,11 @@ class RunConfig:
             ext = ext.split(",") if isinstance(ext, str) else ext
             if isinstance(ext, (list, tuple)) and all(isinstance(e, str) for e in ext):
                 clean["extensions"] = tuple(e.strip().lower().lstrip(".") for e in ext if e.strip())
+        if "writers" in clean and clean["writers"] is not None:
+            names = clean["writers"]
+            names = names.split(",") if isinstance(names, str) else names
+            if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+                clean["writers"] = tuple(n.strip() for n in names if n.strip())
         if "storage_options" in clean and isinstance(clean["storage_options"], (Mapping, type(None))):
             clean["storage_options"] = dict(clean["storage_options"] or {})
         if "actors" in clean and clean["actors"] is not None:
@@ -189,9 +197,19 @@ class RunConfig:
 
     # -- derived views --------------------------------------------------------------------------------
     @property
-    def writers(self) -> tuple[str, ...]:
-        """The output writers (segbatch.stages.writers) this run uses: the mask always, then what was asked for."""
-        return ("mask",) + (("overlay",) if self.overlays else ()) + (("confidence",) if self.confidence else ())
+    def output_writers(self) -> tuple[str, ...]:
+        """The output writers (segbatch.stages.writers) this run uses: the mask always and first, then
+        ``writers``, then what the ``overlays`` and ``confidence`` aliases add; each once."""
+        names = ("mask", *self.writers, *(("overlay",) if self.overlays else ()))
+        names += ("confidence",) if self.confidence else ()
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def computes_confidence(self) -> bool:
+        """Whether the model computes per-pixel confidence: ``--confidence``, or a writer that reads it."""
+        from segbatch.stages.writers import get_writer
+
+        return self.confidence or any(get_writer(n).needs_confidence for n in self.output_writers)
 
     @property
     def actor_bounds(self) -> tuple[int, int] | None:
@@ -225,6 +243,10 @@ class RunConfig:
         if not isinstance(self.extensions, tuple) or not all(isinstance(e, str) for e in self.extensions):
             raise ConfigError(
                 "extensions", "must be a list of extensions or one comma-separated string", "e.g. extensions: jpg,png"
+            )
+        if not isinstance(self.writers, tuple) or not all(isinstance(n, str) for n in self.writers):
+            raise ConfigError(
+                "writers", "must be a list of writer names or one comma-separated string", "e.g. writers: mask,overlay"
             )
 
     def _validate(self) -> None:
@@ -270,7 +292,11 @@ class RunConfig:
                 raise ConfigError("weights_sha256", "is not a 64-digit hex sha256", "compute it with `sha256sum FILE`")
         if not 0.0 <= float(self.min_confidence) <= 1.0:
             raise ConfigError("min_confidence", f"must be within 0..1, got {self.min_confidence!r}", "e.g. 0.5")
-        if self.confidence and self.upsample == "nearest":
+        from segbatch.stages.writers import get_writer
+
+        for name in self.writers:
+            get_writer(name)  # an unknown name: ConfigError listing the valid ones
+        if self.upsample == "nearest" and self.computes_confidence:
             raise ConfigError(
                 "confidence",
                 "needs the reference's interpolated logits; --upsample nearest skips them",

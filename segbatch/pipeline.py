@@ -23,13 +23,13 @@ from segbatch._internal import _ray, _storage, _tally, progress, resources
 from segbatch.config import RunConfig
 from segbatch.errors import BudgetError, IncompleteRunError, InputError
 from segbatch.models import weights
-from segbatch.stages import inference, listing, manifest
+from segbatch.stages import inference, listing
 from segbatch.stages.decode import DecodeImages, Limits
-from segbatch.stages.inputs import Inputs
+from segbatch.stages.inputs import Inputs, inputs_for
 from segbatch.stages.sinks import WriteOutputs
 from segbatch.stages.writers import WriterContext
 from segbatch.store import _lease, identity, preflight, runs, summary
-from segbatch.store.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR
+from segbatch.store.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR, WRITTEN_SCHEMA, check_schema
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,10 @@ def new_run_id() -> str:
 
 
 def plan_inputs(config: RunConfig, relabel_since: float | None = None, run_id: str = "plan") -> Inputs:
-    """The inputs this run must process: a listed INPUT or a manifest, both read by Ray during the run. Ok
+    """The inputs this run must process: the registered input kind its settings name
+    (segbatch.stages.inputs.INPUT_KINDS: a listed INPUT or a manifest), read by Ray during the run. Ok
     rows written before ``relabel_since`` (an earlier model's, see identity.py) do not count as done."""
-    if config.manifest:
-        inputs = manifest.ManifestInputs(config, run_id=run_id)
-        inputs.relabel_since = relabel_since
-        return inputs
-    return listing.ListedInputs(config, relabel_since, run_id=run_id)
+    return inputs_for(config, relabel_since, run_id=run_id)
 
 
 def sizing(config: RunConfig) -> resources.Sizing:
@@ -178,7 +175,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
             "spec": spec,
             "precision": config.precision,
             "upsample": config.upsample,
-            "min_confidence": config.min_confidence if config.confidence else None,
+            "min_confidence": config.min_confidence if config.computes_confidence else None,
             "max_batch": size.batch_size,
             "threads": size.threads,
             **({"predictor": predictor} if predictor is not None else {}),
@@ -201,7 +198,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
         png_compress_level=config.png_compress_level,
     )
     return ds.map_batches(
-        WriteOutputs(context, config.writers, run_id=run_id, model=spec.arch, weights=spec.identity),
+        WriteOutputs(context, config.output_writers, run_id=run_id, model=spec.arch, weights=spec.identity),
         batch_size=inputs.block_rows,
         batch_format="pyarrow",
         num_cpus=size.decode_cpus,
@@ -495,12 +492,14 @@ def _recount(config: RunConfig, report: RunReport) -> None:
 
 
 def _count_rows(report: RunReport, batch: pa.Table) -> None:
-    if "device" in batch.column_names:
-        report.devices.update(d for d in batch["device"].unique().to_pylist() if d)
-    if FORWARD_PASS_COLUMN in batch.column_names:
-        sizes = [s for s in batch[FORWARD_PASS_COLUMN].to_pylist() if s]
-        report.inferred += len(sizes)
-        report.passes += sum(1.0 / s for s in sizes)
+    """Tally one block of the sinks' rows (:data:`segbatch.store.contract.WRITTEN_SCHEMA`)."""
+    if batch.num_rows == 0:
+        return
+    check_schema(batch, WRITTEN_SCHEMA, "sinks")
+    report.devices.update(d for d in batch["device"].unique().to_pylist() if d)
+    sizes = [s for s in batch[FORWARD_PASS_COLUMN].to_pylist() if s]
+    report.inferred += len(sizes)
+    report.passes += sum(1.0 / s for s in sizes)
     for uri, status, error in zip(*(batch[c].to_pylist() for c in ("uri", "status", "error"))):
         if status == "ok":
             report.ok += 1

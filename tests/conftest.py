@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,14 +19,47 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from _helpers import TEST_ARCH, make_checkpoint  # noqa: E402
 
-# Tests that start Ray, an S3 server, a browser or a segbatch process; `make test-fast` leaves them out.
+# `make test-fast` leaves out tests marked integration: they start Ray, an S3 server, a browser or a
+# segbatch process. The mark is derived, not kept by hand:
+# - a test that uses one of these fixtures, directly or through other fixtures (item.fixturenames is the
+#   whole closure, so a module's own fixture built on ray_local counts);
+# - a test whose own code, or one of its fixtures' code, starts a process or a run: subprocess calls,
+#   sys.executable, multiprocessing, ray.init, or an in-process `run(...)` / `main(["run", ...])` (which
+#   starts Ray, in the background even when a check then refuses the run);
+# - a module or test that starts one less visibly (through a helper) says so with
+#   `pytestmark = pytest.mark.integration` or `@pytest.mark.integration`.
 _INTEGRATION_FIXTURES = {"ray_local", "s3_server", "s3_bucket"}
-_INTEGRATION_MODULES = {"test_faults", "test_incremental", "test_multinode", "test_ray_jobs", "test_s3_secrets"}
+_STARTS_A_PROCESS = re.compile(
+    r"subprocess\.(Popen|run|call|check_call|check_output)\(|sys\.executable|\bray\.init\(|\.Process\("
+    r"|(?<![.\w])run\(\s*(RunConfig|config|cfg)\b"
+)
+_CLI_RUN = (re.compile(r"\bmain\("), re.compile(r"\[\s*\"run\"\s*,"))  # cli.main(["run", ...]): a run, so Ray
+
+
+@functools.cache
+def _starts_a_process(func) -> bool:
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    return bool(_STARTS_A_PROCESS.search(source)) or all(p.search(source) for p in _CLI_RUN)
+
+
+def _is_integration(item) -> bool:
+    if _INTEGRATION_FIXTURES & set(item.fixturenames):
+        return True
+    funcs = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in info.name2fixturedefs.values() if info else ():
+        funcs += [
+            d.func for d in defs if not getattr(d.func, "__module__", "_pytest").startswith(("_pytest", "pytest"))
+        ]
+    return any(f is not None and _starts_a_process(f) for f in funcs)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if _INTEGRATION_FIXTURES & set(item.fixturenames) or item.module.__name__ in _INTEGRATION_MODULES:
+        if _is_integration(item):
             item.add_marker(pytest.mark.integration)
 
 

@@ -38,6 +38,7 @@ def _check_breakdown(parts: dict, images: int) -> None:
     assert sum(p["share"] for p in parts["stages"]) == pytest.approx(1.0)
 
 
+@pytest.mark.integration  # stage (c) runs `segbatch run` in a subprocess
 def test_limit_runs_stage_c_on_exactly_the_limited_inputs(tmp_path, capsys):
     folder = _images(tmp_path / "in", 4)
     rc = _bench(folder, tmp_path / "r.json", "--limit", "2", "--skip", "a,b")
@@ -55,6 +56,7 @@ def test_limit_runs_stage_c_on_exactly_the_limited_inputs(tmp_path, capsys):
     assert "(d) per-stage breakdown" in out and "waiting/overhead" in out
 
 
+@pytest.mark.integration  # stage (c) runs `segbatch run` in a subprocess
 def test_a_clone_named_segbatch_in_the_cwd_does_not_shadow_stage_c(tmp_path, monkeypatch, capsys):
     _images(tmp_path / "in", 1)
     clone = tmp_path / "work" / "segbatch"
@@ -69,6 +71,7 @@ def test_a_clone_named_segbatch_in_the_cwd_does_not_shadow_stage_c(tmp_path, mon
     assert [r["images"] for r in result["rows"] if r["stage"] == "(c) segbatch end to end"] == [1]
 
 
+@pytest.mark.slow  # runs the model at its full 520 px input, image by image
 def test_a_failed_stage_keeps_what_was_measured_and_exits_non_zero(tmp_path, monkeypatch, capsys):
     folder = _images(tmp_path / "in", 2)
 
@@ -87,6 +90,7 @@ def test_a_failed_stage_keeps_what_was_measured_and_exits_non_zero(tmp_path, mon
     assert result["failed"]["stage"] == "(c) segbatch end to end"
 
 
+@pytest.mark.slow  # runs the model at its full 520 px input, image by image
 def test_breakdown_alone_has_every_stage_and_adds_up(tmp_path, capsys):
     folder = _images(tmp_path / "in", 3)
     rc = _bench(folder, tmp_path / "r.json", "--skip", "a,b,c", "--limit", "2")

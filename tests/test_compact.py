@@ -144,6 +144,7 @@ def _compact_in_subprocess(out, kill_at: str | None = None, extra_env=None) -> s
     )
 
 
+@pytest.mark.integration  # SIGKILLs `segbatch compact` subprocesses
 @pytest.mark.parametrize("kill_at", ["written", "marked", "published", "deleting"])
 def test_a_kill_at_any_step_leaves_every_row_once_and_the_next_compaction_finishes(tmp_path, kill_at):
     out = tmp_path / "out"
@@ -187,6 +188,7 @@ def test_a_kill_while_the_marker_is_written_leaves_a_temporary_the_next_compacti
     assert seen_rows(out) == rows
 
 
+@pytest.mark.integration  # SIGKILLs `segbatch compact` subprocesses
 def test_sigkill_at_arbitrary_moments_never_loses_or_doubles_a_row(tmp_path):
     out = tmp_path / "out"
     rows = synthetic(out, files=1500, rows_per_file=4)

@@ -59,3 +59,26 @@ def test_config_file_holds_the_same_settings_and_flags_win(tmp_path, suffix, bod
     c = build_config(args)
     assert (c.model, c.batch_size) == ("deeplabv3_resnet50", 2)
     assert c.storage_options == {"anon": False, "default_block_size": 1024}
+
+
+def test_writers_are_chosen_by_name_and_the_boolean_flags_are_aliases():
+    parser = make_parser()
+    config = build_config(parser.parse_args(["run", "in", "out", "--writers", "overlay,confidence"]))
+    assert config.writers == ("overlay", "confidence")
+    assert config.output_writers == ("mask", "overlay", "confidence") and config.computes_confidence
+    old = build_config(parser.parse_args(["run", "in", "out", "--overlays", "--confidence"]))
+    assert old.output_writers == config.output_writers and old.computes_confidence
+    plain = RunConfig(input="in", output="out")
+    assert plain.output_writers == ("mask",) and not plain.computes_confidence
+    assert RunConfig.from_dict({"writers": ["mask", "overlay"]}).output_writers == ("mask", "overlay")
+
+
+def test_an_unknown_writer_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        RunConfig(writers=("mask", "heatmap"))
+    assert err.value.field == "writers" and "mask, overlay, confidence" in str(err.value)
+
+
+def test_the_confidence_writer_refuses_nearest_upsampling_like_the_flag():
+    with pytest.raises(ConfigError, match="confidence"):
+        RunConfig(writers=("confidence",), upsample="nearest")

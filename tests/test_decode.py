@@ -167,7 +167,18 @@ def test_oversized_file_is_refused():
         decode_image(encode(RGB, "PNG"), small)
 
 
-@pytest.mark.parametrize("size", [(64, 48), (48, 64), (520, 700), (700, 520), (1024, 576), (333, 333), (521, 1)])
+@pytest.mark.parametrize(
+    "size",
+    [
+        (64, 48),
+        (48, 64),
+        (520, 700),
+        (700, 520),
+        (1024, 576),
+        (333, 333),
+        pytest.param((521, 1), marks=pytest.mark.slow),  # resized to 270920 x 520: seconds of CPU
+    ],
+)
 def test_pil_resize_is_torchvisions_resize(size):
     """Decode workers resize with PIL alone; torchvision's F.resize does the same on PIL images."""
     import torchvision.transforms.functional as F

@@ -19,7 +19,7 @@ from segbatch.store import summary
 from _faultproxy import FaultProxy
 from _helpers import TEST_ARCH, photo_like, wait_for_masks
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]  # runs segbatch in subprocesses
 
 
 def tiny_images(root: Path, n: int, prefix: str = "img") -> list[Path]:

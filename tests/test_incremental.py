@@ -22,6 +22,8 @@ from segbatch.store import runs
 
 from _helpers import TEST_ARCH, photo_like, summary_table
 
+pytestmark = pytest.mark.integration  # run() and main() start an embedded Ray
+
 
 def ok_rows_per_input(table: pa.Table) -> dict[str, int]:
     ok = table.filter(pc.equal(table["status"], "ok"))

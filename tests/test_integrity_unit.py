@@ -38,6 +38,7 @@ EXIT_CONFIG, EXIT_INPUT = 2, 4  # segbatch.errors.EXIT_STATUS: settings, inputs
         ("progress", 1),
         ("decode_cpus", "1"),
         ("batch_size", True),
+        ("writers", 5),
     ],
 )
 def test_config_values_of_the_wrong_type_are_refused_naming_the_field(field, value):
@@ -56,6 +57,7 @@ def test_every_setting_has_its_type_checked():
         *config._BOOL_FIELDS,
         "storage_options",
         "extensions",
+        "writers",
     }
     assert set(RunConfig.field_names()) == checked
 
@@ -316,6 +318,7 @@ def test_input_without_images_says_so(tmp_path, capsys):
 
 
 # -- 7: OUTPUT not writable ------------------------------------------------------------------------------
+@pytest.mark.integration  # `segbatch run` starts Ray in the background while it checks OUTPUT
 def test_unwritable_output_exits_4_before_any_work(tmp_path, capsys, monkeypatch):
     src = tmp_path / "in"
     src.mkdir()

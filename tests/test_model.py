@@ -13,6 +13,20 @@ from segbatch.stages import model
 from _helpers import TEST_ARCH, make_checkpoint
 
 
+@pytest.fixture(scope="module")
+def three_class_checkpoints(tmp_path_factory):
+    """Seeded 3-class checkpoints by architecture, each built once for the module (a build costs seconds)."""
+    folder = tmp_path_factory.mktemp("three-class")
+    built: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in built:
+            built[arch] = str(make_checkpoint(folder / f"{arch}.pt", arch=arch, num_classes=3))
+        return built[arch]
+
+    return get
+
+
 def test_unknown_model_lists_the_valid_ones():
     with pytest.raises(ConfigError) as err:
         weights.resolve("foo", "random")
@@ -37,18 +51,19 @@ def test_checkpoint_identity_is_its_sha256_and_aux_keys_are_accepted(tmp_path):
         assert net(torch.zeros(1, 3, 64, 64))["out"].shape == (1, 5, 64, 64)
 
 
-def test_classes_file_names_the_classes(tmp_path):
-    path = make_checkpoint(tmp_path / "three.pt", num_classes=3)
+def test_classes_file_names_the_classes(tmp_path, checkpoint):
+    path = checkpoint  # 21 classes
     names = tmp_path / "names.txt"
-    names.write_text("sky\nroad\ncar\n")
-    assert weights.resolve(TEST_ARCH, str(path), classes_url=str(names)).classes == ("sky", "road", "car")
+    wanted = tuple(f"name{i}" for i in range(21))
+    names.write_text("\n".join(wanted) + "\n")
+    assert weights.resolve(TEST_ARCH, str(path), classes_url=str(names)).classes == wanted
     names.write_text("sky\nroad\n")
     with pytest.raises(WeightsError, match="2 classes"):
         weights.resolve(TEST_ARCH, str(path), classes_url=str(names))
 
 
-def test_sha256_pin_mismatch_is_refused(tmp_path):
-    path = make_checkpoint(tmp_path / "w.pt", num_classes=2)
+def test_sha256_pin_mismatch_is_refused(checkpoint):
+    path = checkpoint
     with pytest.raises(WeightsError, match="not the pinned"):
         weights.resolve(TEST_ARCH, str(path), sha256="0" * 64)
     good = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -138,16 +153,15 @@ def test_registered_architecture_meets_the_reference(arch, tmp_path, reference_i
 
 
 @pytest.mark.parametrize("arch", available_models())
-def test_checkpoint_for_another_architecture_is_refused(arch, tmp_path):
+def test_checkpoint_for_another_architecture_is_refused(arch, three_class_checkpoints, checkpoint):
     """A state_dict is loaded strictly into the architecture (on the meta device) before any actor."""
-    other = "lraspp_mobilenet_v3_large" if arch != "lraspp_mobilenet_v3_large" else TEST_ARCH
-    path = make_checkpoint(tmp_path / "other.pt", arch=other, num_classes=3)
+    path = three_class_checkpoints("lraspp_mobilenet_v3_large") if arch != "lraspp_mobilenet_v3_large" else checkpoint
     with pytest.raises(WeightsError):
         weights.resolve(arch, str(path))
 
 
-def test_wrong_shaped_or_head_only_checkpoint_is_refused(tmp_path):
-    state = torch.load(make_checkpoint(tmp_path / "w.pt", num_classes=4), weights_only=True)
+def test_wrong_shaped_or_head_only_checkpoint_is_refused(tmp_path, checkpoint):
+    state = torch.load(checkpoint, weights_only=True)
     name = next(k for k, v in state.items() if v.ndim == 4 and not k.startswith("classifier"))
     bad = dict(state, **{name: torch.zeros(1, 1, 1, 1)})
     torch.save(bad, tmp_path / "shape.pt")

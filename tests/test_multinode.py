@@ -14,7 +14,7 @@ from segbatch.store import summary
 
 from _helpers import TEST_ARCH, wait_for_masks
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]  # `ray start` clusters
 CLUSTER = Path(__file__).with_name("_cluster.py")
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from _helpers import TEST_ARCH, free_port, photo_like
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # a Ray cluster and `ray job submit`
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's `ray` and `segbatch`, as a cluster image would have them

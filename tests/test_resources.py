@@ -11,6 +11,7 @@ import pytest
 
 from segbatch import RunConfig
 from segbatch._internal.resources import gpu_batch_size, plan_pool, settle
+from segbatch.errors import ConfigError
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4, 8, 16, 64, 96])
@@ -169,3 +170,14 @@ def test_infinite_or_negative_resources_are_refused_before_ray_starts(field, val
     with pytest.raises(ConfigError) as err:
         RunConfig(input="in", output="out", **{field: value})
     assert err.value.field == field
+
+
+def test_gpu_batch_size_reads_the_models_own_entry_not_its_name(monkeypatch):
+    """A model whose name says nothing of its backbone is sized by its registry entry."""
+    from segbatch.models.architectures import MODELS, Architecture
+
+    monkeypatch.setitem(MODELS._entries, "tiny_segnet", Architecture("tiny_segnet", "head", gpu_bytes_per_image=2**20))
+    assert gpu_batch_size("tiny_segnet", "fp32", 80 * 1024**3) == 64  # 40 GiB / 1 MiB: capped
+    assert gpu_batch_size("tiny_segnet", "fp32", 8 * 2**20) == 4  # 4 MiB / 1 MiB
+    with pytest.raises(ConfigError, match="valid models"):
+        gpu_batch_size("not_registered", "fp32")

@@ -157,9 +157,16 @@ storage_options:
 
 # -- issue 22 item 9: every subcommand meets an unreachable endpoint or half a key pair with exit 4 -------
 @pytest.mark.parametrize("command", ["status", "report", "compact", "export"])
-def test_an_unreachable_endpoint_is_exit_4_for_every_subcommand(tmp_path, capsys, command):
+def test_an_unreachable_endpoint_is_exit_4_for_every_subcommand(tmp_path, capsys, command, monkeypatch):
+    from segbatch._internal import _storage
+
     from _helpers import free_port
 
+    # Every try of the backoff still happens (the refusal comes after the last); only the waits shrink.
+    monkeypatch.setattr(_storage, "RETRY_BASE_DELAY", 0.001)
+    monkeypatch.setattr(_storage, "RETRY_MAX_DELAY", 0.001)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # and botocore's own retries with backoff
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     args = [command, "s3://segbatch-unreachable/out", "--storage-option", f"endpoint_url={closed}"]
     if command == "export":

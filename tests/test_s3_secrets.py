@@ -9,10 +9,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from _helpers import TEST_ARCH, photo_like
 from _s3 import SECRETS
+
+pytestmark = pytest.mark.integration  # runs segbatch against S3 in a subprocess
 
 MAX_GREPPED_FILE = 64 * 1024 * 1024  # bytes; Ray's logs are far smaller, spill files are not logs
 

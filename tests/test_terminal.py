@@ -488,6 +488,7 @@ def test_report_lists_images_that_failed_evaluation(tmp_path):
     assert '<div class="scroll-x"><table id="confusion">' in section
 
 
+@pytest.mark.integration  # starts a browser
 def test_the_confusion_matrix_fits_a_1280px_window_in_chromium(tmp_path):
     import json
 

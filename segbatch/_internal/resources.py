@@ -37,9 +37,8 @@ CPU_BATCH_SIZE = 1
 # (8 passes of ~0.25 s); on a GPU two passes of batch 16.
 CPU_BLOCK_ROWS = 8
 GPU_BLOCK_ROWS = 32
-# GPU memory one 520x693 image needs in a forward pass, fp32 (activations, estimated at 2x the largest
-# feature maps, rounded up); halved under bf16/fp16 autocast.
-GPU_BYTES_PER_IMAGE = {"mobilenet": 256 * 1024**2, "resnet50": 1024 * 1024**2, "resnet101": 1536 * 1024**2}
+# The GPU memory one image needs in a forward pass is each model's own (Architecture.gpu_bytes_per_image in
+# segbatch/models/architectures.py), halved under bf16/fp16 autocast.
 ASSUMED_GPU_BYTES = 16 * 1024**3  # the smallest common datacenter GPU, when the real size is not known
 GPU_MEMORY_SHARE = 0.5  # of the device's memory the batch may take; the rest is model, allocator slack
 MAX_GPU_BATCH = 64
@@ -185,11 +184,12 @@ def _decode_cpus(spare: float) -> float:
 
 
 def gpu_batch_size(arch: str, precision: str = "fp32", gpu_bytes: int | None = None) -> int:
-    """Images per forward pass that fill a GPU: the largest power of two whose activations fit in
+    """Images per forward pass of model ``arch`` (its registered ``gpu_bytes_per_image``) that fill a GPU: the largest power of two whose activations fit in
     :data:`GPU_MEMORY_SHARE` of its memory (:data:`ASSUMED_GPU_BYTES` when unknown), capped at
     :data:`MAX_GPU_BATCH`."""
-    family = next((f for f in GPU_BYTES_PER_IMAGE if f in arch), "resnet101")
-    per_image = GPU_BYTES_PER_IMAGE[family] / (2 if precision in ("bf16", "fp16") else 1)
+    from segbatch.models.architectures import get_architecture
+
+    per_image = get_architecture(arch).gpu_bytes_per_image / (2 if precision in ("bf16", "fp16") else 1)
     fit = int((gpu_bytes or ASSUMED_GPU_BYTES) * GPU_MEMORY_SHARE // per_image)
     return max(1, min(MAX_GPU_BATCH, 2 ** int(math.log2(fit)) if fit >= 1 else 1))
 

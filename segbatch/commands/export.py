@@ -16,7 +16,7 @@ images, 10,000 by default) is written to a local temporary file, then published 
 memory holds one chunk of masks, one shard's small per-image records (COCO's ``images`` list), and
 the index of (uri, mask) rows, never all annotations. ``DEST/export.json`` lists the shards written.
 
-Adding a format is one subclass with a ``name``, registered with :func:`register`.
+Adding a format is one subclass with a ``name``, registered with ``@EXPORTERS.register`` (segbatch._internal.registry).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 
 from segbatch import __version__
 from segbatch._internal import _storage
+from segbatch._internal.registry import Registry
 from segbatch.commands._evaluate import locate_mask, read_label_png
 from segbatch.errors import ConfigError, InputError
 from segbatch.stages.manifest import manifest_rel
@@ -316,28 +317,24 @@ class Exporter:
         return f"{stem}-{index:0{SHARD_DIGITS}d}{suffix}"
 
 
-_EXPORTERS: dict[str, type[Exporter]] = {}
+#: Export formats by name (``--format``); ``@EXPORTERS.register`` (or :func:`register`) adds one.
+EXPORTERS: Registry[type[Exporter]] = Registry("export format", "format")
 
 E = TypeVar("E", bound=type[Exporter])
 
 
 def register(cls: E) -> E:
     """Class decorator: make an :class:`Exporter` subclass available under its ``name``."""
-    _EXPORTERS[cls.name] = cls
-    return cls
+    return EXPORTERS.register(cls)
 
 
 def formats() -> list[str]:
-    return sorted(_EXPORTERS)
+    return sorted(EXPORTERS.names())
 
 
 def get_exporter(name: str) -> type[Exporter]:
-    try:
-        return _EXPORTERS[name]
-    except KeyError:
-        raise ConfigError(
-            "format", f"unknown export format {name!r}", f"choose one of {', '.join(formats())}"
-        ) from None
+    """The format registered as ``name``; an unknown name is a ConfigError listing the valid ones."""
+    return EXPORTERS.get(name)
 
 
 class _JsonArrayWriter:
@@ -358,7 +355,7 @@ class _JsonArrayWriter:
         self._file.close()
 
 
-@register
+@EXPORTERS.register
 class CocoExporter(Exporter):
     """COCO JSON shards ``DEST/coco-NNNNN.json``, each a complete COCO file for its images."""
 
@@ -427,7 +424,7 @@ class CocoExporter(Exporter):
         return name
 
 
-@register
+@EXPORTERS.register
 class CvatExporter(Exporter):
     """CVAT "Segmentation mask 1.1": a folder, or a .zip when DEST ends in .zip; with more than one
     shard, ``DEST/part-NNNNN/`` folders or ``NAME-NNNNN.zip`` files, each one task's upload."""
@@ -527,7 +524,7 @@ class CvatExporter(Exporter):
         return part or "."
 
 
-@register
+@EXPORTERS.register
 class LabelStudioExporter(Exporter):
     """Label Studio task files ``DEST/tasks-NNNNN.json`` with brush pre-annotations, and
     ``DEST/labeling-config.xml`` for the project."""
@@ -796,4 +793,5 @@ __all__ = [
     "get_exporter",
     "latest_ok_rows",
     "register",
+    "EXPORTERS",
 ]

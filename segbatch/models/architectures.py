@@ -2,8 +2,10 @@
 
 An :class:`Architecture` is a small adapter around one torchvision builder. Everything else comes from
 torchvision itself (imported on first use: the registry's names cost no torch import): the weights enum carries the preprocessing (``weights.transforms()``) and the class
-names (``weights.meta["categories"]``). Adding a model is one entry in :data:`_REGISTRY`, and the tests
-that are parametrised over :func:`available_models` then cover it.
+names (``weights.meta["categories"]``). Each entry also carries what the driver needs without torch: its
+resize, its class names and the GPU memory one image takes (segbatch._internal.resources sizes GPU
+batches from it). Adding a model is one ``MODELS.register(...)`` call at the end of this module, and the
+tests that are parametrised over :func:`available_models` then cover it.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from segbatch.errors import ConfigError, WeightsError
+from segbatch._internal.registry import Registry
+from segbatch.errors import WeightsError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Architecture", "available_models", "get_architecture"]
+__all__ = ["MODELS", "Architecture", "available_models", "get_architecture"]
 
 # What the driver needs of the registered models' DEFAULT weights, known without importing torch: all of
 # torchvision's segmentation weights resize the shorter side to 520 px (bilinear, PIL filter 2) and name
-# the 21 VOC classes. tests/test_model.py checks these against torchvision.
+# the 21 VOC classes. They are each entry's defaults; tests/test_model.py checks every entry against
+# torchvision.
 RESIZE_SIZE = (520,)
 PIL_BILINEAR = 2
 VOC_CATEGORIES = (
@@ -63,6 +67,12 @@ class Architecture:
     default_weights: str = ""  # str() of the DEFAULT weights enum: the summary's `weights` for --weights default
     default_url: str = ""  # where torchvision downloads the DEFAULT weights from
     has_aux: bool = True  # builds an auxiliary head when asked; segbatch never runs it
+    # GPU memory one 520x693 image needs in a forward pass, fp32 (activations, estimated at 2x the largest
+    # feature maps, rounded up); segbatch._internal.resources sizes GPU batches from it.
+    gpu_bytes_per_image: int = 1536 * 1024**2
+    resize_size: tuple[int, ...] = RESIZE_SIZE  # transforms().resize_size, torch-free
+    resize_filter: int = PIL_BILINEAR  # the PIL filter of transforms().interpolation
+    class_names: tuple[str, ...] = VOC_CATEGORIES  # DEFAULT weights' meta["categories"], torch-free
 
     def weights_enum(self):
         from torchvision.models import get_model_weights
@@ -75,13 +85,13 @@ class Architecture:
 
     def categories(self) -> tuple[str, ...]:
         """The DEFAULT weights' class names (``weights.meta["categories"]``), without importing torch."""
-        return VOC_CATEGORIES
+        return self.class_names
 
     def resize(self):
         """The resize of ``transforms()`` as decode tasks apply it (segbatch.stages.decode.ResizeSpec), torch-free."""
         from segbatch.stages.decode import ResizeSpec
 
-        return ResizeSpec(RESIZE_SIZE, PIL_BILINEAR)
+        return ResizeSpec(self.resize_size, self.resize_filter)
 
     def build(self, num_classes: int | None = None, *, pretrained: bool = False) -> torch.nn.Module:
         """The model without its auxiliary head: pretrained DEFAULT weights, or untrained."""
@@ -139,57 +149,79 @@ class _LRASPP(Architecture):
 _DEEPLAB_HEAD = "classifier.4.weight"  # DeepLabHead's last 1x1 conv: (num_classes, 256, 1, 1)
 _FCN_HEAD = "classifier.4.weight"  # FCNHead's last 1x1 conv: (num_classes, channels // 4, 1, 1)
 
+_MIB = 1024**2
 _URL = "https://download.pytorch.org/models"
-_REGISTRY: dict[str, Architecture] = {
-    a.name: a
-    for a in (
-        Architecture(
-            "deeplabv3_resnet101",
-            _DEEPLAB_HEAD,
-            "DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
-            f"{_URL}/deeplabv3_resnet101_coco-586e9e4e.pth",
-        ),
-        Architecture(
-            "deeplabv3_resnet50",
-            _DEEPLAB_HEAD,
-            "DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
-            f"{_URL}/deeplabv3_resnet50_coco-cd0a2569.pth",
-        ),
-        Architecture(
-            "deeplabv3_mobilenet_v3_large",
-            _DEEPLAB_HEAD,
-            "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
-            f"{_URL}/deeplabv3_mobilenet_v3_large-fc3c493d.pth",
-        ),
-        Architecture(
-            "fcn_resnet101",
-            _FCN_HEAD,
-            "FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
-            f"{_URL}/fcn_resnet101_coco-7ecb50ca.pth",
-        ),
-        Architecture(
-            "fcn_resnet50",
-            _FCN_HEAD,
-            "FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
-            f"{_URL}/fcn_resnet50_coco-1167a1af.pth",
-        ),
-        _LRASPP(
-            "lraspp_mobilenet_v3_large",
-            "classifier.high_classifier.weight",
-            "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
-            f"{_URL}/lraspp_mobilenet_v3_large-d234d4ea.pth",
-        ),
-    )
-}
+
+#: The models ``--model`` takes, by torchvision's builder names.
+MODELS: Registry[Architecture] = Registry("model", "model")
+
+MODELS.register(
+    "deeplabv3_resnet101",
+    Architecture(
+        "deeplabv3_resnet101",
+        _DEEPLAB_HEAD,
+        "DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
+        f"{_URL}/deeplabv3_resnet101_coco-586e9e4e.pth",
+        gpu_bytes_per_image=1536 * _MIB,
+    ),
+)
+MODELS.register(
+    "deeplabv3_resnet50",
+    Architecture(
+        "deeplabv3_resnet50",
+        _DEEPLAB_HEAD,
+        "DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
+        f"{_URL}/deeplabv3_resnet50_coco-cd0a2569.pth",
+        gpu_bytes_per_image=1024 * _MIB,
+    ),
+)
+MODELS.register(
+    "deeplabv3_mobilenet_v3_large",
+    Architecture(
+        "deeplabv3_mobilenet_v3_large",
+        _DEEPLAB_HEAD,
+        "DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
+        f"{_URL}/deeplabv3_mobilenet_v3_large-fc3c493d.pth",
+        gpu_bytes_per_image=256 * _MIB,
+    ),
+)
+MODELS.register(
+    "fcn_resnet101",
+    Architecture(
+        "fcn_resnet101",
+        _FCN_HEAD,
+        "FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
+        f"{_URL}/fcn_resnet101_coco-7ecb50ca.pth",
+        gpu_bytes_per_image=1536 * _MIB,
+    ),
+)
+MODELS.register(
+    "fcn_resnet50",
+    Architecture(
+        "fcn_resnet50",
+        _FCN_HEAD,
+        "FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1",
+        f"{_URL}/fcn_resnet50_coco-1167a1af.pth",
+        gpu_bytes_per_image=1024 * _MIB,
+    ),
+)
+MODELS.register(
+    "lraspp_mobilenet_v3_large",
+    _LRASPP(
+        "lraspp_mobilenet_v3_large",
+        "classifier.high_classifier.weight",
+        "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1",
+        f"{_URL}/lraspp_mobilenet_v3_large-d234d4ea.pth",
+        gpu_bytes_per_image=256 * _MIB,
+    ),
+)
 
 
 def available_models() -> list[str]:
     """The names ``--model`` takes, as torchvision's builders name them."""
-    return list(_REGISTRY)
+    return MODELS.names()
 
 
 def get_architecture(name: str) -> Architecture:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError("model", f"unknown {name!r}", f"valid models: {', '.join(_REGISTRY)}") from None
+    """The registered model ``name``; an unknown name is a ConfigError listing the valid ones."""
+    return MODELS.get(name)

@@ -17,6 +17,7 @@ import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
 
 from segbatch._internal import _storage
+from segbatch.store import contract
 
 # Multi-frame formats (GIF, TIFF, WebP) open on their first frame; that is the frame we label.
 # Truncated files must fail, not decode as grey: never let PIL pad them.
@@ -64,31 +65,10 @@ class ResizeSpec:
         return np.asarray(image, dtype=np.uint8)
 
 
-#: One input image's fields as they travel from decoding to writing: the listing's, then what decoding
-#: found (displayed size after EXIF orientation, or the error that makes it an error row).
-IMAGE_FIELDS = ("uri", "path", "rel", "size", "etag", "mtime", "width", "height", "error")
-_IMAGE_TYPE = pa.struct(
-    [
-        ("uri", pa.string()),
-        ("path", pa.string()),
-        ("rel", pa.string()),
-        ("size", pa.int64()),
-        ("etag", pa.string()),
-        ("mtime", pa.float64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("error", pa.string()),
-    ]
-)
-#: The rows decoding hands to the model: one per forward pass.
-PASS_SCHEMA = pa.schema(
-    [
-        ("pixels", pa.binary()),  # N resized images of one shape, N x in_h x in_w x 3 uint8, row-major
-        ("in_h", pa.int32()),  # the model input's height (0: a row of failed inputs, no pixels)
-        ("in_w", pa.int32()),
-        ("images", pa.list_(_IMAGE_TYPE)),  # the N images, in the order of their pixels
-    ]
-)
+# The rows decoding reads (LISTING_SCHEMA) and hands to the model (PASS_SCHEMA, of IMAGE_FIELDS per image)
+# are declared with the other hand-offs in segbatch.store.contract.
+IMAGE_FIELDS = contract.IMAGE_FIELDS
+PASS_SCHEMA = contract.PASS_SCHEMA
 
 
 class ImageError(ValueError):

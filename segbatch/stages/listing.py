@@ -40,24 +40,14 @@ import pyarrow.compute as pc
 
 from segbatch._internal import _storage
 from segbatch.errors import InputError
+from segbatch.stages.inputs import INPUT_KINDS
+from segbatch.store import contract
 from segbatch.store.contract import OUTPUT_DIRS
 
 log = logging.getLogger(__name__)
 
-LISTING_SCHEMA = pa.schema(
-    [
-        ("uri", pa.string()),  # the input as users name it: absolute path or URL
-        ("path", pa.string()),  # the same input in its filesystem's own terms
-        ("rel", pa.string()),  # path relative to INPUT; masks are named after it
-        ("size", pa.int64()),
-        ("etag", pa.string()),
-        ("mtime", pa.float64()),  # seconds since the epoch
-        # The model-input shape read from the image's header (0: not probed, or unreadable); decoding
-        # computes the real one, so a wrong probe costs a smaller forward pass, never a wrong mask.
-        ("model_h", pa.int32()),
-        ("model_w", pa.int32()),
-    ]
-)
+#: The rows both input kinds hand to decoding; declared with the other hand-offs in the contract.
+LISTING_SCHEMA = contract.LISTING_SCHEMA
 
 LIST_CHUNK_ROWS = 1024  # listed rows looked up against the summary and probed together
 PLAN_SCAN_ENTRIES = 1000  # top-level entries the driver looks at (one S3 page); a larger top level is one shard
@@ -96,9 +86,14 @@ def _wanted(name: str, extensions: frozenset[str]) -> bool:
     return bool(dot) and ext.lower() in extensions
 
 
-#: Folders of OUTPUT that segbatch writes; never listed as input when OUTPUT and INPUT overlap. The
-#: contract's list, so a folder added there (confidence/) is never labelled by a rerun.
-OUTPUT_OWNED_DIRS = OUTPUT_DIRS
+def output_owned_dirs() -> tuple[str, ...]:
+    """Folders of OUTPUT that segbatch writes; never listed as input when OUTPUT and INPUT overlap: the
+    contract's list and every registered writer's folder, so a new writer's folder is never labelled by
+    a rerun."""
+    from segbatch.stages.writers import WRITERS
+
+    extra = tuple(w.directory for _, w in WRITERS.items() if w.directory not in OUTPUT_DIRS)
+    return OUTPUT_DIRS + extra
 
 
 def _printable(text: str) -> str:
@@ -132,16 +127,16 @@ def excluded_prefixes(fs, root: str, output_url: str | None, storage_options: Ma
         # into the other. The prefixes are then spelled below INPUT as the listing spells its paths.
         real_root, real_out = os.path.realpath(root), os.path.realpath(out_root)
         if real_out == real_root:
-            return [_storage.join_path(root, d) for d in OUTPUT_OWNED_DIRS]
+            return [_storage.join_path(root, d) for d in output_owned_dirs()]
         if _under(real_out, [real_root]):
             return [_storage.join_path(root, posixpath.relpath(real_out, real_root))]
-        if _under(real_root, [_storage.join_path(real_out, d) for d in OUTPUT_OWNED_DIRS]):
+        if _under(real_root, [_storage.join_path(real_out, d) for d in output_owned_dirs()]):
             return [root]  # INPUT is one of OUTPUT's own folders
         return []
     if out_root.startswith(root + "/"):
         return [out_root]
     if out_root == root or root.startswith(out_root + "/"):
-        return [_storage.join_path(out_root, d) for d in OUTPUT_OWNED_DIRS]
+        return [_storage.join_path(out_root, d) for d in output_owned_dirs()]
     return []
 
 
@@ -667,9 +662,16 @@ class ListingDatasource:
 # --------------------------------------------------------------------------------------------------
 
 
+@INPUT_KINDS.register
 class ListedInputs:
     """The inputs of a listed INPUT (:class:`segbatch.stages.inputs.Inputs`): planned in the driver, listed by
     Ray read tasks during the run, less the ones with an ok row in OUTPUT (all of them with ``redo_all``)."""
+
+    name = "listed"
+
+    @classmethod
+    def selected_by(cls, config: Any) -> bool:
+        return bool(config.input)
 
     parts_known = True  # the driver knows the read tasks' number, so it knows when listing is complete
 

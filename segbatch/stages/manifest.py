@@ -41,6 +41,7 @@ from fsspec.core import split_protocol, url_to_fs
 from segbatch._internal import _ray, _storage
 from segbatch.config import RunConfig
 from segbatch.errors import ConfigError
+from segbatch.stages.inputs import INPUT_KINDS
 from segbatch.stages.listing import BLOCK_ROWS, LISTING_SCHEMA, check_output, require_exists
 from segbatch.store import summary
 
@@ -53,13 +54,19 @@ MAX_PARTITIONS = 2048  # more partitions only add scheduling overhead
 _KEYS = pa.schema([(URI_COLUMN, pa.string()), ("done", pa.int8()), ("listed", pa.int8())])
 
 
+@INPUT_KINDS.register
 class ManifestInputs:
     """The inputs of a manifest run (:class:`segbatch.stages.inputs.Inputs`): checked in the driver, read lazily
     by Ray inside the session."""
 
+    name = "manifest"
     parts = None  # the manifest's batches are known only once Ray has read it
 
-    def __init__(self, config: RunConfig, run_id: str = "plan"):
+    @classmethod
+    def selected_by(cls, config: RunConfig) -> bool:
+        return bool(config.manifest)
+
+    def __init__(self, config: RunConfig, relabel_since: float | None = None, run_id: str = "plan"):
         if config.redo_changed:
             raise ConfigError(
                 "redo_changed",
@@ -77,7 +84,7 @@ class ManifestInputs:
         self._bytes = int(_storage.retry(fs.du, path, what=f"size of {self.url}") or 0)
         self._is_dir = _storage.retry(fs.isdir, path, what=f"check {self.url}")
         self.run_id = run_id
-        self.relabel_since: float | None = None  # set by the pipeline from OUTPUT's identity binding
+        self.relabel_since = relabel_since  # from OUTPUT's identity binding
 
     block_rows = BLOCK_ROWS  # a manifest is not probed for shapes: blocks are listing-order slices
 

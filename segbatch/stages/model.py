@@ -277,8 +277,9 @@ class Segmenter:
             return None  # _infer retries it and turns a persistent failure into error rows
 
     def __call__(self, passes: pa.Table) -> pa.Table:
-        """Rows of :data:`segbatch.stages.decode.PASS_SCHEMA` (one forward pass each) -> one row per image: the
-        image's fields, its mask and pixel counts, and how many images shared its pass."""
+        """Rows of :data:`segbatch.store.contract.PASS_SCHEMA` (one forward pass each) -> one row per image
+        (:data:`segbatch.store.contract.IMAGE_ROW_SCHEMA`): the image's fields, its mask and pixel counts,
+        and how many images shared its pass."""
         rows = passes.to_pylist()
         work = [r for r in rows if r["pixels"]]
         out: list[dict[str, Any]] = []
@@ -300,23 +301,21 @@ class Segmenter:
         return self._table(out)
 
     def _table(self, out: list[dict[str, Any]]) -> pa.Table:
-        from segbatch.stages.decode import IMAGE_FIELDS, PASS_SCHEMA
+        """One row per image, of :data:`segbatch.store.contract.IMAGE_ROW_SCHEMA`."""
+        from segbatch.store.contract import IMAGE_FIELDS, IMAGE_ROW_SCHEMA
 
-        image_type = PASS_SCHEMA.field("images").type.value_type
-        columns: dict[str, pa.Array] = {
-            name: pa.array([r[name] for r in out], image_type.field(name).type) for name in IMAGE_FIELDS
-        }
         results = [r["result"] for r in out]
-        columns["mask"] = pa.array([r.mask.tobytes() if r else b"" for r in results], pa.binary())
-        columns["pixel_counts"] = pa.array([r.counts.tolist() if r else None for r in results], pa.list_(pa.int64()))
-        if self.predictor.min_confidence is not None:
-            columns["confidence"] = pa.array([r.confidence.tobytes() if r else b"" for r in results], pa.binary())
-            for name in ("mean_confidence", "low_confidence_share"):
-                columns[name] = pa.array([getattr(r, name) if r else None for r in results], pa.float32())
-        columns["node_id"] = pa.array([self.node_id] * len(out), pa.string())
-        columns[FORWARD_PASS_COLUMN] = pa.array([r[FORWARD_PASS_COLUMN] for r in out], pa.int32())
-        columns["device"] = pa.array([self.device_name] * len(out), pa.string())
-        return pa.table(columns)
+        confident = self.predictor.min_confidence is not None
+        columns: dict[str, list[Any]] = {name: [r[name] for r in out] for name in IMAGE_FIELDS}
+        columns["mask"] = [r.mask.tobytes() if r else b"" for r in results]
+        columns["pixel_counts"] = [r.counts.tolist() if r else None for r in results]
+        columns["confidence"] = [r.confidence.tobytes() if r and confident else None for r in results]
+        for name in ("mean_confidence", "low_confidence_share"):
+            columns[name] = [getattr(r, name) if r and confident else None for r in results]
+        columns["node_id"] = [self.node_id] * len(out)
+        columns["device"] = [self.device_name] * len(out)
+        columns[FORWARD_PASS_COLUMN] = [r[FORWARD_PASS_COLUMN] for r in out]
+        return pa.table(columns, schema=IMAGE_ROW_SCHEMA)
 
 
 __all__ = ["Labelled", "Predictor", "Segmenter", "build"]

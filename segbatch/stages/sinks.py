@@ -20,7 +20,15 @@ import pyarrow.parquet as pq
 
 from segbatch._internal import _storage
 from segbatch.stages.writers import MaskWriter, WriterContext, get_writer
-from segbatch.store.contract import FORWARD_PASS_COLUMN, SUMMARY_DIR, SUMMARY_SCHEMA, summary_metadata
+from segbatch.store.contract import (
+    FORWARD_PASS_COLUMN,
+    IMAGE_ROW_SCHEMA,
+    SUMMARY_DIR,
+    SUMMARY_SCHEMA,
+    WRITTEN_SCHEMA,
+    check_schema,
+    summary_metadata,
+)
 
 WRITE_THREADS = 16  # concurrent object writes per task; object stores reward parallel PUTs
 
@@ -38,12 +46,17 @@ class WriteOutputs:
         self._writers = [get_writer(name)(context) for name in names]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Rows of :data:`IMAGE_ROW_SCHEMA` -> rows of :data:`WRITTEN_SCHEMA`, after the images' files and the
+        block's summary file (:data:`SUMMARY_SCHEMA`) are written."""
         from segbatch.store.preflight import is_fatal_write_error
 
+        if batch.num_rows == 0:
+            return WRITTEN_SCHEMA.empty_table()
         self._output.open()
-        rows = batch.to_pylist()
+        rows = check_schema(batch, IMAGE_ROW_SCHEMA, "model").to_pylist()
 
         def write_one(row: dict[str, Any]) -> dict[str, Any]:
+            row["mask_uri"] = None
             if row["error"] is not None:
                 return row
             try:
@@ -62,10 +75,9 @@ class WriteOutputs:
         table = self._summary_table(rows)
         if table.num_rows:
             self._write_summary(table)
-        out = table.select(["uri", "status", "error", "device"])  # device: the driver says when GPUs were not used
-        if rows and FORWARD_PASS_COLUMN in rows[0]:  # for the driver's tally of forward passes
-            out = out.append_column(FORWARD_PASS_COLUMN, pa.array([r[FORWARD_PASS_COLUMN] for r in rows], pa.int32()))
-        return out
+        forward_passes = pa.array([r[FORWARD_PASS_COLUMN] for r in rows], pa.int32())
+        out = table.select(WRITTEN_SCHEMA.names[:-1]).append_column(FORWARD_PASS_COLUMN, forward_passes)
+        return out.cast(WRITTEN_SCHEMA)
 
     def _summary_table(self, rows: list[dict[str, Any]]) -> pa.Table:
         now = int(time.time() * 1000)
@@ -77,19 +89,19 @@ class WriteOutputs:
             cols["error"].append(None if ok else row["error"])
             cols["width"].append(row["width"] if ok else None)
             cols["height"].append(row["height"] if ok else None)
-            cols["mask_uri"].append(row.get("mask_uri") if ok else None)
+            cols["mask_uri"].append(row["mask_uri"] if ok else None)
             cols["pixel_counts"].append(row["pixel_counts"] if ok else None)
             cols["run_id"].append(self._run_id)
             cols["model"].append(self._model)
             cols["weights"].append(self._weights)
-            cols["node_id"].append(row.get("node_id"))
-            cols["device"].append(row.get("device"))
-            cols["size"].append(row.get("size"))
-            cols["etag"].append(row.get("etag"))
-            cols["mtime"].append(row.get("mtime"))
+            cols["node_id"].append(row["node_id"])
+            cols["device"].append(row["device"])
+            cols["size"].append(row["size"])
+            cols["etag"].append(row["etag"])
+            cols["mtime"].append(row["mtime"])
             cols["written_at"].append(now)
-            cols["mean_confidence"].append(row.get("mean_confidence") if ok else None)
-            cols["low_confidence_share"].append(row.get("low_confidence_share") if ok else None)
+            cols["mean_confidence"].append(row["mean_confidence"] if ok else None)
+            cols["low_confidence_share"].append(row["low_confidence_share"] if ok else None)
         schema = SUMMARY_SCHEMA.with_metadata(summary_metadata(self._classes))
         return pa.table(cols, schema=schema)
 

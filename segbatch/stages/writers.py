@@ -1,9 +1,10 @@
 """Per-image output writers, chosen by name: the mask PNG, and the extras a run asks for.
 
-Each writer is one class with a ``name`` (the key in :data:`WRITERS`) that turns one labelled image into
-one file under OUTPUT. The sink (:class:`segbatch.stages.sinks.WriteOutputs`) runs the writers a run's config
-names, in order, mask first; adding an output format is a new class here and a name in the config, and
-the pipeline does not change.
+Each writer is one class with a ``name``, registered in :data:`WRITERS` with ``@WRITERS.register``, that
+turns one labelled image into one file under OUTPUT. ``segbatch run --writers NAME[,NAME]`` (RunConfig.writers)
+names the ones a run uses; the sink (:class:`segbatch.stages.sinks.WriteOutputs`) runs them in order, mask
+first. Adding an output format is one registered class here (and its test): the config, the CLI and the
+pipeline take any registered name.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from segbatch._internal import _storage
-from segbatch.errors import ConfigError
-from segbatch.store.contract import PALETTE, confidence_relpath, mask_relpath, overlay_relpath
+from segbatch._internal.registry import Registry
+from segbatch.store.contract import CONFIDENCE_DIR, MASKS_DIR, OVERLAYS_DIR, PALETTE, output_relpath
 
 __all__ = [
     "ConfidenceWriter",
@@ -51,6 +52,13 @@ class OutputWriter:
     """One per-image output. ``write`` returns the URL it wrote, or None."""
 
     name: ClassVar[str]
+    #: The folder of OUTPUT it writes, and its files' suffix: ``<directory>/<rel><suffix>``. A rerun never
+    #: lists a registered writer's folder as input (segbatch.stages.listing.output_owned_dirs).
+    directory: ClassVar[str]
+    suffix: ClassVar[str]
+    #: The writer reads the model's per-pixel ``confidence`` column (segbatch.store.contract.IMAGE_ROW_SCHEMA),
+    #: which the model computes only when some writer, or ``--confidence``, asks for it.
+    needs_confidence: ClassVar[bool] = False
 
     def __init__(self, context: WriterContext):
         self.context = context
@@ -59,6 +67,11 @@ class OutputWriter:
 
     def write(self, row: Mapping[str, Any], mask: np.ndarray) -> str | None:
         raise NotImplementedError
+
+    @classmethod
+    def relpath(cls, rel: str) -> str:
+        """Where the output of input ``rel`` goes below OUTPUT (segbatch.store.contract.output_relpath)."""
+        return output_relpath(rel, cls.directory, cls.suffix)
 
     def _put(self, relpath: str, data: bytes) -> str:
         """Write ``data`` whole at ``OUTPUT/relpath`` (never a torn file) and return its URL."""
@@ -77,15 +90,22 @@ def encode_png(mask: np.ndarray, compress_level: int) -> bytes:
     return buf.getvalue()
 
 
+#: Writers by name, in the order ``--help`` lists them. The mask writer always runs, first.
+WRITERS: Registry[type[OutputWriter]] = Registry("writer", "writers")
+
+
+@WRITERS.register
 class MaskWriter(OutputWriter):
     """``masks/<rel>.png``: the contract's mask; its URL becomes the row's ``mask_uri``."""
 
     name = "mask"
+    directory, suffix = MASKS_DIR, ".png"
 
     def write(self, row: Mapping[str, Any], mask: np.ndarray) -> str:
-        return self._put(mask_relpath(row["rel"]), encode_png(mask, self.context.png_compress_level))
+        return self._put(self.relpath(row["rel"]), encode_png(mask, self.context.png_compress_level))
 
 
+@WRITERS.register
 class OverlayWriter(OutputWriter):
     """``overlays/<rel>.jpg``: the image blended with its colourised mask (`run --overlays`).
 
@@ -95,6 +115,7 @@ class OverlayWriter(OutputWriter):
     """
 
     name = "overlay"
+    directory, suffix = OVERLAYS_DIR, ".jpg"
 
     def __init__(self, context: WriterContext):
         from segbatch.stages.overlay import background_ids
@@ -113,28 +134,25 @@ class OverlayWriter(OutputWriter):
             fs, path = _storage.open_url(row["uri"], self.context.storage_options)
         data = _storage.retry(fs.cat_file, path, what=f"read {path} for its overlay")
         image = decode_image(data, self.context.limits)  # the same EXIF orientation as the mask
-        return self._put(overlay_relpath(row["rel"]), encode_jpeg(blend(image, mask, untinted=self._untinted)))
+        return self._put(self.relpath(row["rel"]), encode_jpeg(blend(image, mask, untinted=self._untinted)))
 
 
+@WRITERS.register
 class ConfidenceWriter(OutputWriter):
     """``confidence/<rel>.png`` (`run --confidence`): 8-bit greyscale, the largest softmax probability of
     each pixel x 255, from the same logits as the mask."""
 
     name = "confidence"
+    directory, suffix = CONFIDENCE_DIR, ".png"
+    needs_confidence = True
 
     def write(self, row: Mapping[str, Any], mask: np.ndarray) -> str:
         pixels = np.frombuffer(row["confidence"], dtype=np.uint8).reshape(mask.shape)
         buf = io.BytesIO()
         Image.fromarray(pixels, mode="L").save(buf, format="PNG", compress_level=self.context.png_compress_level)
-        return self._put(confidence_relpath(row["rel"]), buf.getvalue())
-
-
-#: Writers by name. The mask writer always runs first; the others run when the config names them.
-WRITERS: dict[str, type[OutputWriter]] = {w.name: w for w in (MaskWriter, OverlayWriter, ConfidenceWriter)}
+        return self._put(self.relpath(row["rel"]), buf.getvalue())
 
 
 def get_writer(name: str) -> type[OutputWriter]:
-    try:
-        return WRITERS[name]
-    except KeyError:
-        raise ConfigError("writers", f"unknown writer {name!r}", f"valid writers: {', '.join(WRITERS)}") from None
+    """The writer class registered as ``name``; an unknown name is a ConfigError listing the valid ones."""
+    return WRITERS.get(name)

@@ -19,6 +19,13 @@ __all__ = [
     "CONFIDENCE_DIR",
     "EVAL_NAME",
     "FORWARD_PASS_COLUMN",
+    "IMAGE_FIELDS",
+    "IMAGE_ROW_SCHEMA",
+    "IMAGE_TYPE",
+    "LISTING_SCHEMA",
+    "PASS_SCHEMA",
+    "WRITTEN_SCHEMA",
+    "check_schema",
     "MASKS_DIR",
     "MAX_SEGMENT_BYTES",
     "OUTPUT_DIRS",
@@ -80,6 +87,96 @@ SUMMARY_SCHEMA = pa.schema(
         ("low_confidence_share", pa.float32()),
     ]
 )
+
+
+# -- The rows handed between the run's stages (docs/architecture.md) ---------------------------------------
+# read (stages/listing, stages/manifest) --LISTING_SCHEMA--> DecodeImages (stages/decode) --PASS_SCHEMA-->
+# Segmenter (stages/model) --IMAGE_ROW_SCHEMA--> WriteOutputs (stages/sinks) --WRITTEN_SCHEMA--> the driver,
+# which also reads SUMMARY_SCHEMA's files. Each stage builds its output with its schema, reads only the
+# columns its input schema declares, and tests/test_stage_schemas.py runs each one on real images.
+
+#: Listing rows: one per input still to do (both input kinds, segbatch.stages.inputs).
+LISTING_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),  # the input as users name it: absolute path or URL
+        ("path", pa.string()),  # the same input in its filesystem's own terms
+        ("rel", pa.string()),  # path relative to INPUT; masks are named after it
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("mtime", pa.float64()),  # seconds since the epoch
+        # The model-input shape read from the image's header (0: not probed, or unreadable); decoding
+        # computes the real one, so a wrong probe costs a smaller forward pass, never a wrong mask.
+        ("model_h", pa.int32()),
+        ("model_w", pa.int32()),
+    ]
+)
+
+#: One input image's fields as they travel from decoding to writing: the listing's identity, then what
+#: decoding found (displayed size after EXIF orientation, or the error that makes it an error row).
+IMAGE_TYPE = pa.struct(
+    [
+        *(LISTING_SCHEMA.field(name) for name in ("uri", "path", "rel", "size", "etag", "mtime")),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+IMAGE_FIELDS = tuple(f.name for f in IMAGE_TYPE)
+
+#: The rows decoding hands to the model: one per forward pass.
+PASS_SCHEMA = pa.schema(
+    [
+        ("pixels", pa.binary()),  # N resized images of one shape, N x in_h x in_w x 3 uint8, row-major
+        ("in_h", pa.int32()),  # the model input's height (0: a row of failed inputs, no pixels)
+        ("in_w", pa.int32()),
+        ("images", pa.list_(IMAGE_TYPE)),  # the N images, in the order of their pixels
+    ]
+)
+
+#: The rows the model hands to the writers: one per image, its fields, then what inference made of it.
+IMAGE_ROW_SCHEMA = pa.schema(
+    [
+        *IMAGE_TYPE,
+        ("mask", pa.binary()),  # height x width uint8 class ids, row-major; b"" for an error row
+        ("pixel_counts", pa.list_(pa.int64())),  # pixels per class id; null for an error row
+        # With per-pixel confidence asked for (RunConfig.computes_confidence), else null: height x width
+        # uint8 (largest softmax probability x 255), its mean, the share under --min-confidence.
+        ("confidence", pa.binary()),
+        ("mean_confidence", pa.float32()),
+        ("low_confidence_share", pa.float32()),
+        ("node_id", pa.string()),  # the Ray node that ran the model
+        ("device", pa.string()),  # e.g. "cpu", "cuda:0"
+        (FORWARD_PASS_COLUMN, pa.int32()),
+    ]
+)
+
+#: The rows the sinks hand back to the driver, once the images' files and the block's summary file are
+#: written: the summary row's outcome and what the driver tallies (devices used, forward passes).
+WRITTEN_SCHEMA = pa.schema(
+    [
+        SUMMARY_SCHEMA.field("uri"),
+        SUMMARY_SCHEMA.field("status"),
+        SUMMARY_SCHEMA.field("error"),
+        SUMMARY_SCHEMA.field("device"),
+        IMAGE_ROW_SCHEMA.field(FORWARD_PASS_COLUMN),
+    ]
+)
+
+
+def check_schema(table: pa.Table, schema: pa.Schema, stage: str) -> pa.Table:
+    """``table`` if its columns are ``schema``'s (names, order and types), else a TypeError naming the
+    stage and the difference: a renamed or retyped column fails at its hand-off, not as nulls later."""
+    got = table.schema.remove_metadata()
+    if not got.equals(schema.remove_metadata()):
+        want = {f.name: f.type for f in schema}
+        have = {f.name: f.type for f in got}
+        diff = sorted(
+            f"{n}: {have.get(n, 'missing')} (declared {want.get(n, 'undeclared')})"
+            for n in want.keys() | have.keys()
+            if have.get(n) != want.get(n)
+        )
+        raise TypeError(f"{stage} rows do not match their declared schema: {'; '.join(diff) or 'column order'}")
+    return table
 
 
 def summary_metadata(classes: tuple[str, ...]) -> dict[bytes, bytes]:

@@ -1,13 +1,10 @@
-"""Mask names, palette PNG encoding and atomic summary files."""
+"""segbatch.store.contract: per-input output names (escaping, uniqueness, refusals).
 
-import io
+The row schemas it declares are checked against the stages in tests/test_stage_schemas.py."""
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from segbatch.stages.writers import encode_png
-from segbatch.store.contract import UnsafePathError, input_relpath, mask_relpath, voc_palette
+from segbatch.store.contract import UnsafePathError, input_relpath, mask_relpath
 
 
 def test_mask_names_keep_the_extension_so_stems_never_collide():
@@ -43,14 +40,3 @@ def test_dot_and_empty_segments_stay_inside_output_with_names_of_their_own():
         assert name.startswith("masks/") and ".." not in name.split("/") and "" not in name.split("/")
         assert input_relpath(name) == rel
     assert mask_relpath("%2E/a.jpg") != mask_relpath("./a.jpg") and mask_relpath("%_/a.jpg") != mask_relpath("/a.jpg")
-
-
-def test_png_is_single_channel_class_ids_with_voc_colours():
-    mask = np.array([[0, 1, 2], [15, 20, 255]], dtype=np.uint8)
-    image = Image.open(io.BytesIO(encode_png(mask, 1)))
-    assert image.mode == "P" and image.size == (3, 2)
-    assert (np.asarray(image) == mask).all()
-    rgb = np.asarray(image.convert("RGB"))
-    palette = voc_palette()
-    assert tuple(rgb[0, 1]) == (128, 0, 0) == tuple(palette[3:6])  # VOC aeroplane
-    assert tuple(rgb[1, 0]) == (192, 128, 128)  # VOC person
