@@ -21,7 +21,14 @@ import pyarrow as pa
 
 from segbatch._internal import _ray, _storage, _tally, progress, resources
 from segbatch.config import RunConfig
-from segbatch.errors import BudgetError, IncompleteRunError, InputError
+from segbatch.errors import (
+    BudgetError,
+    IncompleteRunError,
+    InputError,
+    LeaseLostError,
+    describe_write_error,
+    fatal_write_error,
+)
 from segbatch.models import weights
 from segbatch.stages import inference, listing, manifest
 from segbatch.stages.decode import DecodeImages, Limits
@@ -50,21 +57,6 @@ class RunInterrupted(BaseException):
         self.signum = signum
         self.name = signal.Signals(signum).name
         super().__init__(self.name)
-
-
-def _fatal_write_error(exc: BaseException) -> BaseException | None:
-    """The OSError behind a failed run (Ray wraps task errors) that no retry can fix, if there is one."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if preflight.is_fatal_write_error(e):
-            return e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return None
 
 
 @dataclass
@@ -300,20 +292,20 @@ def _run_holding_lease(
             exc = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
             report.stopped_early = f"interrupted by {exc.name}; rows written so far stay valid, rerun to resume"
             failure = exc
-        except (BudgetError, _lease.LeaseLostError, IncompleteRunError) as exc:
+        except (BudgetError, LeaseLostError, IncompleteRunError) as exc:
             report.stopped_early = report.stopped_early or str(exc)
             failure = exc
         except InputError as exc:  # INPUT turned out to hold no image at all
             report.stopped_early = str(exc)
             failure = exc
         except Exception as exc:
-            fatal = _fatal_write_error(exc)
+            fatal = fatal_write_error(exc)
             if fatal is None:
                 failure = exc
                 report.stopped_early = f"failed: {type(exc).__name__}"
             else:
                 report.stopped_early = (
-                    f"writing OUTPUT failed: {preflight.describe_write_error(fatal)}; rows "
+                    f"writing OUTPUT failed: {describe_write_error(fatal)}; rows "
                     "written so far stay valid, fix OUTPUT and rerun to resume"
                 )
                 failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")

@@ -38,7 +38,7 @@ class WriteOutputs:
         self._writers = [get_writer(name)(context) for name in names]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from segbatch.store.preflight import is_fatal_write_error
+        from segbatch.errors import is_fatal_write_error
 
         self._output.open()
         rows = batch.to_pylist()

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from segbatch._internal import _storage
-from segbatch.errors import ConfigError
+from segbatch.errors import ConfigError, IdentityMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,6 @@ IDENTITY_NAME = "_segbatch.json"
 IDENTITY_VERSION = 1
 #: The fields of an identity, in the order messages show them.
 FIELDS = ("model", "weights", "classes", "upsample", "precision")
-
-
-class IdentityMismatchError(ConfigError):
-    """OUTPUT was labelled by another model or setting (exit 2): nothing was done."""
-
-    def __init__(self, problem: str, fix: str = ""):
-        super().__init__("output", problem, fix)
 
 
 def of_run(config, spec) -> dict[str, Any]:
