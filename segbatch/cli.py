@@ -42,12 +42,12 @@ HELP_EXAMPLE_CLUSTERS = ((2, 0), (16, 0), (16, 2))
 
 
 def _auto_help(name: str) -> str:
-    """``default auto: <the rule in words>; e.g. <what resources.settle picks on a few clusters>``."""
+    """``default auto: <the rule in words>; e.g. <what resources.size_for_cluster picks on a few clusters>``."""
     from segbatch._internal import resources
 
     examples = []
     for cpus, gpus in HELP_EXAMPLE_CLUSTERS:
-        size = resources.settle(RunConfig(), cpus, gpus)
+        size = resources.size_for_cluster(RunConfig(), cpus, gpus)
         value = {
             "actors": size.max_actors,
             "cpus_per_actor": size.cpus_per_actor,

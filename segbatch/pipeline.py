@@ -71,12 +71,12 @@ class RunReport:
     error_examples: list[tuple[str, str]] = field(default_factory=list)
     stopped_early: str | None = None
     devices: set[str] = field(default_factory=set)  # where inference ran ("cpu", "cuda:0"), from the rows
-    passes: float = 0.0  # forward passes, summed as 1/(images in the pass) over the images they labelled
+    pass_shares: float = 0.0  # each inferred image adds 1/(images in its pass): the sum counts forward passes
     inferred: int = 0  # images that went through a forward pass
 
     @property
     def forward_passes(self) -> int:
-        return round(self.passes)
+        return round(self.pass_shares)
 
     @property
     def images_per_forward_pass(self) -> float:
@@ -127,7 +127,7 @@ def sizing(config: RunConfig) -> resources.Sizing:
     import ray
 
     gpu_bytes = resources.gpu_bytes_of(ray.cluster_resources())
-    return resources.settle(config, _ray.cluster_cpus(), _ray.cluster_gpus(), gpu_bytes)
+    return resources.size_for_cluster(config, _ray.cluster_cpus(), _ray.cluster_gpus(), gpu_bytes)
 
 
 def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, run_id: str, predictor: Any = None):
@@ -491,7 +491,7 @@ def _count_rows(report: RunReport, batch: pa.Table) -> None:
     if FORWARD_PASS_COLUMN in batch.column_names:
         sizes = [s for s in batch[FORWARD_PASS_COLUMN].to_pylist() if s]
         report.inferred += len(sizes)
-        report.passes += sum(1.0 / s for s in sizes)
+        report.pass_shares += sum(1.0 / s for s in sizes)
     for uri, status, error in zip(*(batch[c].to_pylist() for c in ("uri", "status", "error"))):
         if status == "ok":
             report.ok += 1
