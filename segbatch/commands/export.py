@@ -605,15 +605,9 @@ class LabelStudioExporter(Exporter):
 
 def latest_ok_rows(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
     """The newest ok row of every input, sorted by uri: what an export holds."""
-    columns = ["uri", "mask_uri", "width", "height", "model", "written_at"]
+    columns = ["uri", "mask_uri", "width", "height", "model", "written_at", "run_id"]
     table = summary.read(output_url, storage_options, columns=columns, filter=pc.field("status") == "ok")
-    if table.num_rows == 0:
-        return table
-    table = table.sort_by([("uri", "ascending"), ("written_at", "descending")])
-    uris = table["uri"].combine_chunks()
-    first = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))  # a row whose uri differs from the last
-    keep = pa.concat_arrays([pa.array([True]), first.fill_null(True)])
-    return table.filter(keep)
+    return summary.newest_per_uri(table)
 
 
 def _chunks(table: pa.Table, size: int) -> Iterator[pa.Table]:

@@ -217,12 +217,3 @@ def bind(config, spec, run_id: str) -> Binding:
     return Binding(
         mine, since, changed_from=old, pending=(config.output, config.storage_options, mine, run_id, since, old, kind)
     )
-
-
-def since_filter(relabel_since: float | None) -> pc.Expression | None:
-    """Rows that belong to the current identity: written at or after ``relabel_since``."""
-    if relabel_since is None:
-        return None
-    import pyarrow as pa
-
-    return pc.field("written_at") >= pa.scalar(int(relabel_since * 1000), pa.timestamp("ms", tz="UTC"))

@@ -92,8 +92,8 @@ def read_records(output_url: str, storage_options: Mapping[str, Any] | None = No
 def drop_superseded(output_url: str, storage_options: Mapping[str, Any] | None = None) -> int:
     """Keep only the newest ok row of every input; returns how many older ok rows were dropped.
 
-    Newest means the latest ``written_at``, then the greater ``run_id`` (run ids start with their UTC
-    start time). Error rows are left alone: the output contract lets them remain beside an ok row.
+    Newest is :data:`segbatch.store.summary.NEWEST_FIRST`'s: the latest ``written_at``, then the greater
+    ``run_id``. Error rows are left alone: the output contract lets them remain beside an ok row.
     """
     compact.finish_pending(output_url, storage_options)  # no half-done merge while files are rewritten
     ds = summary.dataset(output_url, storage_options)
@@ -107,13 +107,11 @@ def drop_superseded(output_url: str, storage_options: Mapping[str, Any] | None =
     if len(dups) == 0:
         return 0
     rows = ds.to_table(columns=["uri", "run_id", "written_at", "__filename"], filter=is_ok & pc.field("uri").isin(dups))
-    rows = rows.sort_by([("uri", "ascending"), ("written_at", "descending"), ("run_id", "descending")])
+    ordered, newest = summary.newest_first(rows)
+    superseded = ordered.filter(pc.invert(newest))  # every row after the newest of its uri
     losers: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    previous = None
-    for uri, run_id, filename in zip(*(rows[c].to_pylist() for c in ("uri", "run_id", "__filename"))):
-        if uri == previous:  # every row after the first of its uri is superseded
-            losers[filename].add((uri, run_id))
-        previous = uri
+    for uri, run_id, filename in zip(*(superseded[c].to_pylist() for c in ("uri", "run_id", "__filename"))):
+        losers[filename].add((uri, run_id))
 
     fs, _root = _storage.open_url(output_url, storage_options)
     dropped = 0
