@@ -35,7 +35,7 @@ from segbatch.stages.decode import DecodeImages, Limits
 from segbatch.stages.inputs import Inputs
 from segbatch.stages.sinks import WriteOutputs
 from segbatch.stages.writers import WriterContext
-from segbatch.store import _lease, identity, preflight, runs, summary
+from segbatch.store import _lease, compact, identity, preflight, runs, summary, superseded
 from segbatch.store.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def _run_holding_lease(
     except RunInterrupted as exc:
         report.stopped_early = f"interrupted by {exc.name} while listing INPUT; nothing was labelled"
         report.seconds = time.monotonic() - started
-        runs.finish(config, report, completed=False, cleanup=False)
+        _finish(config, report, completed=False, cleanup=False)
         raise
 
     failure: BaseException | None = None
@@ -324,7 +324,7 @@ def _run_holding_lease(
     report.seconds = time.monotonic() - started
     if failure is not None:
         _recount(config, report)
-    runs.finish(config, report, completed=failure is None, cleanup=cleanup)
+    _finish(config, report, completed=failure is None, cleanup=cleanup)
     if failure is not None:
         raise failure
     if _stop_requested is not None:
@@ -439,6 +439,33 @@ def _stoppable():
         yield
     finally:
         _interruptible = before
+
+
+def _finish(config, report, *, completed: bool, cleanup: bool = False) -> None:
+    """Record the run; after a redo run (or any run while OUTPUT still holds an earlier model's rows,
+    ``cleanup``) drop superseded ok rows; then merge the run's summary files (segbatch/store/compact.py). Never
+    raises: every row already written is valid, and a failure here must not hide the run's own outcome."""
+    try:
+        runs.record(config, report, completed=completed)
+    except Exception as exc:
+        log.error("could not write the run record of %s: %s", report.run_id, exc)
+    if config.redo_all or config.redo_changed or cleanup:
+        try:
+            superseded.drop_superseded(config.output, config.storage_options)
+        except Exception as exc:
+            log.error(
+                "could not drop superseded ok rows (%s); inputs keep an extra older ok row until the next "
+                "--redo-changed run finishes this cleanup",
+                exc,
+            )
+    try:
+        compact.compact(config.output, config.storage_options, run_id=report.run_id)
+    except Exception as exc:
+        log.error(
+            "could not merge the run's summary files (%s); its rows are all there, in small files: "
+            "`segbatch compact OUTPUT` merges them",
+            exc,
+        )
 
 
 @contextlib.contextmanager
