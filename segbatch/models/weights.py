@@ -64,14 +64,21 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= SHOWN_ERROR_CHARS else line[: SHOWN_ERROR_CHARS - 3] + "..."
 
 
-def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
+def _read_file(setting: str, url: str, storage_options: Mapping[str, Any], folder_fix: str) -> bytes:
+    """The bytes of the file a setting names; WeightsError when it is missing or a folder."""
     fs, path = _storage.open_url(url, storage_options)
     try:
-        text = _storage.retry(fs.cat_file, path, what=f"read {url}").decode("utf-8")
+        return _storage.retry(fs.cat_file, path, what=f"read {url}")
     except FileNotFoundError:
-        raise WeightsError(f"classes: {url} does not exist") from None
+        raise WeightsError(f"{setting}: {url} does not exist") from None
     except IsADirectoryError:
-        raise WeightsError(f"classes: {url} is a folder; pass the file of class names") from None
+        raise WeightsError(f"{setting}: {url} is a folder; {folder_fix}") from None
+
+
+def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
+    data = _read_file("classes", url, storage_options, "pass the file of class names")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise WeightsError(f"classes: {url} is not UTF-8 text (one class name per line, or a JSON list)") from None
     stripped = text.strip()
@@ -113,13 +120,7 @@ def load_checkpoint(data: bytes, source: str, architecture: Architecture) -> dic
 
 def fetch_weights(url: str, storage_options: Mapping[str, Any]) -> bytes:
     """A weights file's bytes; WeightsError when it is missing or a folder."""
-    fs, path = _storage.open_url(url, storage_options)
-    try:
-        return _storage.retry(fs.cat_file, path, what=f"read {url}")
-    except FileNotFoundError:
-        raise WeightsError(f"weights: {url} does not exist") from None
-    except IsADirectoryError:
-        raise WeightsError(f"weights: {url} is a folder; pass the checkpoint file (.pt/.pth)") from None
+    return _read_file("weights", url, storage_options, "pass the checkpoint file (.pt/.pth)")
 
 
 def default_spellings(arch: str) -> tuple[str, ...]:

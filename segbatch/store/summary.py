@@ -17,18 +17,17 @@ import pyarrow.dataset as pads
 
 from segbatch._internal import _storage
 from segbatch.store import compact
-from segbatch.store.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
+from segbatch.store.contract import CLASSES_METADATA_KEY, SUMMARY_SCHEMA
 
 
 def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pads.Dataset | None:
     """The summary as a pyarrow dataset, or None when OUTPUT has no summary yet."""
-    fs, root = _storage.open_url(output_url, storage_options)
-    path = _storage.join_path(root, SUMMARY_DIR)
-    # fsspec filesystems are cached per process, with their listings: a listing from before a run must
-    # not hide the files the run wrote (s3fs then even reports them missing).
-    fs.invalidate_cache(path)
-    if not _storage.retry(fs.exists, path, what=f"check {path}"):
+    # A listing from before a run must not hide the files the run wrote (s3fs then even reports them
+    # missing): summary_folder drops the cached one.
+    opened = compact.summary_folder(output_url, storage_options)
+    if opened is None:
         return None
+    fs, path = opened
     listed = _storage.retry(fs.find, path, what=f"list {path}")
     # Files that a finished merge replaced but a killed compaction left behind hold rows that the merged
     # file holds too: they are skipped (segbatch/store/compact.py).
