@@ -159,3 +159,13 @@ def test_lease_and_identity_errors_have_their_own_exit_statuses():
     lost = errors.LeaseLostError("taken over")
     assert errors.exit_status(lost) == 7 and not isinstance(lost, errors.ConfigError)
     assert str(errors.LeaseHeldError("held", "wait")) == "output: held (wait)"
+
+
+def test_an_unreadable_input_is_described_by_what_its_error_means():
+    from segbatch.stages.decode import _describe_read_error
+
+    assert _describe_read_error(translate_boto_error(client_error("NoSuchKey", 404, "GetObject"))).startswith(
+        "object not found"
+    )
+    assert _describe_read_error(client_error("AccessDenied", 403, "GetObject")) == "access denied reading the object"
+    assert _describe_read_error(OSError(errno.EIO, "in/cam_404/x.jpg")).startswith("cannot read: OSError")
