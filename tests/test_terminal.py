@@ -245,7 +245,7 @@ def _help(*args: str) -> str:
         ("--batch-size", "batch_size"),
     ],
 )
-def test_run_help_prints_what_settle_picks(flag, field):
+def test_run_help_prints_what_size_for_cluster_picks(flag, field):
     text = _help("run")
     entry = re.search(re.escape(flag) + r" [A-Z_]+ (.*?)(?= --[a-z])", text).group(1)
     assert "default auto:" in entry, entry
