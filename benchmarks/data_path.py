@@ -2,13 +2,14 @@
 
     python benchmarks/data_path.py bench-data/jpeg640 --batch-size 16 --pass-seconds 0
     python benchmarks/data_path.py bench-data/jpeg640 --batch-size 16 --pass-seconds 0.05 --address 127.0.0.1:6379
+    python benchmarks/data_path.py bench-data/jpeg640 --batch-size 16 --nodes 2 --node-cpus 1
 
 The stand-in returns all-zero masks of each image's displayed size after ``--pass-seconds`` per forward
 pass (0: a model that costs nothing; 0.05 at batch 16: a GPU labelling 320 images/s). Everything else is
 the real run, assembled by ``segbatch.pipeline.build_dataset``: listing read tasks, decode tasks, the actor
 pool, write tasks, summary files. Without ``--address`` an embedded one-node Ray is used; give the address of
-a running cluster (e.g. two local nodes: ``ray start --head --node-ip-address 127.0.0.1 --port 6379`` and
-``ray start --address 127.0.0.1:6379``) to measure more nodes.
+a running cluster to measure more nodes, or ``--nodes N``: N raylets on 127.0.0.1, each a node with its own
+workers and object store (``ray.cluster_utils.Cluster``, as the multi-node tests use), ``--node-cpus`` each.
 
 It prints images/s end to end and per decode CPU, forward passes, and, from Ray Data's own statistics, the
 tasks and bytes of each stage: which process count carries the image bytes, and how many bytes each image
@@ -82,7 +83,20 @@ def main() -> None:
     parser.add_argument("--pass-seconds", type=float, default=0.0, help="stand-in cost per forward pass")
     parser.add_argument("--address", help="a running Ray cluster (default: an embedded one-node Ray)")
     parser.add_argument("--actors", type=int, help="stand-in actors (default: segbatch's own sizing)")
+    parser.add_argument("--nodes", type=int, help="start this many local nodes on 127.0.0.1 and run on them")
+    parser.add_argument("--node-cpus", type=float, default=1.0, help="--nodes: CPUs of each node (default 1)")
     args = parser.parse_args()
+    cluster = None
+    if args.nodes:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on loopback
+        from ray.cluster_utils import Cluster
+
+        node_args = {"num_cpus": args.node_cpus, "object_store_memory": 512 * 1024 * 1024}
+        cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+        for _ in range(args.nodes - 1):
+            cluster.add_node(**node_args)
+        cluster.wait_for_nodes()
+        args.address = cluster.address
 
     out = tempfile.mkdtemp(prefix="segbatch-datapath-")
     try:
@@ -136,6 +150,8 @@ def main() -> None:
             print("  " + line)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        if cluster is not None:
+            cluster.shutdown()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ _EXPORTS = {
     "WeightsError": ("segbatch.errors", "WeightsError"),
     "StorageError": ("segbatch.errors", "StorageError"),
     "BudgetError": ("segbatch.errors", "BudgetError"),
+    "LeaseHeldError": ("segbatch.errors", "LeaseHeldError"),
+    "LeaseLostError": ("segbatch.errors", "LeaseLostError"),
+    "IdentityMismatchError": ("segbatch.errors", "IdentityMismatchError"),
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -10,7 +10,7 @@ from typing import Any
 
 from segbatch import __version__
 from segbatch.config import RunConfig, load_config_file, parse_storage_value
-from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, StorageError, exit_status
+from segbatch.errors import EXIT_STATUS, InputError, SegbatchError, StorageError, exit_status, is_unreachable
 from segbatch.models.architectures import available_models
 from segbatch.stages.writers import WRITERS
 
@@ -43,12 +43,12 @@ HELP_EXAMPLE_CLUSTERS = ((2, 0), (16, 0), (16, 2))
 
 
 def _auto_help(name: str) -> str:
-    """``default auto: <the rule in words>; e.g. <what resources.settle picks on a few clusters>``."""
+    """``default auto: <the rule in words>; e.g. <what resources.size_for_cluster picks on a few clusters>``."""
     from segbatch._internal import resources
 
     examples = []
     for cpus, gpus in HELP_EXAMPLE_CLUSTERS:
-        size = resources.settle(RunConfig(), cpus, gpus)
+        size = resources.size_for_cluster(RunConfig(), cpus, gpus)
         value = {
             "actors": size.max_actors,
             "cpus_per_actor": size.cpus_per_actor,
@@ -168,25 +168,11 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
-def _unreachable(exc: BaseException) -> bool:
-    """A storage endpoint that cannot be reached (after retries): a message and exit 4, not a traceback."""
-    from segbatch._internal import _storage
-
-    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
-    return bool(
-        names
-        & {
-            "EndpointConnectionError",
-            "ConnectTimeoutError",
-            "ClientConnectorError",
-            "ConnectionError",
-            "ConnectionRefusedError",
-            "NoCredentialsError",
-            # `--storage-option secret=...` without `key` (or the reverse): botocore refuses half a pair.
-            "PartialCredentialsError",
-            "ServerDisconnectedError",
-        }
-    ) or (_storage.is_transient(exc) and isinstance(exc, OSError))
+def _unreachable_message(exc: BaseException) -> str:
+    return (
+        f"cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and credentials); "
+        "nothing was done"
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -210,12 +196,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except SegbatchError:
         raise
     except Exception as exc:
-        if not _unreachable(exc):
+        # An endpoint that cannot be reached (after retries) or credentials that cannot work: a message
+        # and exit 4, not a traceback.
+        if not is_unreachable(exc):
             raise
-        raise StorageError(
-            f"cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and "
-            "credentials); nothing was done"
-        ) from None
+        raise StorageError(_unreachable_message(exc)) from None
     print(report)
     return 0
 
@@ -412,13 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # status, report, eval, compact and export meet storage as run does: an endpoint that cannot be
         # reached (after retries) or credentials that cannot work are one line and exit 4, as for run.
-        if not _unreachable(exc):
+        if not is_unreachable(exc):
             raise
-        print(
-            f"segbatch: cannot reach storage: {type(exc).__name__}: {exc} (check the endpoint, network and "
-            "credentials); nothing was done",
-            file=sys.stderr,
-        )
+        print(f"segbatch: {_unreachable_message(exc)}", file=sys.stderr)
         return EXIT_STATUS[StorageError]
 
 

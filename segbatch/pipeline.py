@@ -21,14 +21,21 @@ import pyarrow as pa
 
 from segbatch._internal import _ray, _storage, _tally, progress, resources
 from segbatch.config import RunConfig
-from segbatch.errors import BudgetError, IncompleteRunError, InputError
+from segbatch.errors import (
+    BudgetError,
+    IncompleteRunError,
+    InputError,
+    LeaseLostError,
+    describe_write_error,
+    fatal_write_error,
+)
 from segbatch.models import weights
 from segbatch.stages import inference, listing
 from segbatch.stages.decode import DecodeImages, Limits
 from segbatch.stages.inputs import Inputs, inputs_for
 from segbatch.stages.sinks import WriteOutputs
 from segbatch.stages.writers import WriterContext
-from segbatch.store import _lease, identity, preflight, runs, summary
+from segbatch.store import _lease, compact, identity, preflight, runs, summary, superseded
 from segbatch.store.contract import FORWARD_PASS_COLUMN, MASKS_DIR, SUMMARY_DIR, WRITTEN_SCHEMA, check_schema
 
 log = logging.getLogger(__name__)
@@ -52,21 +59,6 @@ class RunInterrupted(BaseException):
         super().__init__(self.name)
 
 
-def _fatal_write_error(exc: BaseException) -> BaseException | None:
-    """The OSError behind a failed run (Ray wraps task errors) that no retry can fix, if there is one."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if preflight.is_fatal_write_error(e):
-            return e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return None
-
-
 @dataclass
 class RunReport:
     run_id: str
@@ -79,12 +71,12 @@ class RunReport:
     error_examples: list[tuple[str, str]] = field(default_factory=list)
     stopped_early: str | None = None
     devices: set[str] = field(default_factory=set)  # where inference ran ("cpu", "cuda:0"), from the rows
-    passes: float = 0.0  # forward passes, summed as 1/(images in the pass) over the images they labelled
+    pass_shares: float = 0.0  # each inferred image adds 1/(images in its pass): the sum counts forward passes
     inferred: int = 0  # images that went through a forward pass
 
     @property
     def forward_passes(self) -> int:
-        return round(self.passes)
+        return round(self.pass_shares)
 
     @property
     def images_per_forward_pass(self) -> float:
@@ -132,7 +124,7 @@ def sizing(config: RunConfig) -> resources.Sizing:
     import ray
 
     gpu_bytes = resources.gpu_bytes_of(ray.cluster_resources())
-    return resources.settle(config, _ray.cluster_cpus(), _ray.cluster_gpus(), gpu_bytes)
+    return resources.size_for_cluster(config, _ray.cluster_cpus(), _ray.cluster_gpus(), gpu_bytes)
 
 
 def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, run_id: str, predictor: Any = None):
@@ -252,7 +244,7 @@ def _run_holding_lease(
     except RunInterrupted as exc:
         report.stopped_early = f"interrupted by {exc.name} while listing INPUT; nothing was labelled"
         report.seconds = time.monotonic() - started
-        runs.finish(config, report, completed=False, cleanup=False)
+        _finish(config, report, completed=False, cleanup=False)
         raise
 
     failure: BaseException | None = None
@@ -298,20 +290,20 @@ def _run_holding_lease(
             exc = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
             report.stopped_early = f"interrupted by {exc.name}; rows written so far stay valid, rerun to resume"
             failure = exc
-        except (BudgetError, _lease.LeaseLostError, IncompleteRunError) as exc:
+        except (BudgetError, LeaseLostError, IncompleteRunError) as exc:
             report.stopped_early = report.stopped_early or str(exc)
             failure = exc
         except InputError as exc:  # INPUT turned out to hold no image at all
             report.stopped_early = str(exc)
             failure = exc
         except Exception as exc:
-            fatal = _fatal_write_error(exc)
+            fatal = fatal_write_error(exc)
             if fatal is None:
                 failure = exc
                 report.stopped_early = f"failed: {type(exc).__name__}"
             else:
                 report.stopped_early = (
-                    f"writing OUTPUT failed: {preflight.describe_write_error(fatal)}; rows "
+                    f"writing OUTPUT failed: {describe_write_error(fatal)}; rows "
                     "written so far stay valid, fix OUTPUT and rerun to resume"
                 )
                 failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
@@ -330,7 +322,7 @@ def _run_holding_lease(
     report.seconds = time.monotonic() - started
     if failure is not None:
         _recount(config, report)
-    runs.finish(config, report, completed=failure is None, cleanup=cleanup)
+    _finish(config, report, completed=failure is None, cleanup=cleanup)
     if failure is not None:
         raise failure
     if _stop_requested is not None:
@@ -447,6 +439,33 @@ def _stoppable():
         _interruptible = before
 
 
+def _finish(config, report, *, completed: bool, cleanup: bool = False) -> None:
+    """Record the run; after a redo run (or any run while OUTPUT still holds an earlier model's rows,
+    ``cleanup``) drop superseded ok rows; then merge the run's summary files (segbatch/store/compact.py). Never
+    raises: every row already written is valid, and a failure here must not hide the run's own outcome."""
+    try:
+        runs.record(config, report, completed=completed)
+    except Exception as exc:
+        log.error("could not write the run record of %s: %s", report.run_id, exc)
+    if config.redo_all or config.redo_changed or cleanup:
+        try:
+            superseded.drop_superseded(config.output, config.storage_options)
+        except Exception as exc:
+            log.error(
+                "could not drop superseded ok rows (%s); inputs keep an extra older ok row until the next "
+                "--redo-changed run finishes this cleanup",
+                exc,
+            )
+    try:
+        compact.compact(config.output, config.storage_options, run_id=report.run_id)
+    except Exception as exc:
+        log.error(
+            "could not merge the run's summary files (%s); its rows are all there, in small files: "
+            "`segbatch compact OUTPUT` merges them",
+            exc,
+        )
+
+
 @contextlib.contextmanager
 def _ray_session(ray_start: _ray.Starter):
     """_ray.session with the CLI's stop handlers in place. ray.init installs its own SIGTERM handler
@@ -499,7 +518,7 @@ def _count_rows(report: RunReport, batch: pa.Table) -> None:
     report.devices.update(d for d in batch["device"].unique().to_pylist() if d)
     sizes = [s for s in batch[FORWARD_PASS_COLUMN].to_pylist() if s]
     report.inferred += len(sizes)
-    report.passes += sum(1.0 / s for s in sizes)
+    report.pass_shares += sum(1.0 / s for s in sizes)
     for uri, status, error in zip(*(batch[c].to_pylist() for c in ("uri", "status", "error"))):
         if status == "ok":
             report.ok += 1

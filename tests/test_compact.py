@@ -21,7 +21,7 @@ from PIL import Image
 from segbatch import RunConfig
 from segbatch.cli import main
 from segbatch.commands import _status as status
-from segbatch.store import compact, runs, summary
+from segbatch.store import compact, summary, superseded
 from segbatch.store.contract import SUMMARY_SCHEMA, summary_metadata
 
 from _helpers import TEST_ARCH, photo_like
@@ -99,7 +99,7 @@ def test_compact_merges_small_files_into_one_and_readers_see_every_row_once(tmp_
     assert legacy["size"] is None and legacy["pixel_counts"] == [1, 2]  # missing extensions: null
     after = status.collect(str(out))
     assert (after.inputs_ok, after.inputs_failing, after.extra_ok_rows) == (before.inputs_ok, before.inputs_failing, 0)
-    assert summary.done_keys(str(out)).num_rows == before.inputs_ok
+    assert sum(t.num_rows for t in summary.done_key_chunks(str(out))) == before.inputs_ok
     # Nothing left to merge: a second compaction changes nothing.
     assert compact.compact(str(out)).merged_written == 0
     assert summary_files(out) == files
@@ -222,7 +222,7 @@ def test_drop_superseded_works_on_merged_files_and_keeps_their_class_names(tmp_p
     # A redo run's rows, in its own (not yet merged) file, then a pending merge of it beside.
     write_part(out / "summary", "part-new-1.parquet", "new", ["a"], written_at=2000)
     assert status.collect(str(out)).extra_ok_rows == 1
-    assert runs.drop_superseded(str(out)) == 1
+    assert superseded.drop_superseded(str(out)) == 1
     assert seen_rows(out) == [("a", "new"), ("b", "old"), ("c", "old")]
     merged = [n for n in summary_files(out) if n.startswith("merged-")]
     assert json.loads(pq.read_schema(out / "summary" / merged[0]).metadata[b"segbatch.classes"]) == list(CLASSES)
@@ -242,7 +242,7 @@ def test_drop_superseded_finishes_a_pending_merge_before_it_deletes_an_emptied_m
     monkeypatch.undo()
     assert len(summary_files(out)) == 4  # 2 small, 1 merged, 1 marker
     write_part(out / "summary", "part-new-1.parquet", "new", ["a", "b"], written_at=2000)
-    assert runs.drop_superseded(str(out)) == 2
+    assert superseded.drop_superseded(str(out)) == 2
     assert seen_rows(out) == [("a", "new"), ("b", "new")]
     assert summary_files(out) == ["part-new-1.parquet"]
 

@@ -18,7 +18,7 @@ from segbatch.cli import main
 from segbatch.commands._status import collect as collect_status
 from segbatch.errors import EXIT_STATUS, InputError
 from segbatch.pipeline import plan_inputs
-from segbatch.store import runs
+from segbatch.store import runs, superseded
 
 from _helpers import TEST_ARCH, photo_like, summary_table
 
@@ -169,13 +169,13 @@ def test_drop_superseded_finishes_an_interrupted_cleanup(tmp_path):
     untouched_mtime = (out / "summary" / "part-untouched.parquet").stat().st_mtime_ns
     assert collect_status(str(out)).extra_ok_rows == 1
 
-    assert runs.drop_superseded(str(out)) == 1
+    assert superseded.drop_superseded(str(out)) == 1
     old = pq.read_table(out / "summary" / "part-old.parquet")
     assert sorted(zip(old["uri"].to_pylist(), old["status"].to_pylist())) == [("b", "ok"), ("c", "error")]
     assert json.loads(old.schema.metadata[b"segbatch.classes"]) == ["bg", "fg"]
     assert (out / "summary" / "part-untouched.parquet").stat().st_mtime_ns == untouched_mtime
     assert collect_status(str(out)).extra_ok_rows == 0
-    assert runs.drop_superseded(str(out)) == 0  # idempotent
+    assert superseded.drop_superseded(str(out)) == 0  # idempotent
     assert not list((out / "summary").glob(".*"))  # no temporaries left behind
     assert np.all(pq.read_table(out / "summary" / "part-new.parquet")["run_id"].to_numpy(zero_copy_only=False) == "new")
 

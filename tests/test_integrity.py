@@ -17,10 +17,9 @@ from PIL import Image
 from segbatch import RunConfig, run
 from segbatch.cli import main
 from segbatch.commands._status import collect as collect_status
-from segbatch.errors import EXIT_STATUS, ConfigError, InputError
+from segbatch.errors import EXIT_STATUS, ConfigError, IdentityMismatchError, InputError
 from segbatch.store import _lease, identity, summary
 from segbatch.store.contract import MAX_SEGMENT_BYTES
-from segbatch.store.identity import IdentityMismatchError
 
 from _helpers import TEST_ARCH, photo_like, wait_for_masks
 

@@ -12,13 +12,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from segbatch import cli
+from segbatch import cli, errors
 from segbatch._internal import _storage
 from segbatch.config import RunConfig, parse_storage_value
 from segbatch.errors import ConfigError, InputError, WeightsError
 from segbatch.models import weights
 from segbatch.stages import listing, manifest
-from segbatch.store import _lease, preflight
+from segbatch.store import _lease
 from segbatch.store.contract import MAX_SEGMENT_BYTES, UnsafePathError, input_relpath, mask_relpath
 
 from _helpers import TEST_ARCH, make_checkpoint
@@ -346,16 +346,16 @@ def test_unwritable_output_exits_4_before_any_work(tmp_path, capsys, monkeypatch
 
 
 def test_fatal_write_errors_are_recognised():
-    assert preflight.is_fatal_write_error(OSError(errno.ENOSPC, "full"))
-    assert preflight.is_fatal_write_error(PermissionError(errno.EACCES, "ro"))
-    assert not preflight.is_fatal_write_error(OSError(errno.ECONNRESET, "reset"))
+    assert errors.is_fatal_write_error(OSError(errno.ENOSPC, "full"))
+    assert errors.is_fatal_write_error(PermissionError(errno.EACCES, "ro"))
+    assert not errors.is_fatal_write_error(OSError(errno.ECONNRESET, "reset"))
 
 
 # -- 2: the lease, locally -------------------------------------------------------------------------------
 def test_local_lease_excludes_a_second_run_and_is_released(tmp_path):
     out = str(tmp_path / "out")
     first = _lease.Lease(out, {}, "run-a", timeout_s=60).acquire()
-    with pytest.raises(_lease.LeaseHeldError) as err:
+    with pytest.raises(errors.LeaseHeldError) as err:
         _lease.Lease(out, {}, "run-b", timeout_s=60).acquire()
     text = str(err.value)
     assert "run-a" in text and f"pid {os.getpid()}" in text and "last renewed" in text
@@ -417,7 +417,7 @@ def test_a_lease_taken_over_is_noticed_by_its_old_holder(tmp_path):
     (tmp_path / "out" / _lease.LEASE_NAME).write_bytes(mine.holder.to_bytes())
     other = _lease.Lease(out, {}, "other", timeout_s=60).acquire()
     mine.renew()
-    with pytest.raises(_lease.LeaseLostError):
+    with pytest.raises(errors.LeaseLostError):
         mine.check()
     other.release()
 
@@ -428,7 +428,7 @@ def test_a_lease_being_written_is_not_stale(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / _lease.LEASE_NAME).write_bytes(b"")  # created by another run this instant, not yet written
-    with pytest.raises(_lease.LeaseHeldError, match="unreadable lease file"):
+    with pytest.raises(errors.LeaseHeldError, match="unreadable lease file"):
         _lease.Lease(str(out), {}, "second", timeout_s=60).acquire()
     assert (out / _lease.LEASE_NAME).read_bytes() == b""  # left to its creator
     # Once the file is older than the timeout, it is stale like any other lease.
@@ -453,7 +453,7 @@ def _race_for_the_lease(out: str, start: float, queue) -> None:
     time.sleep(max(0.0, start - time.time()))
     try:
         lease = _lease.Lease(out, {}, f"racer-{os.getpid()}", timeout_s=60).acquire()
-    except _lease.LeaseHeldError:
+    except errors.LeaseHeldError:
         queue.put(False)
         return
     queue.put(True)
@@ -487,7 +487,7 @@ def test_a_damaged_lease_file_is_held_until_its_mtime_is_stale(tmp_path, content
     out = tmp_path / "out"
     out.mkdir()
     (out / _lease.LEASE_NAME).write_bytes(content)
-    with pytest.raises(_lease.LeaseHeldError, match="unreadable lease file"):
+    with pytest.raises(errors.LeaseHeldError, match="unreadable lease file"):
         _lease.Lease(str(out), {}, "next", timeout_s=60).acquire()
     old = time.time() - 600
     os.utime(out / _lease.LEASE_NAME, (old, old))
@@ -509,7 +509,7 @@ def test_s3_lease_uses_conditional_puts(s3_bucket, s3_server, caplog):
     out = f"s3://{s3_bucket}/labels"
     first = _lease.Lease(out, {}, "run-a", timeout_s=60).acquire()
     assert f"labels/{_lease.LEASE_NAME}" in s3_server.keys(s3_bucket)
-    with pytest.raises(_lease.LeaseHeldError, match="run-a"):
+    with pytest.raises(errors.LeaseHeldError, match="run-a"):
         _lease.Lease(out, {}, "run-b", timeout_s=60).acquire()
     first.renew()
     assert first.lost is None
@@ -570,7 +570,7 @@ def test_unreachable_endpoint_is_a_message_and_exit_4(tmp_path, capsys, monkeypa
 
 
 def test_a_full_disk_mid_run_is_found_behind_rays_wrapping_and_leaves_no_temporary(tmp_path, monkeypatch):
-    from segbatch.pipeline import _fatal_write_error
+    from segbatch.errors import fatal_write_error as _fatal_write_error
 
     try:
         try:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from segbatch import RunConfig
-from segbatch._internal.resources import gpu_batch_size, plan_pool, settle
+from segbatch._internal.resources import gpu_batch_size, plan_pool, size_for_cluster
 from segbatch.errors import ConfigError
 
 
@@ -48,28 +48,28 @@ def test_gpu_clusters_get_one_actor_per_gpu_and_the_rest_decodes(cpus, gpus):
 
 def test_flags_win_over_the_plan():
     config = RunConfig(actors="3", cpus_per_actor=0.5, decode_cpus=0.25, batch_size=7)
-    size = settle(config, 16, 0)
+    size = size_for_cluster(config, 16, 0)
     assert (size.min_actors, size.max_actors, size.cpus_per_actor, size.threads) == (3, 3, 0.5, 1)
     assert (size.decode_cpus, size.batch_size) == (0.25, 7)
     # --actors alone: the inference share is split among them
-    size = settle(RunConfig(actors="2"), 16, 0)
+    size = size_for_cluster(RunConfig(actors="2"), 16, 0)
     assert size.max_actors == 2 and size.cpus_per_actor == 7.0 and size.threads == 7
 
 
 def test_manifest_runs_keep_a_whole_cpu_for_their_read_and_group_by_tasks():
     """Ray Data reads and de-duplicates a manifest with tasks of one CPU each while the pool runs; a pool
     that left less would never let them start (the run would hang)."""
-    listed = settle(RunConfig(input="in", output="out"), 2, 0)
-    manifest = settle(RunConfig(manifest="m.txt", output="out"), 2, 0)
+    listed = size_for_cluster(RunConfig(input="in", output="out"), 2, 0)
+    manifest = size_for_cluster(RunConfig(manifest="m.txt", output="out"), 2, 0)
     assert listed.cpus_per_actor == 1.75
     assert 2 - manifest.max_actors * manifest.cpus_per_actor >= 1.0
     assert manifest.threads == 1 and manifest.decode_cpus == 0.5
-    assert settle(RunConfig(manifest="m.txt", output="out"), 16, 0).cpus_per_actor == 3.5  # 1/8 kept anyway
+    assert size_for_cluster(RunConfig(manifest="m.txt", output="out"), 16, 0).cpus_per_actor == 3.5  # 1/8 kept anyway
 
 
 def test_default_batch_size_cpu_and_gpu():
-    assert settle(RunConfig(model="deeplabv3_mobilenet_v3_large"), 2, 0).batch_size == 1  # CPUs: one per pass
-    gpu = settle(RunConfig(model="deeplabv3_resnet101"), 16, 1)
+    assert size_for_cluster(RunConfig(model="deeplabv3_mobilenet_v3_large"), 2, 0).batch_size == 1  # CPUs: one per pass
+    gpu = size_for_cluster(RunConfig(model="deeplabv3_resnet101"), 16, 1)
     assert gpu.batch_size == gpu_batch_size("deeplabv3_resnet101", "fp32") == 4  # 8 GiB / 1.5 GiB -> 5 -> 4
     assert gpu_batch_size("deeplabv3_resnet101", "bf16", 80 * 1024**3) == 32
     assert gpu_batch_size("deeplabv3_mobilenet_v3_large", "fp32", 80 * 1024**3) == 64
@@ -79,8 +79,8 @@ def test_default_batch_size_cpu_and_gpu():
 def test_blocks_are_whole_passes_small_on_a_cpu_for_early_masks():
     from segbatch._internal.resources import CPU_BLOCK_ROWS, GPU_BLOCK_ROWS, block_rows
 
-    assert settle(RunConfig(model="deeplabv3_mobilenet_v3_large"), 2, 0).block_rows == CPU_BLOCK_ROWS == 8
-    assert settle(RunConfig(model="deeplabv3_mobilenet_v3_large"), 16, 1).block_rows == GPU_BLOCK_ROWS == 32
+    assert size_for_cluster(RunConfig(model="deeplabv3_mobilenet_v3_large"), 2, 0).block_rows == CPU_BLOCK_ROWS == 8
+    assert size_for_cluster(RunConfig(model="deeplabv3_mobilenet_v3_large"), 16, 1).block_rows == GPU_BLOCK_ROWS == 32
     assert block_rows(3, gpu=False) == 9  # rounded up to whole passes of 3
     assert block_rows(64, gpu=True) == 64  # one pass, never less
 
@@ -91,7 +91,7 @@ def test_gpu_memory_from_ray_accelerator_labels():
     assert gpu_bytes_of({"CPU": 16, "GPU": 1, "accelerator_type:H100": 1}) == 80 * 1024**3
     assert gpu_bytes_of({"CPU": 16, "GPU": 2, "accelerator_type:T4": 1, "accelerator_type:L4": 1}) == 16 * 1024**3
     assert gpu_bytes_of({"CPU": 16, "GPU": 1}) is None
-    size = settle(RunConfig(model="deeplabv3_resnet101"), 16, 1, gpu_bytes_of({"accelerator_type:H100": 1}))
+    size = size_for_cluster(RunConfig(model="deeplabv3_resnet101"), 16, 1, gpu_bytes_of({"accelerator_type:H100": 1}))
     assert size.batch_size == 16  # 40 GiB / 1.5 GiB -> 26 -> 16
 
 
@@ -131,7 +131,7 @@ def test_the_default_pool_always_fits(cpus, gpus, manifest):
     if cpus < 2 * gpus:
         pytest.skip("a GPU actor needs at least a quarter CPU, and decoding some: no real cluster is this thin")
     config = RunConfig(input="" if manifest else "in", manifest=manifest, output="out")
-    check_fits(settle(config, cpus, gpus), cpus, gpus)
+    check_fits(size_for_cluster(config, cpus, gpus), cpus, gpus)
 
 
 @pytest.mark.parametrize(
@@ -149,7 +149,7 @@ def test_a_pool_that_cannot_be_placed_is_refused(flags, cpus, gpus, field):
     from segbatch._internal.resources import check_fits
     from segbatch.errors import ConfigError
 
-    size = settle(RunConfig(input="in", output="out", **flags), cpus, gpus)
+    size = size_for_cluster(RunConfig(input="in", output="out", **flags), cpus, gpus)
     with pytest.raises(ConfigError) as err:
         check_fits(size, cpus, gpus)
     has = gpus if field == "gpus_per_actor" else cpus
@@ -158,7 +158,7 @@ def test_a_pool_that_cannot_be_placed_is_refused(flags, cpus, gpus, field):
 
 
 def test_gpus_per_actor_0_means_cpu_inference_even_with_gpus():
-    size = settle(RunConfig(input="in", output="out", gpus_per_actor=0.0), 16, 2)
+    size = size_for_cluster(RunConfig(input="in", output="out", gpus_per_actor=0.0), 16, 2)
     assert size.gpus_per_actor == 0 and size.max_actors == plan_pool(16, 0).actors
 
 

@@ -52,7 +52,7 @@ def stages(tmp_path_factory, checkpoint):
     listing = list_inputs(str(inputs), {}, ("jpg", "png"))
     passes = DecodeImages(str(inputs), {}, SMALL, LIMITS, max_batch=2)(listing)
 
-    from segbatch.stages import model
+    from segbatch.stages import inference
 
     spec = weights.resolve(TEST_ARCH, str(checkpoint))
     patch = pytest.MonkeyPatch()
@@ -60,8 +60,8 @@ def stages(tmp_path_factory, checkpoint):
 
     patch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-under-test"))
     try:
-        segmenter = model.Segmenter(spec, min_confidence=0.5, threads=1)
-        plain = model.Segmenter(spec, threads=1)
+        segmenter = inference.Segmenter(spec, min_confidence=0.5, threads=1)
+        plain = inference.Segmenter(spec, threads=1)
     finally:
         patch.undo()
     images = segmenter(passes)

@@ -245,7 +245,7 @@ def _help(*args: str) -> str:
         ("--batch-size", "batch_size"),
     ],
 )
-def test_run_help_prints_what_settle_picks(flag, field):
+def test_run_help_prints_what_size_for_cluster_picks(flag, field):
     text = _help("run")
     entry = re.search(re.escape(flag) + r" [A-Z_]+ (.*?)(?= --[a-z])", text).group(1)
     assert "default auto:" in entry, entry
@@ -253,9 +253,9 @@ def test_run_help_prints_what_settle_picks(flag, field):
     assert len(examples) >= 3, entry
     for where, shown in examples.items():
         cpus, gpus = (int(n) for n in (re.findall(r"\d+", where) + ["0"])[:2])
-        size = resources.settle(RunConfig(), cpus, gpus)
+        size = resources.size_for_cluster(RunConfig(), cpus, gpus)
         assert float(shown) == pytest.approx(getattr(size, field)), (flag, where, shown, size)
-    # The words name the constants settle uses.
+    # The words name the constants size_for_cluster uses.
     rule = {
         "--actors": str(resources.THREADS_PER_ACTOR),
         "--decode-cpus": f"at most {resources.MAX_DECODE_CPUS:g}",
@@ -267,7 +267,7 @@ def test_run_help_prints_what_settle_picks(flag, field):
 
 def test_a_two_cpu_machine_gets_the_reservation_help_promises():
     """The case that was seen: a CPU-only run reserved 1.75 CPU for one actor while help said 1."""
-    size = resources.settle(RunConfig(), 2, 0)
+    size = resources.size_for_cluster(RunConfig(), 2, 0)
     assert (size.max_actors, size.cpus_per_actor) == (1, 1.75)
     assert re.search(r"--cpus-per-actor \S+ .*?2 CPUs: 1\.75", _help("run"))
 

@@ -6,7 +6,6 @@ filesystem fsspec picked for the URL, and the path in that filesystem's own term
 
 from __future__ import annotations
 
-import errno
 import logging
 import posixpath
 import random
@@ -17,6 +16,8 @@ from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
+
+from segbatch.errors import is_transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,31 +30,7 @@ RETRY_MAX_DELAY = 4.0  # seconds; the cap of the exponential backoff
 # there. Filesystems not listed get a temporary name and a rename.
 _ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oci"})
 
-# Words that mark a passing fault in the messages of botocore, aiohttp and s3fs's translated errors.
-_TRANSIENT_MARKERS = (
-    "slowdown",
-    "slow down",
-    "serviceunavailable",
-    "service unavailable",
-    "throttl",
-    "requesttimeout",
-    "request timeout",
-    "internalerror",
-    "connection reset",
-    "reset by peer",
-    "timed out",
-    "timeout",
-    "connection aborted",
-    "connection closed",
-    "server disconnected",
-    "broken pipe",
-    "503",
-    "500 ",
-    "502",
-    "504",
-)
 MAX_NAME_BYTES = 255  # bytes in one file name segment on common filesystems (ext4, XFS, APFS, NTFS)
-_TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED, errno.EAGAIN})
 
 
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -104,20 +81,8 @@ def join_path(root: str, relative: str) -> str:
     return posixpath.join(root, relative) if root else relative
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether an error is worth retrying: throttling, 5xx, resets and timeouts, never 403 or 404."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(marker in text for marker in _TRANSIENT_MARKERS)
-
-
 def retry(fn: Callable[..., T], *args: Any, what: str = "storage call", **kwargs: Any) -> T:
-    """Call ``fn`` with capped exponential backoff (with jitter) on transient errors."""
+    """Call ``fn`` with capped exponential backoff (with jitter) on transient errors (``errors.classify``)."""
     delay = RETRY_BASE_DELAY
     for attempt in range(1, RETRY_ATTEMPTS + 1):
         try:

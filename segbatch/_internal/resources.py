@@ -103,7 +103,7 @@ def block_rows(batch_size: int, gpu: bool) -> int:
     return math.ceil(rows / batch_size) * batch_size
 
 
-def settle(config, cpus: float, gpus: float, gpu_bytes: int | None = None) -> Sizing:
+def size_for_cluster(config, cpus: float, gpus: float, gpu_bytes: int | None = None) -> Sizing:
     """Fill in what ``config`` (a RunConfig) leaves open for a cluster of ``cpus`` CPUs and ``gpus`` GPUs
     (of ``gpu_bytes`` memory each, when known)."""
     cpus = max(float(cpus), 1.0)
@@ -210,7 +210,7 @@ def default_batch_size(arch: str, precision: str, gpus: float, gpu_bytes: int | 
 
 def auto_rules() -> dict[str, str]:
     """The rule behind each sizing flag's default, in words, from the constants above: what ``--help`` and
-    docs/cli.md print after "auto:". tests/test_terminal.py checks them against :func:`settle`."""
+    docs/cli.md print after "auto:". tests/test_terminal.py checks them against :func:`size_for_cluster`."""
     tasks = f"{TASK_SHARE:.1%} of the CPUs (at least {MIN_TASK_CPUS:g}; a whole CPU for a manifest run)"
     return {
         "actors": f"one per GPU; without GPUs, one per ~{THREADS_PER_ACTOR} of the CPUs left after {tasks} "
@@ -234,5 +234,5 @@ __all__ = [
     "gpu_batch_size",
     "gpu_bytes_of",
     "plan_pool",
-    "settle",
+    "size_for_cluster",
 ]

@@ -16,7 +16,6 @@ those, so memory does not grow with the number of images. The JSON goes to ``OUT
 from __future__ import annotations
 
 import heapq
-import io
 import json
 import math
 from collections.abc import Mapping
@@ -26,13 +25,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 
 from segbatch._internal import _ray, _storage
 from segbatch._internal.progress import RunProgress
 from segbatch.errors import ConfigError, InputError
 from segbatch.store import summary
-from segbatch.store.contract import EVAL_NAME, MASKS_DIR, ground_truth_relpath, input_relpath, mask_name
+from segbatch.store.contract import EVAL_NAME, ground_truth_relpath, input_relpath
+from segbatch.store.masks import mask_name_below, read_label_png
 
 EVAL_BATCH_ROWS = 64  # images per Ray task: enough reads in flight to hide object-store latency
 MAX_LISTED = 1000  # missing or failed images named in the result; the counts stay exact beyond it
@@ -75,29 +74,6 @@ def metrics(matrix: np.ndarray) -> tuple[float | None, list[float | None], float
     return acc, [None if math.isnan(v) else float(v) for v in iou], miou
 
 
-def read_label_png(data: bytes, what: str) -> np.ndarray:
-    """Class ids of a single-channel PNG; palette images give their indices, not their colours."""
-    image = Image.open(io.BytesIO(data))
-    if image.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-        raise ValueError(
-            f"{what} is mode {image.mode}: expected single-channel class ids (mode L or P, "
-            f"like VOC SegmentationClass PNGs)"
-        )
-    return np.asarray(image).astype(np.int64)
-
-
-def locate_mask(
-    mask_uri: str, uri: str, output: tuple[Any, str], storage_options: Mapping[str, Any] | None = None
-) -> tuple[Any, str]:
-    """(filesystem, path) of a summary row's mask: below OUTPUT (``output`` is its opened ``(fs, root)``),
-    even when OUTPUT was moved since the run, else wherever its ``mask_uri`` points."""
-    fs, root = output
-    try:
-        return fs, _storage.join_path(root, mask_name(mask_uri, uri, root + "/" + MASKS_DIR + "/"))
-    except ValueError:
-        return _storage.open_url(mask_uri, storage_options)
-
-
 class ConfusionBatch:
     """Ray Data map step (CPU tasks): one summed confusion matrix per batch, plus a row per missing GT or
     failed image."""
@@ -118,7 +94,6 @@ class ConfusionBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._fs, self._root = self._output.open()
         self._gt_fs, self._gt_root = self._gt.open()
-        masks_prefix = self._root + "/" + MASKS_DIR + "/"
         rows: dict[str, list] = {name: [] for name in _BATCH_SCHEMA.names}
 
         def add_row(**values: Any) -> None:
@@ -131,7 +106,7 @@ class ConfusionBatch:
         jobs = []  # (uri, mask path, gt path)
         for uri, mask_uri in zip(batch["uri"].to_pylist(), batch["mask_uri"].to_pylist()):
             try:
-                mask_rel = mask_name(mask_uri or "", uri, masks_prefix)
+                mask_rel = mask_name_below(self._root, mask_uri or "", uri)
                 rel = input_relpath(mask_rel)
             except ValueError as exc:
                 problem("error", uri, str(exc))
@@ -359,7 +334,6 @@ __all__ = [
     "confusion_matrix",
     "default_json_url",
     "evaluate",
-    "locate_mask",
     "metrics",
     "read_json",
     "write_json",

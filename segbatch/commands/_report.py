@@ -30,11 +30,11 @@ from PIL import Image
 
 from segbatch._internal import _storage
 from segbatch.commands import _evaluate as evaluate
-from segbatch.commands._evaluate import locate_mask, read_label_png
 from segbatch.errors import ConfigError, InputError
 from segbatch.stages import overlay
 from segbatch.store import runs, summary
 from segbatch.store.contract import EVAL_NAME, REPORT_NAME
+from segbatch.store.masks import locate_mask, read_label_png
 
 log = logging.getLogger(__name__)
 

@@ -76,18 +76,6 @@ class Status:
         return "\n".join(lines)
 
 
-def _latest_status_per_input(table: pa.Table) -> pa.Array:
-    """The status of each input's newest row (by written_at, then run_id)."""
-    if table.num_rows == 0:
-        return pa.array([], pa.string())
-    ordered = table.sort_by([("uri", "ascending"), ("written_at", "ascending"), ("run_id", "ascending")])
-    uri = ordered["uri"].combine_chunks()
-    n = len(uri)
-    # A row is its input's latest when the next row belongs to another input.
-    is_last = pa.concat_arrays([pc.not_equal(uri.slice(0, n - 1), uri.slice(1)), pa.array([True])])
-    return ordered["status"].filter(is_last)
-
-
 def collect(output_url: str, storage_options: Mapping[str, Any] | None = None) -> Status:
     fs, root = _storage.open_url(output_url, storage_options)
     if not _storage.retry(fs.exists, root, what=f"check {output_url}"):
@@ -123,7 +111,7 @@ def collect(output_url: str, storage_options: Mapping[str, Any] | None = None) -
     ok_uris = table.filter(pc.equal(table["status"], "ok"))["uri"]
     status.inputs_ok = pc.count_distinct(ok_uris).as_py() if len(ok_uris) else 0
     status.extra_ok_rows = len(ok_uris) - status.inputs_ok
-    latest = _latest_status_per_input(table)
+    latest = summary.newest_per_uri(table)["status"]
     status.inputs_failing = pc.sum(pc.equal(latest, "error")).as_py() or 0 if len(latest) else 0
     _add_identity(status, table, output_url, storage_options)
     return status
@@ -143,7 +131,7 @@ def _add_identity(status: Status, table: pa.Table, output_url: str, storage_opti
     if since is None or table.num_rows == 0:
         return
     ok = table.filter(pc.equal(table["status"], "ok"))
-    current = ok.filter(identity.since_filter(since))
+    current = ok.filter(summary.written_since(since))
     status.earlier_model_ok = status.inputs_ok - (pc.count_distinct(current["uri"]).as_py() if current.num_rows else 0)
 
 

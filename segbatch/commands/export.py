@@ -42,12 +42,12 @@ import pyarrow.compute as pc
 from segbatch import __version__
 from segbatch._internal import _storage
 from segbatch._internal.registry import Registry
-from segbatch.commands._evaluate import locate_mask, read_label_png
 from segbatch.errors import ConfigError, InputError
 from segbatch.stages.manifest import manifest_rel
 from segbatch.stages.overlay import background_ids, class_colour
 from segbatch.store import summary
-from segbatch.store.contract import MASKS_DIR, input_relpath, mask_name, mask_relpath
+from segbatch.store.contract import input_relpath, mask_relpath
+from segbatch.store.masks import locate_mask, mask_name_below, read_label_png
 
 DEFAULT_SHARD_SIZE = 10_000  # images per shard file: a COCO shard of 10^4 images is tens of MB of JSON
 READ_CHUNK = 64  # masks read (concurrently, on object stores) and encoded per step
@@ -602,15 +602,9 @@ class LabelStudioExporter(Exporter):
 
 def latest_ok_rows(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
     """The newest ok row of every input, sorted by uri: what an export holds."""
-    columns = ["uri", "mask_uri", "width", "height", "model", "written_at"]
+    columns = ["uri", "mask_uri", "width", "height", "model", "written_at", "run_id"]
     table = summary.read(output_url, storage_options, columns=columns, filter=pc.field("status") == "ok")
-    if table.num_rows == 0:
-        return table
-    table = table.sort_by([("uri", "ascending"), ("written_at", "descending")])
-    uris = table["uri"].combine_chunks()
-    first = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))  # a row whose uri differs from the last
-    keep = pa.concat_arrays([pa.array([True]), first.fill_null(True)])
-    return table.filter(keep)
+    return summary.newest_per_uri(table)
 
 
 def _chunks(table: pa.Table, size: int) -> Iterator[pa.Table]:
@@ -640,7 +634,7 @@ def _read_chunk(chunk: pa.Table, output: tuple[Any, str], storage_options: Mappi
 def _input_name(uri: str, mask_uri: str, root: str) -> str:
     """The input's path below INPUT, from its mask's name; a manifest URL's name when that fails."""
     try:
-        name = mask_name(mask_uri, uri, root + "/" + MASKS_DIR + "/")
+        name = mask_name_below(root, mask_uri, uri)
     except ValueError:
         return manifest_rel(uri)
     try:

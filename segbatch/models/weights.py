@@ -26,7 +26,7 @@ from segbatch.models.architectures import Architecture, get_architecture
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("segbatch.stages.model")  # the name users have seen in logs
+log = logging.getLogger(__name__)
 
 RANDOM_SEED = 0  # `--weights random` is seeded so every actor, and every run, builds the same model
 MAX_CLASSES = 256  # masks are 8-bit PNGs: one byte per class id
@@ -64,14 +64,21 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= SHOWN_ERROR_CHARS else line[: SHOWN_ERROR_CHARS - 3] + "..."
 
 
-def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
+def _read_file(setting: str, url: str, storage_options: Mapping[str, Any], folder_fix: str) -> bytes:
+    """The bytes of the file a setting names; WeightsError when it is missing or a folder."""
     fs, path = _storage.open_url(url, storage_options)
     try:
-        text = _storage.retry(fs.cat_file, path, what=f"read {url}").decode("utf-8")
+        return _storage.retry(fs.cat_file, path, what=f"read {url}")
     except FileNotFoundError:
-        raise WeightsError(f"classes: {url} does not exist") from None
+        raise WeightsError(f"{setting}: {url} does not exist") from None
     except IsADirectoryError:
-        raise WeightsError(f"classes: {url} is a folder; pass the file of class names") from None
+        raise WeightsError(f"{setting}: {url} is a folder; {folder_fix}") from None
+
+
+def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ...]:
+    data = _read_file("classes", url, storage_options, "pass the file of class names")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise WeightsError(f"classes: {url} is not UTF-8 text (one class name per line, or a JSON list)") from None
     stripped = text.strip()
@@ -87,7 +94,8 @@ def _read_classes(url: str, storage_options: Mapping[str, Any]) -> tuple[str, ..
     return tuple(names)
 
 
-def _load_checkpoint(data: bytes, source: str, architecture: Architecture) -> dict[str, torch.Tensor]:
+def load_checkpoint(data: bytes, source: str, architecture: Architecture) -> dict[str, torch.Tensor]:
+    """The state_dict in checkpoint bytes, checked against the architecture; WeightsError when it is not one."""
     import torch
 
     try:
@@ -110,14 +118,9 @@ def _load_checkpoint(data: bytes, source: str, architecture: Architecture) -> di
     return architecture.check_state_dict(state, source)
 
 
-def _fetch(url: str, storage_options: Mapping[str, Any]) -> bytes:
-    fs, path = _storage.open_url(url, storage_options)
-    try:
-        return _storage.retry(fs.cat_file, path, what=f"read {url}")
-    except FileNotFoundError:
-        raise WeightsError(f"weights: {url} does not exist") from None
-    except IsADirectoryError:
-        raise WeightsError(f"weights: {url} is a folder; pass the checkpoint file (.pt/.pth)") from None
+def fetch_weights(url: str, storage_options: Mapping[str, Any]) -> bytes:
+    """A weights file's bytes; WeightsError when it is missing or a folder."""
+    return _read_file("weights", url, storage_options, "pass the checkpoint file (.pt/.pth)")
 
 
 def default_spellings(arch: str) -> tuple[str, ...]:
@@ -185,7 +188,7 @@ def resolve(
         identity, names = f"random:seed={RANDOM_SEED}", categories
     else:
         try:
-            data = _fetch(weights, storage_options)
+            data = fetch_weights(weights, storage_options)
         except WeightsError as exc:
             raise WeightsError(f"{exc}; {valid_weights(arch)}") from None
         digest = hashlib.sha256(data).hexdigest()
@@ -193,7 +196,7 @@ def resolve(
             raise WeightsError(
                 f"weights_sha256: {weights} has sha256 {digest}, not the pinned {sha256.lower()}; refusing it"
             )
-        state = _load_checkpoint(data, weights, architecture)
+        state = load_checkpoint(data, weights, architecture)
         num = int(state[architecture.head_key].shape[0])
         identity, names = digest, tuple(f"class_{i}" for i in range(num))
         if classes_url is None and num == len(categories):

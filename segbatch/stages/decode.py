@@ -17,6 +17,7 @@ import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
 
 from segbatch._internal import _storage
+from segbatch.errors import Fault, classify
 from segbatch.store import contract
 
 # Multi-frame formats (GIF, TIFF, WebP) open on their first frame; that is the frame we label.
@@ -123,9 +124,10 @@ class Limits:
 
 
 def _describe_read_error(exc: BaseException) -> str:
-    if isinstance(exc, FileNotFoundError):
+    fault = classify(exc)
+    if fault is Fault.NOT_FOUND:
         return "object not found (deleted after listing, or never there)"
-    if isinstance(exc, PermissionError):
+    if fault is Fault.PERMISSION:
         return "access denied reading the object"
     return f"cannot read: {type(exc).__name__}: {exc}"
 

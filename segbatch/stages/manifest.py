@@ -153,9 +153,7 @@ class ManifestInputs:
         since = getattr(self, "relabel_since", None)
         if since is not None:  # only rows of OUTPUT's current model count as done (identity.py)
             rows = rows.select_columns([URI_COLUMN, "status", "written_at"])
-            return rows.map_batches(
-                _ok_keys, fn_kwargs={"since_ms": int(since * 1000)}, batch_format="pyarrow", batch_size=None
-            )
+            return rows.map_batches(_ok_keys, fn_kwargs={"since": since}, batch_format="pyarrow", batch_size=None)
         rows = rows.select_columns([URI_COLUMN, "status"])
         return rows.map_batches(_ok_keys, batch_format="pyarrow", batch_size=None)
 
@@ -178,12 +176,8 @@ def _manifest_keys(batch: pa.Table, base_url: str) -> pa.Table:
     )
 
 
-def _ok_keys(batch: pa.Table, since_ms: int | None = None) -> pa.Table:
-    keep = pc.equal(batch["status"], "ok")
-    if since_ms is not None:
-        written = pc.cast(batch["written_at"], pa.int64())
-        keep = pc.and_(keep, pc.fill_null(pc.greater_equal(written, since_ms), False))
-    ok = batch.filter(keep)
+def _ok_keys(batch: pa.Table, since: float | None = None) -> pa.Table:
+    ok = batch.filter(summary.done_filter(since))
     n = ok.num_rows
     return pa.table(
         [ok[URI_COLUMN].cast(pa.string()), pa.array([1] * n, pa.int8()), pa.array([0] * n, pa.int8())], schema=_KEYS

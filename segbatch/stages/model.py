@@ -1,8 +1,10 @@
-"""Stage 3, the model: the inference actor (the registry: segbatch.models.architectures; weights: segbatch.models.weights).
+"""Stage 3, the model: built, placed on a device and run on a forward pass (:class:`Predictor`); the
+registry is segbatch.models.architectures, the weights segbatch.models.weights.
 
-Weights are resolved once in the driver (:func:`segbatch.models.weights.resolve`), which also pins their identity (name or
-sha256) and class names, so a bad checkpoint fails the run before any image is touched. Each actor of
-the pool then builds its model once in ``__init__`` (:class:`Segmenter`).
+Weights are resolved once in the driver (:func:`segbatch.models.weights.resolve`), which also pins their
+identity (name or sha256) and class names, so a bad checkpoint fails the run before any image is touched.
+Each inference actor (:class:`segbatch.stages.inference.Segmenter`) then builds its Predictor once. This
+module imports torch: only actors and tools import it, never a run's driver.
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from segbatch.errors import WeightsError
-from segbatch.models.weights import RANDOM_SEED, ModelSpec, _fetch, _load_checkpoint
+from segbatch.models.weights import RANDOM_SEED, ModelSpec, fetch_weights, load_checkpoint
 from segbatch.stages import postprocess
-from segbatch.store.contract import FORWARD_PASS_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,16 @@ def build(spec: ModelSpec) -> torch.nn.Module:
         torch.manual_seed(RANDOM_SEED)
         model = architecture.build(spec.num_classes)
     else:
-        data = _fetch(spec.weights, spec.storage_options)
+        data = fetch_weights(spec.weights, spec.storage_options)
         if hashlib.sha256(data).hexdigest() != spec.identity:
             raise WeightsError(f"weights: {spec.weights} changed since the run started; refusing it")
         model = architecture.build(spec.num_classes)
-        model.load_state_dict(_load_checkpoint(data, spec.weights, architecture), strict=True)
+        model.load_state_dict(load_checkpoint(data, spec.weights, architecture), strict=True)
     return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------
-# The inference actor
+# On the device
 # ----------------------------------------------------------------------------------------------------
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,7 +69,7 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _assigned_cpus() -> int | None:
+def assigned_cpus() -> int | None:
     try:
         import ray
 
@@ -206,116 +206,4 @@ class Staged:
     ready: Any
 
 
-class Segmenter:
-    """Ray Data map step on an actor pool: one model per actor, loaded once in ``__init__``."""
-
-    def __init__(
-        self,
-        spec: ModelSpec,
-        precision: str = "fp32",
-        upsample: str = "exact",
-        min_confidence: float | None = None,
-        max_batch: int | None = None,
-        threads: int | None = None,
-        predictor: Any = None,
-    ):
-        import ray
-
-        self.max_batch = max_batch  # most images per forward pass; None: a batch's whole shape group
-        # `predictor`: a stand-in with Predictor's stage/masks/device/min_confidence (benchmarks/data_path.py
-        # measures the data path's own ceiling with one that costs nothing, or a fixed time per pass).
-        self.predictor = predictor or Predictor(
-            spec,
-            precision=precision,
-            upsample=upsample,
-            threads=threads or _assigned_cpus(),
-            min_confidence=min_confidence,
-        )
-        self.node_id = ray.get_runtime_context().get_node_id()
-        device = self.predictor.device
-        self.device_name = f"{device.type}:{device.index or 0}" if device.type == "cuda" else device.type
-        log.info(
-            "segbatch actor ready: %s on %s, node %s, %d torch threads",
-            spec.arch,
-            self.device_name,
-            self.node_id[:12],
-            torch.get_num_threads(),
-        )
-
-    @staticmethod
-    def _host_images(row: dict[str, Any]) -> np.ndarray:
-        """A pass's images as one N x H x W x 3 array, without a copy (a view of the Arrow buffer)."""
-        n = len(row["images"])
-        return np.frombuffer(row["pixels"], dtype=np.uint8).reshape(n, row["in_h"], row["in_w"], 3)
-
-    def _infer(self, row: dict[str, Any], staged: Staged | None) -> list[Any]:
-        """Labelled (or an error string) per image of one pass; if the pass fails, each image is tried
-        alone, so one bad image costs one row."""
-        images = row["images"]
-        sizes = [(img["height"], img["width"]) for img in images]
-        try:
-            if staged is None:
-                staged = self.predictor.stage(self._host_images(row))
-            return list(self.predictor.masks(staged, sizes))
-        except Exception as exc:
-            if self.predictor.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(images) > 1:
-                host = self._host_images(row)
-                out = []
-                for i, img in enumerate(images):
-                    one = {**row, "images": [img], "pixels": host[i].tobytes()}
-                    out += self._infer(one, None)
-                return out
-            log.warning("inference failed for %s: %s", images[0]["uri"], exc)
-            return [f"inference failed: {type(exc).__name__}: {exc}"]
-
-    def _stage(self, row: dict[str, Any]) -> Staged | None:
-        try:
-            return self.predictor.stage(self._host_images(row))
-        except Exception:
-            return None  # _infer retries it and turns a persistent failure into error rows
-
-    def __call__(self, passes: pa.Table) -> pa.Table:
-        """Rows of :data:`segbatch.store.contract.PASS_SCHEMA` (one forward pass each) -> one row per image
-        (:data:`segbatch.store.contract.IMAGE_ROW_SCHEMA`): the image's fields, its mask and pixel counts,
-        and how many images shared its pass."""
-        rows = passes.to_pylist()
-        work = [r for r in rows if r["pixels"]]
-        out: list[dict[str, Any]] = []
-        # Pass i+1 is staged (its copy to the GPU started) before pass i computes.
-        staged = self._stage(work[0]) if work else None
-        for i, row in enumerate(work):
-            following = self._stage(work[i + 1]) if i + 1 < len(work) else None
-            results = self._infer(row, staged)
-            staged = following
-            n = len(row["images"])
-            for img, res in zip(row["images"], results):
-                if isinstance(res, Labelled):
-                    out.append({**img, "result": res, FORWARD_PASS_COLUMN: n})
-                else:
-                    out.append({**img, "error": res, "result": None, FORWARD_PASS_COLUMN: 0})
-        for row in rows:
-            if not row["pixels"]:
-                out += [{**img, "result": None, FORWARD_PASS_COLUMN: 0} for img in row["images"]]
-        return self._table(out)
-
-    def _table(self, out: list[dict[str, Any]]) -> pa.Table:
-        """One row per image, of :data:`segbatch.store.contract.IMAGE_ROW_SCHEMA`."""
-        from segbatch.store.contract import IMAGE_FIELDS, IMAGE_ROW_SCHEMA
-
-        results = [r["result"] for r in out]
-        confident = self.predictor.min_confidence is not None
-        columns: dict[str, list[Any]] = {name: [r[name] for r in out] for name in IMAGE_FIELDS}
-        columns["mask"] = [r.mask.tobytes() if r else b"" for r in results]
-        columns["pixel_counts"] = [r.counts.tolist() if r else None for r in results]
-        columns["confidence"] = [r.confidence.tobytes() if r and confident else None for r in results]
-        for name in ("mean_confidence", "low_confidence_share"):
-            columns[name] = [getattr(r, name) if r and confident else None for r in results]
-        columns["node_id"] = [self.node_id] * len(out)
-        columns["device"] = [self.device_name] * len(out)
-        columns[FORWARD_PASS_COLUMN] = [r[FORWARD_PASS_COLUMN] for r in out]
-        return pa.table(columns, schema=IMAGE_ROW_SCHEMA)
-
-
-__all__ = ["Labelled", "Predictor", "Segmenter", "build"]
+__all__ = ["Labelled", "Predictor", "Staged", "build", "pick_device"]

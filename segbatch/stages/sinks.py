@@ -48,7 +48,7 @@ class WriteOutputs:
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Rows of :data:`IMAGE_ROW_SCHEMA` -> rows of :data:`WRITTEN_SCHEMA`, after the images' files and the
         block's summary file (:data:`SUMMARY_SCHEMA`) are written."""
-        from segbatch.store.preflight import is_fatal_write_error
+        from segbatch.errors import is_fatal_write_error
 
         if batch.num_rows == 0:
             return WRITTEN_SCHEMA.empty_table()

@@ -3,6 +3,7 @@
 A run takes the lease before any work, renews it from a background thread of the driver, and deletes it
 at the end. Taking it is an exclusive create: ``O_CREAT | O_EXCL`` on a local filesystem, a conditional
 PUT (``If-None-Match: *``) on S3. A second run finds the file, reads who holds it, and stops (exit 2).
+A run whose lease was taken over mid-run stops writing (exit 7).
 
 A lease whose last renewal is older than its timeout is stale: its run died without releasing it. So is
 a lease whose holder ran on this same host and whose process no longer exists. The next run takes it
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from segbatch._internal import _storage
-from segbatch.errors import ConfigError
+from segbatch.errors import ConfigError, Fault, LeaseHeldError, LeaseLostError, classify
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,6 @@ TIMEOUT_ENV = "SEGBATCH_LEASE_TIMEOUT"
 MAX_CLOCK_SKEW_S = 3600.0
 # errnos of a filesystem that cannot make hard links; the lease is then created with O_EXCL alone.
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS})
-
-
-class LeaseHeldError(ConfigError):
-    """Another run holds OUTPUT's lease (exit 2): nothing was done."""
-
-    def __init__(self, problem: str, fix: str = ""):
-        super().__init__("output", problem, fix)
-
-
-class LeaseLostError(ConfigError):
-    """This run's lease was taken over (it stalled past the timeout): it stops writing (exit 2)."""
-
-    def __init__(self, problem: str):
-        super().__init__("output", problem, "another run now writes this OUTPUT; rerun once it is done")
 
 
 def lease_timeout() -> float:
@@ -194,10 +181,8 @@ class Lease:
         if _is_s3(fs):
             try:
                 _storage.retry(fs.pipe_file, path, data, mode="create", what=f"create {self.url}")
-            except FileExistsError:
-                return False
-            except OSError as exc:  # s3fs maps a PreconditionFailed that it does not recognise to EINVAL
-                if "precondition" in str(exc).lower():
+            except OSError as exc:  # s3fs: FileExistsError, or EINVAL with the 412 PreconditionFailed as cause
+                if classify(exc) in (Fault.EXISTS, Fault.PRECONDITION):
                     return False
                 raise
             self._etag = self._read_etag()
@@ -288,8 +273,8 @@ class Lease:
         bucket, key, _ = self._fs.split_path(self._path)
         try:
             self._fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{etag}"')
-        except OSError as exc:
-            if isinstance(exc, FileNotFoundError) or "precondition" in str(exc).lower() or exc.errno == errno.EINVAL:
+        except OSError as exc:  # s3fs: EINVAL with the 412 PreconditionFailed (or a 409 conflict) as cause
+            if classify(exc) in (Fault.NOT_FOUND, Fault.PRECONDITION):
                 return False
             raise
         self._etag = self._read_etag()

@@ -177,12 +177,11 @@ def compact(
     output_url: str, storage_options: Mapping[str, Any] | None = None, *, run_id: str | None = None
 ) -> CompactReport:
     """Merge OUTPUT's small summary files; with ``run_id``, only that run's ``part-<run_id>-*`` files."""
-    fs, root = _storage.open_url(output_url, storage_options)
-    folder = _storage.join_path(root, SUMMARY_DIR)
     report = CompactReport()
-    fs.invalidate_cache(folder)
-    if not _storage.retry(fs.exists, folder, what=f"check {folder}"):
+    opened = summary_folder(output_url, storage_options)
+    if opened is None:
         return report
+    fs, folder = opened
     names = _list(fs, folder)
     for name in names:  # temporaries of a killed compaction
         if _is_temporary(name):
@@ -227,12 +226,23 @@ def finish_pending(output_url: str, storage_options: Mapping[str, Any] | None = 
     """Finish the merges a killed compaction left behind (step 4); returns how many there were. The redo
     cleanup calls it first: it may delete a merged file whose rows are all superseded, and the files that
     file replaced must be gone by then."""
+    opened = summary_folder(output_url, storage_options)
+    if opened is None:
+        return 0
+    fs, folder = opened
+    return _finish_markers(fs, folder, _list(fs, folder))
+
+
+def summary_folder(output_url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str] | None:
+    """``(fs, path)`` of OUTPUT's summary folder, or None when there is none yet. fsspec filesystems are
+    cached per process, with their listings: the folder's cached listing is dropped first, so files
+    written since (by a run, or by a compaction) are seen."""
     fs, root = _storage.open_url(output_url, storage_options)
     folder = _storage.join_path(root, SUMMARY_DIR)
     fs.invalidate_cache(folder)
     if not _storage.retry(fs.exists, folder, what=f"check {folder}"):
-        return 0
-    return _finish_markers(fs, folder, _list(fs, folder))
+        return None
+    return fs, folder
 
 
 def _list(fs, folder: str) -> list[str]:

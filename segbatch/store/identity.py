@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from segbatch._internal import _storage
-from segbatch.errors import ConfigError
+from segbatch.errors import ConfigError, IdentityMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,6 @@ IDENTITY_NAME = "_segbatch.json"
 IDENTITY_VERSION = 1
 #: The fields of an identity, in the order messages show them.
 FIELDS = ("model", "weights", "classes", "upsample", "precision")
-
-
-class IdentityMismatchError(ConfigError):
-    """OUTPUT was labelled by another model or setting (exit 2): nothing was done."""
-
-    def __init__(self, problem: str, fix: str = ""):
-        super().__init__("output", problem, fix)
 
 
 def of_run(config, spec) -> dict[str, Any]:
@@ -224,12 +217,3 @@ def bind(config, spec, run_id: str) -> Binding:
     return Binding(
         mine, since, changed_from=old, pending=(config.output, config.storage_options, mine, run_id, since, old, kind)
     )
-
-
-def since_filter(relabel_since: float | None) -> pc.Expression | None:
-    """Rows that belong to the current identity: written at or after ``relabel_since``."""
-    if relabel_since is None:
-        return None
-    import pyarrow as pa
-
-    return pc.field("written_at") >= pa.scalar(int(relabel_since * 1000), pa.timestamp("ms", tz="UTC"))

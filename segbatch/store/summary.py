@@ -17,18 +17,17 @@ import pyarrow.dataset as pads
 
 from segbatch._internal import _storage
 from segbatch.store import compact
-from segbatch.store.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_SCHEMA
+from segbatch.store.contract import CLASSES_METADATA_KEY, SUMMARY_SCHEMA
 
 
 def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pads.Dataset | None:
     """The summary as a pyarrow dataset, or None when OUTPUT has no summary yet."""
-    fs, root = _storage.open_url(output_url, storage_options)
-    path = _storage.join_path(root, SUMMARY_DIR)
-    # fsspec filesystems are cached per process, with their listings: a listing from before a run must
-    # not hide the files the run wrote (s3fs then even reports them missing).
-    fs.invalidate_cache(path)
-    if not _storage.retry(fs.exists, path, what=f"check {path}"):
+    # A listing from before a run must not hide the files the run wrote (s3fs then even reports them
+    # missing): summary_folder drops the cached one.
+    opened = compact.summary_folder(output_url, storage_options)
+    if opened is None:
         return None
+    fs, path = opened
     listed = _storage.retry(fs.find, path, what=f"list {path}")
     # Files that a finished merge replaced but a killed compaction left behind hold rows that the merged
     # file holds too: they are skipped (segbatch/store/compact.py).
@@ -70,19 +69,41 @@ IDENTITY_COLUMNS = ["size", "etag", "mtime"]  # what --redo-changed compares
 DONE_CHUNK_ROWS = 2_000_000  # ok rows the driver holds at once while deciding what to skip
 
 
+#: The order that puts each input's newest row first (docs/output-contract.md): the latest ``written_at``,
+#: then the greater ``run_id`` (run ids start with their UTC start time); a row without them is older.
+NEWEST_FIRST = [("uri", "ascending"), ("written_at", "descending"), ("run_id", "descending")]
+
+
+def newest_first(table: pa.Table) -> tuple[pa.Table, pa.Array]:
+    """``table`` (with ``uri``, ``written_at`` and ``run_id``) in :data:`NEWEST_FIRST` order, and a mask
+    that is true on each input's newest row."""
+    ordered = table.sort_by(NEWEST_FIRST)
+    n = ordered.num_rows
+    if n == 0:
+        return ordered, pa.array([], pa.bool_())
+    uris = ordered["uri"].combine_chunks()
+    starts = pc.not_equal(uris.slice(1), uris.slice(0, n - 1)).fill_null(True)  # a row whose uri differs
+    return ordered, pa.concat_arrays([pa.array([True]), starts])
+
+
+def newest_per_uri(table: pa.Table) -> pa.Table:
+    """The newest row of each input in ``table``, sorted by uri (see :data:`NEWEST_FIRST`)."""
+    ordered, newest = newest_first(table)
+    return ordered.filter(newest)
+
+
+def written_since(since: float | None) -> pc.Expression | None:
+    """Rows written at or after ``since`` (epoch seconds; identity.py's relabel_since), or None for all."""
+    if since is None:
+        return None
+    return pc.field("written_at") >= pa.scalar(int(since * 1000), pa.timestamp("ms", tz="UTC"))
+
+
 def done_filter(since: float | None) -> pc.Expression:
+    """The rows that mark an input done: ok, and written since ``since`` when it is given."""
     where = pc.field("status") == "ok"
-    if since is not None:
-        where = where & (pc.field("written_at") >= pa.scalar(int(since * 1000), pa.timestamp("ms", tz="UTC")))
-    return where
-
-
-def done_keys(
-    output_url: str, storage_options: Mapping[str, Any] | None = None, *, since: float | None = None
-) -> pa.Table:
-    """uri (and input identity) of every ok row: what a resumed run skips. With ``since`` (epoch seconds,
-    identity.py's relabel_since) only rows written since then count."""
-    return read(output_url, storage_options, columns=["uri", *IDENTITY_COLUMNS], filter=done_filter(since))
+    since_expr = written_since(since)
+    return where if since_expr is None else where & since_expr
 
 
 def done_key_chunks(
@@ -93,8 +114,8 @@ def done_key_chunks(
     since: float | None = None,
     chunk_rows: int = DONE_CHUNK_ROWS,
 ) -> Iterator[pa.Table]:
-    """The ``uri`` (with ``identity``, also size/ETag/mtime) of every ok row (written since ``since``, as
-    :func:`done_keys`), in tables of at most about ``chunk_rows`` rows, so that the driver never holds the
+    """The ``uri`` (with ``identity``, also size/ETag/mtime) of every ok row (written since ``since``:
+    :func:`done_filter`), what a resumed run skips, in tables of at most about ``chunk_rows`` rows, so that the driver never holds the
     keys of a 10^7-row summary at once."""
     ds = dataset(output_url, storage_options)
     if ds is None:
