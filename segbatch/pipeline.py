@@ -124,7 +124,9 @@ def sizing(config: RunConfig) -> resources.Sizing:
     import ray
 
     gpu_bytes = resources.gpu_bytes_of(ray.cluster_resources())
-    return resources.size_for_cluster(config, _ray.cluster_cpus(), _ray.cluster_gpus(), gpu_bytes)
+    return resources.size_for_cluster(
+        config, _ray.cluster_cpus(), _ray.cluster_gpus(), gpu_bytes, node_cpus=_ray.largest_node_cpus()
+    )
 
 
 def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, run_id: str, predictor: Any = None):
@@ -133,7 +135,7 @@ def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, ru
     from ray.data import ActorPoolStrategy
 
     size = sizing(config)
-    resources.check_fits(size, _ray.cluster_cpus(), _ray.cluster_gpus())
+    resources.check_fits(size, _ray.cluster_cpus(), _ray.cluster_gpus(), _ray.largest_node_cpus())
     limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
     resize = spec.architecture.resize()
 
@@ -264,7 +266,7 @@ def _run_holding_lease(
             bar.set_total(None)  # known once every listing task has finished
             # A pool the cluster cannot hold is refused here (exit 2), not left waiting for resources.
             size = sizing(config)
-            resources.check_fits(size, _ray.cluster_cpus(), _ray.cluster_gpus())
+            resources.check_fits(size, _ray.cluster_cpus(), _ray.cluster_gpus(), _ray.largest_node_cpus())
             ds = build_dataset(config, spec, inputs, run_id)
             # Only now does OUTPUT belong to this run's model: a run refused before this point (a pool that
             # does not fit) leaves OUTPUT free for any model. No task writes before the loop below starts.

@@ -181,3 +181,24 @@ def test_gpu_batch_size_reads_the_models_own_entry_not_its_name(monkeypatch):
     assert gpu_batch_size("tiny_segnet", "fp32", 8 * 2**20) == 4  # 4 MiB / 1 MiB
     with pytest.raises(ConfigError, match="valid models"):
         gpu_batch_size("not_registered", "fp32")
+
+
+def test_actors_fit_on_one_node_of_a_cluster_of_small_nodes():
+    """Two 1-CPU nodes: the 1.75-CPU actor planned from the cluster's total fits on neither (Ray would
+    wait for ever); the plan gives one actor per node of what a node holds less its share for tasks."""
+    from segbatch._internal.resources import check_fits
+
+    small = size_for_cluster(RunConfig(), 2, 0, node_cpus=1)
+    assert (small.max_actors, small.cpus_per_actor) == (2, 0.75)
+    assert small.cpus_per_actor + small.decode_cpus <= 1  # a decode task still fits beside each actor
+    check_fits(small, 2, 0, node_cpus=1)
+    assert size_for_cluster(RunConfig(), 2, 0, node_cpus=2) == size_for_cluster(RunConfig(), 2, 0)
+    assert size_for_cluster(RunConfig(), 64, 0, node_cpus=16) == size_for_cluster(RunConfig(), 64, 0)
+
+
+def test_an_actor_larger_than_every_node_is_refused():
+    from segbatch._internal.resources import check_fits
+
+    size = size_for_cluster(RunConfig(cpus_per_actor=3.0, actors="1"), 4, 0, node_cpus=2)
+    with pytest.raises(ConfigError, match="fits on no node: the largest has 2"):
+        check_fits(size, 4, 0, node_cpus=2)

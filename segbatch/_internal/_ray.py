@@ -179,6 +179,13 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def largest_node_cpus() -> float:
+    """The CPUs of the cluster's largest live node: what one actor can ask for at most."""
+    import ray
+
+    return max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=1.0)
+
+
 def cluster_cpus() -> float:
     import ray
 

@@ -103,9 +103,12 @@ def block_rows(batch_size: int, gpu: bool) -> int:
     return math.ceil(rows / batch_size) * batch_size
 
 
-def size_for_cluster(config, cpus: float, gpus: float, gpu_bytes: int | None = None) -> Sizing:
+def size_for_cluster(
+    config, cpus: float, gpus: float, gpu_bytes: int | None = None, node_cpus: float | None = None
+) -> Sizing:
     """Fill in what ``config`` (a RunConfig) leaves open for a cluster of ``cpus`` CPUs and ``gpus`` GPUs
-    (of ``gpu_bytes`` memory each, when known)."""
+    (of ``gpu_bytes`` memory each, when known) whose largest node has ``node_cpus`` CPUs (when known): an
+    actor never asks for more than one node holds, or Ray would wait for ever to place it."""
     cpus = max(float(cpus), 1.0)
     gpus_per_actor = config.gpus_per_actor
     if gpus_per_actor is None:
@@ -125,7 +128,13 @@ def size_for_cluster(config, cpus: float, gpus: float, gpu_bytes: int | None = N
         # A manifest is read and de-duplicated by Ray Data tasks of one CPU each while the pool runs: keep
         # one free, or they never start beside the actors (a deadlock).
         floor = MANIFEST_TASK_CPUS if getattr(config, "manifest", None) else MIN_TASK_CPUS
-        per_actor = max(MIN_TASK_CPUS, round((cpus - max(floor, cpus * TASK_SHARE)) / max_actors, 4))
+        inference = cpus - max(floor, cpus * TASK_SHARE)
+        per_actor = max(MIN_TASK_CPUS, round(inference / max_actors, 4))
+        per_node = node_cpus and max(MIN_TASK_CPUS, node_cpus - max(MIN_TASK_CPUS, node_cpus * TASK_SHARE))
+        if per_node and per_actor > per_node and not config.actor_bounds:
+            # Nodes smaller than the planned actor: actors of what one node holds less its share for tasks.
+            per_actor = round(per_node, 4)
+            min_actors = max_actors = max(1, math.floor(inference / per_node + 1e-9))
     decode = config.decode_cpus if config.decode_cpus is not None else _decode_cpus(cpus - max_actors * per_actor)
     batch = config.batch_size or default_batch_size(
         config.model, config.precision, gpus if gpus_per_actor else 0.0, gpu_bytes
@@ -142,11 +151,19 @@ def size_for_cluster(config, cpus: float, gpus: float, gpu_bytes: int | None = N
     )
 
 
-def check_fits(size: Sizing, cpus: float, gpus: float) -> None:
-    """Refuse (ConfigError, exit 2) a pool the cluster of ``cpus`` CPUs and ``gpus`` GPUs cannot hold: Ray
-    would wait forever for actors it cannot place (``--gpus-per-actor 1`` without a GPU, ``--actors 100``
-    on 2 CPUs). Called right after Ray starts, before any work."""
+def check_fits(size: Sizing, cpus: float, gpus: float, node_cpus: float | None = None) -> None:
+    """Refuse (ConfigError, exit 2) a pool the cluster of ``cpus`` CPUs and ``gpus`` GPUs (``node_cpus`` on
+    its largest node) cannot hold: Ray would wait forever for actors it cannot place (``--gpus-per-actor 1``
+    without a GPU, ``--actors 100`` on 2 CPUs, ``--cpus-per-actor 8`` on nodes of 4). Called right after
+    Ray starts, before any work."""
     from segbatch.errors import ConfigError
+
+    if node_cpus is not None and size.cpus_per_actor > node_cpus + 1e-9:
+        raise ConfigError(
+            "cpus_per_actor",
+            f"an inference actor of {size.cpus_per_actor:g} CPUs fits on no node: the largest has {node_cpus:g}",
+            "pass more --actors or a --cpus-per-actor of at most the largest node's CPUs",
+        )
 
     for name, value in (("cpus_per_actor", size.cpus_per_actor), ("gpus_per_actor", size.gpus_per_actor)):
         if not 0 <= value < math.inf:
