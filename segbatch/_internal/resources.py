@@ -168,23 +168,23 @@ def check_fits(size: Sizing, cpus: float, gpus: float, node_cpus: float | None =
     for name, value in (("cpus_per_actor", size.cpus_per_actor), ("gpus_per_actor", size.gpus_per_actor)):
         if not 0 <= value < math.inf:
             raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
-    if size.gpus_per_actor > 0:
-        need = size.min_actors * size.gpus_per_actor
-        if need > gpus + 1e-9:
+    for field, unit, per_actor, have, fix in (
+        (
+            "gpus_per_actor",
+            "GPU",
+            size.gpus_per_actor,
+            gpus,
+            "pass --gpus-per-actor 0 to run on CPUs, lower --actors, or add GPU nodes",
+        ),
+        ("actors", "CPU", size.cpus_per_actor, cpus, "lower --actors or --cpus-per-actor, or add CPUs"),
+    ):
+        need = size.min_actors * per_actor
+        if need > have + 1e-9:
             raise ConfigError(
-                "gpus_per_actor",
-                f"{size.min_actors} inference actor(s) x {size.gpus_per_actor:g} GPU need {need:g} GPU(s); "
-                f"the cluster has {gpus:g}",
-                "pass --gpus-per-actor 0 to run on CPUs, lower --actors, or add GPU nodes",
+                field,
+                f"{size.min_actors} inference actor(s) x {per_actor:g} {unit} need {need:g} {unit}s; the cluster has {have:g}",
+                fix,
             )
-    need = size.min_actors * size.cpus_per_actor
-    if need > cpus + 1e-9:
-        raise ConfigError(
-            "actors",
-            f"{size.min_actors} inference actor(s) x {size.cpus_per_actor:g} CPU need {need:g} CPUs; "
-            f"the cluster has {cpus:g}",
-            "lower --actors or --cpus-per-actor, or add CPUs",
-        )
     spare = cpus - need
     if spare + 1e-9 < size.decode_cpus:  # the actors would start, and decoding would wait for ever
         raise ConfigError(
