@@ -58,7 +58,11 @@ MAX_HELD_ROWS = 8192  # names a read task holds per shape while filling batches 
 PROBE_THREADS = 16  # concurrent header reads per read task: object stores answer each in tens of ms
 PROBE_BYTES = 64 * 1024  # bytes read to find an image's size and EXIF orientation (JPEG headers fit)
 REPORT_EVERY = 1.0  # seconds between a read task's count reports
-LIST_TASK_CPUS = 0.05  # a read task mostly waits on storage; it must never starve decoding of CPUs
+# CPUs a read task reserves. It mostly waits on storage, and all of a run's read tasks together (up to
+# MAX_SHARDS_PER_CPU per CPU) must leave room for a decode task beside the actors: at 0.05 each, the 7 read
+# tasks of a 2-core run took all 0.25 CPU the actor left, and no image was decoded until listing ended
+# (no first row within 45 s at 10^6 inputs).
+LIST_TASK_CPUS = 0.01
 EXIF_ORIENTATION = 0x0112
 ORIENTATIONS_SWAPPING_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 
