@@ -123,7 +123,7 @@ def main() -> None:
             size = pipeline.sizing(config)
             predictor = StandInPredictor(args.pass_seconds, spec.num_classes)
             started = time.perf_counter()
-            ds = pipeline.build_dataset(config, spec, inputs, run_id, predictor=predictor)
+            ds = pipeline.build_dataset(config, spec, inputs, run_id, predictor=predictor, size=size)
             first = None
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 first = first or time.perf_counter() - started

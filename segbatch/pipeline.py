@@ -120,22 +120,31 @@ def plan_inputs(config: RunConfig, relabel_since: float | None = None, run_id: s
 
 
 def sizing(config: RunConfig) -> resources.Sizing:
-    """Pool and batch settings for the cluster this process is attached to (segbatch._internal.resources)."""
+    """Pool and batch settings for the cluster this process is attached to (segbatch._internal.resources);
+    a pool the cluster cannot hold is refused here (ConfigError, exit 2), not left waiting for resources."""
     import ray
 
-    gpu_bytes = resources.gpu_bytes_of(ray.cluster_resources())
-    return resources.size_for_cluster(
-        config, _ray.cluster_cpus(), _ray.cluster_gpus(), gpu_bytes, node_cpus=_ray.largest_node_cpus()
-    )
+    cluster = ray.cluster_resources()
+    cpus, gpus, node_cpus = float(cluster.get("CPU", 1.0)), float(cluster.get("GPU", 0.0)), _ray.largest_node_cpus()
+    size = resources.size_for_cluster(config, cpus, gpus, resources.gpu_bytes_of(cluster), node_cpus=node_cpus)
+    resources.check_fits(size, cpus, gpus, node_cpus)
+    return size
 
 
-def build_dataset(config: RunConfig, spec: weights.ModelSpec, inputs: Inputs, run_id: str, predictor: Any = None):
+def build_dataset(
+    config: RunConfig,
+    spec: weights.ModelSpec,
+    inputs: Inputs,
+    run_id: str,
+    predictor: Any = None,
+    size: resources.Sizing | None = None,
+):
     """The lazy Ray Dataset of a run; iterating it does the work and yields (uri, status, error) rows.
-    ``predictor`` replaces the model in every actor (benchmarks/data_path.py's stand-in)."""
+    ``predictor`` replaces the model in every actor (benchmarks/data_path.py's stand-in); ``size`` is the
+    run's :func:`sizing`, computed here when not given."""
     from ray.data import ActorPoolStrategy
 
-    size = sizing(config)
-    resources.check_fits(size, _ray.cluster_cpus(), _ray.cluster_gpus(), _ray.largest_node_cpus())
+    size = size or sizing(config)
     limits = Limits(config.max_image_pixels, config.max_file_bytes, config.max_model_pixels)
     resize = spec.architecture.resize()
 
@@ -266,8 +275,7 @@ def _run_holding_lease(
             bar.set_total(None)  # known once every listing task has finished
             # A pool the cluster cannot hold is refused here (exit 2), not left waiting for resources.
             size = sizing(config)
-            resources.check_fits(size, _ray.cluster_cpus(), _ray.cluster_gpus(), _ray.largest_node_cpus())
-            ds = build_dataset(config, spec, inputs, run_id)
+            ds = build_dataset(config, spec, inputs, run_id, size=size)
             # Only now does OUTPUT belong to this run's model: a run refused before this point (a pool that
             # does not fit) leaves OUTPUT free for any model. No task writes before the loop below starts.
             binding.commit()

@@ -173,12 +173,6 @@ def _shutdown(ray) -> None:
         raise failed[0]
 
 
-def cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0.0))
-
-
 def largest_node_cpus() -> float:
     """The CPUs of the cluster's largest live node: what one actor can ask for at most."""
     import ray

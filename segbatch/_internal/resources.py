@@ -158,16 +158,15 @@ def check_fits(size: Sizing, cpus: float, gpus: float, node_cpus: float | None =
     Ray starts, before any work."""
     from segbatch.errors import ConfigError
 
+    for name, value in (("cpus_per_actor", size.cpus_per_actor), ("gpus_per_actor", size.gpus_per_actor)):
+        if not 0 <= value < math.inf:
+            raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
     if node_cpus is not None and size.cpus_per_actor > node_cpus + 1e-9:
         raise ConfigError(
             "cpus_per_actor",
             f"an inference actor of {size.cpus_per_actor:g} CPUs fits on no node: the largest has {node_cpus:g}",
             "pass more --actors or a --cpus-per-actor of at most the largest node's CPUs",
         )
-
-    for name, value in (("cpus_per_actor", size.cpus_per_actor), ("gpus_per_actor", size.gpus_per_actor)):
-        if not 0 <= value < math.inf:
-            raise ConfigError(name, f"must be a finite number >= 0, got {value!r}")
     for field, unit, per_actor, have, fix in (
         (
             "gpus_per_actor",
@@ -185,7 +184,7 @@ def check_fits(size: Sizing, cpus: float, gpus: float, node_cpus: float | None =
                 f"{size.min_actors} inference actor(s) x {per_actor:g} {unit} need {need:g} {unit}s; the cluster has {have:g}",
                 fix,
             )
-    spare = cpus - need
+    spare = cpus - size.min_actors * size.cpus_per_actor
     if spare + 1e-9 < size.decode_cpus:  # the actors would start, and decoding would wait for ever
         raise ConfigError(
             "cpus_per_actor",

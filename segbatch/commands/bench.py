@@ -278,27 +278,12 @@ PLAN_BATCH = 16  # the batch size whose listing (with header probes) --plan assu
 
 
 def listing_rate(input_url: str, resize) -> float:
-    """Names per second one listing read task hands on over ``input_url``, in this process, exactly as a
-    run's read task does at batch :data:`PLAN_BATCH`: walk, resume filter, one header probe per image."""
+    """Names per second one listing read task hands on over ``input_url``, in this process, as a run's read
+    task does at batch :data:`PLAN_BATCH`: walk, and one header probe per image."""
     from segbatch.stages import listing
 
-    fs, root = listing._open_input(input_url, {})
-    settings = listing.ListingSettings(
-        run_id="bench",
-        input_url=input_url,
-        storage_options={},
-        extensions=frozenset(EXTENSIONS),
-        output_url=None,
-        batch_size=PLAN_BATCH,
-        block_rows=listing.BLOCK_ROWS,
-        resize=resize,
-    )
     start = time.perf_counter()
-    names = sum(
-        block.num_rows
-        for shard in listing.plan_shards(fs, root, [], 1)
-        for block in listing.read_shard(settings, shard, report=False)
-    )
+    names = listing.list_inputs(input_url, {}, EXTENSIONS, batch_size=PLAN_BATCH, resize=resize).num_rows
     return names / (time.perf_counter() - start)
 
 

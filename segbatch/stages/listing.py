@@ -800,13 +800,21 @@ class ListedInputs:
 
 
 def list_inputs(
-    url: str, storage_options: Mapping[str, Any] | None, extensions: Iterable[str], exclude_output: str | None = None
+    url: str,
+    storage_options: Mapping[str, Any] | None,
+    extensions: Iterable[str],
+    exclude_output: str | None = None,
+    *,
+    batch_size: int = 1,
+    resize: Any = None,
 ) -> pa.Table:
     """List INPUT recursively in this process and keep files with one of ``extensions`` (case-insensitive),
     sorted by ``uri``. Runs list in Ray read tasks instead (:class:`ListedInputs`); tools and tests use this.
 
     ``exclude_output`` (OUTPUT's URL) keeps OUTPUT's own tree out of the listing when the two overlap.
-    Symbolic links to files are followed; links to folders and broken links are skipped and counted."""
+    Symbolic links to files are followed; links to folders and broken links are skipped and counted.
+    With ``resize`` and a ``batch_size`` above 1, each image's header is read for its model-input shape,
+    as a run's read tasks do."""
     fs, root = _open_input(url, storage_options)
     excluded = excluded_prefixes(fs, root, exclude_output, storage_options)
     settings = ListingSettings(
@@ -816,7 +824,9 @@ def list_inputs(
         extensions=frozenset(e.lower() for e in extensions),
         output_url=None,
         excluded=tuple(excluded),
+        batch_size=batch_size,
         block_rows=LIST_CHUNK_ROWS,
+        resize=resize,
     )
     tables = [t for shard in plan_shards(fs, root, excluded, 1) for t in read_shard(settings, shard, report=False)]
     table = pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
