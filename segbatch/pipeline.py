@@ -259,7 +259,7 @@ def _run_holding_lease(
         raise
 
     failure: BaseException | None = None
-    context, saved_block_size, bar = None, None, None
+    context, saved_block_size, saved_detectors, bar = None, None, None, None
     with contextlib.ExitStack() as ray_session:
         try:
             ray_session.enter_context(_ray_session(ray_start))
@@ -271,6 +271,12 @@ def _run_holding_lease(
             # the default (128 MiB) a read task would hold ~500,000 listed names before the first image is
             # decoded. Forward passes travel as single rows (segbatch/stages/decode.py), which no block size splits.
             saved_block_size, context.target_max_block_size = context.target_max_block_size, STREAM_BLOCK_BYTES
+            # Ray Data's high-memory detector prints a multi-line warning on the terminal for every run: it
+            # compares a read task's worker (~110 MiB of Python and pyarrow) with its reservation of 0 bytes.
+            # Listing rows are names; that memory is the worker's own, so the warning is noise here.
+            detectors = context.issue_detectors_config.detectors
+            saved_detectors = list(detectors)
+            detectors[:] = [d for d in detectors if d.__name__ != "HighMemoryIssueDetector"]
             bar = progress.RunProgress(config.progress)
             bar.set_total(None)  # known once every listing task has finished
             # A pool the cluster cannot hold is refused here (exit 2), not left waiting for resources.
@@ -320,6 +326,8 @@ def _run_holding_lease(
         finally:
             if context is not None:
                 context.target_max_block_size = saved_block_size
+                if saved_detectors is not None:
+                    context.issue_detectors_config.detectors[:] = saved_detectors
             if bar is not None:
                 bar.close()
             try:

@@ -242,3 +242,37 @@ def test_decoding_runs_in_cpu_tasks_beside_the_actor_pool(ray_local, tmp_path, c
     assert len(ds.take_all()) == 4
     stats = ds.stats()
     assert "MapBatches(DecodeImages)" in stats and "MapBatches(DecodeImages)->" not in stats, stats
+
+
+def test_a_run_prints_no_ray_data_memory_warning(ray_local, tmp_path, checkpoint, caplog):
+    """Ray Data's high-memory detector warns about every run's listing workers (their ~110 MiB against a
+    reservation of 0); a run turns it off and puts the detectors back afterwards."""
+    import logging
+
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    interval = context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s
+    before = list(context.issue_detectors_config.detectors)
+    assert any(d.__name__ == "HighMemoryIssueDetector" for d in before)
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        Image.fromarray(photo_like(24, 18, i)).save(tmp_path / "in" / f"{i}.png")
+    # Detect at every scheduling step instead of every 30 s, so that a short run would show the warning.
+    context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = 0
+    try:
+        with caplog.at_level(logging.WARNING):
+            report = run(
+                RunConfig(
+                    input=str(tmp_path / "in"),
+                    output=str(tmp_path / "out"),
+                    model=TEST_ARCH,
+                    weights=str(checkpoint),
+                    progress=False,
+                )
+            )
+    finally:
+        context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = interval
+    assert report.ok == 6
+    assert "memory per worker" not in caplog.text
+    assert list(context.issue_detectors_config.detectors) == before
