@@ -10,7 +10,8 @@ backend, as in benchmarks/s3_list.py) and the run reads `s3://...`; OUTPUT stays
 Time to the first row is from the command's start to the first summary file in OUTPUT. Inputs sit in
 folders of 1,000 (`--flat`: all in one folder, which one listing task streams).
 
-`--max-seconds S` stops each run after S seconds (as Ctrl-C does) and reports its peak RSS so far and
+`--max-seconds S` stops each run after S seconds (as Ctrl-C does) and reports its peak RSS until then (the
+peak while it stops, recounting its rows from the summary files it wrote, in a column of its own) and
 about how many rows it had written, for input counts whose full run takes hours on a small machine.
 The inputs are zero-byte `.jpg` files: each becomes an error row ("empty file"), so the run goes through
 listing, the input blocks, decode tasks, the inference actor pool (which skips error rows), the summary writes
@@ -59,7 +60,10 @@ class FirstFile:
 
 def peak_rss(
     cmd: list[str], max_seconds: float | None = None, output: str = ""
-) -> tuple[float, float, str, float | None]:
+) -> tuple[float, float, str, float | None, float | None]:
+    """(peak RSS while running, seconds, report, first row, peak RSS while stopping or None). A stopped
+    run's peak is split: after the signal the driver recounts its rows from every summary file it wrote
+    (pipeline._recount), which is work with the rows written, not with the inputs listed."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = FirstFile(os.path.join(output, "summary"), "part-*.parquet", start)
@@ -68,6 +72,7 @@ def peak_rss(
             out, _ = proc.communicate(timeout=max_seconds)
         except subprocess.TimeoutExpired:  # stop a long run: its peak so far, and the rows it wrote
             written = sum(1 for _ in Path(output, "summary").glob("part-*.parquet"))
+            running = rss.mib()
             proc.send_signal(signal.SIGINT)  # the run stops as on Ctrl-C and shuts its Ray down
             try:
                 proc.communicate(timeout=300)
@@ -78,15 +83,16 @@ def peak_rss(
     first_row = first.stop()
     if out is None:
         return (
-            rss.mib(),
+            running,
             time.perf_counter() - start,
             f"stopped after {max_seconds:.0f}s, {written} summary files",
             first_row,
+            rss.mib(),
         )
     if proc.returncode != 0:
         raise RuntimeError(out[-3000:])
     report = next((line for line in out.splitlines() if line.startswith("segbatch run")), "")
-    return rss.mib(), time.perf_counter() - start, report, first_row
+    return rss.mib(), time.perf_counter() - start, report, first_row, None
 
 
 def _s3_inputs(counts: list[int], flat: bool) -> tuple[object, dict[int, str]]:
@@ -133,17 +139,21 @@ def main() -> None:
                 "--no-progress",
             ]
             load = os.getloadavg()[0]
-            rss, seconds, report, first_row = peak_rss(cmd, args.max_seconds, os.path.join(tmp, f"out{n}"))
-            rows.append((n, rss, seconds, first_row, f"{load:.1f}-{os.getloadavg()[0]:.1f}", report))
+            rss, seconds, report, first_row, stopping = peak_rss(cmd, args.max_seconds, os.path.join(tmp, f"out{n}"))
+            rows.append((n, rss, stopping, seconds, first_row, f"{load:.1f}-{os.getloadavg()[0]:.1f}", report))
             if not args.s3:
                 shutil.rmtree(src)
             print(f"{n} inputs done", file=sys.stderr, flush=True)
     if server is not None:
         server.terminate()
-    print(f"{'inputs':>8} {'driver peak RSS':>16} {'first row s':>12} {'seconds':>9} {'load avg':>10}  report")
-    for n, rss, seconds, first_row, load, report in rows:
+    print(
+        f"{'inputs':>8} {'driver peak RSS':>16} {'... stopping':>13} {'first row s':>12} {'seconds':>9} "
+        f"{'load avg':>10}  report"
+    )
+    for n, rss, stopping, seconds, first_row, load, report in rows:
         shown = f"{first_row:.1f}" if first_row is not None else "-"
-        print(f"{n:>8} {rss:>12.0f} MiB {shown:>12} {seconds:>9.1f} {load:>10}  {report}")
+        stop = f"{stopping:.0f} MiB" if stopping is not None else "-"
+        print(f"{n:>8} {rss:>12.0f} MiB {stop:>13} {shown:>12} {seconds:>9.1f} {load:>10}  {report}")
 
 
 if __name__ == "__main__":
