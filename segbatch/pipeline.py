@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,24 +260,11 @@ def _run_holding_lease(
         raise
 
     failure: BaseException | None = None
-    context, saved_block_size, saved_detectors, bar = None, None, None, None
+    bar = None
     with contextlib.ExitStack() as ray_session:
         try:
             ray_session.enter_context(_ray_session(ray_start))
-            from ray.data import DataContext
-
-            context = DataContext.get_current()
-            context.enable_progress_bars = False  # segbatch's own bar (progress.py) instead
-            # Ray Data gathers a task's output into blocks of up to this many bytes before handing any on: at
-            # the default (128 MiB) a read task would hold ~500,000 listed names before the first image is
-            # decoded. Forward passes travel as single rows (segbatch/stages/decode.py), which no block size splits.
-            saved_block_size, context.target_max_block_size = context.target_max_block_size, STREAM_BLOCK_BYTES
-            # Ray Data's high-memory detector prints a multi-line warning on the terminal for every run: it
-            # compares a read task's worker (~110 MiB of Python and pyarrow) with its reservation of 0 bytes.
-            # Listing rows are names; that memory is the worker's own, so the warning is noise here.
-            detectors = context.issue_detectors_config.detectors
-            saved_detectors = list(detectors)
-            detectors[:] = [d for d in detectors if d.__name__ != "HighMemoryIssueDetector"]
+            ray_session.enter_context(_data_settings())
             bar = progress.RunProgress(config.progress)
             bar.set_total(None)  # known once every listing task has finished
             # A pool the cluster cannot hold is refused here (exit 2), not left waiting for resources.
@@ -324,10 +312,6 @@ def _run_holding_lease(
                 )
                 failure = preflight.OutputNotWritableError(f"OUTPUT {config.output}: {report.stopped_early}")
         finally:
-            if context is not None:
-                context.target_max_block_size = saved_block_size
-                if saved_detectors is not None:
-                    context.issue_detectors_config.detectors[:] = saved_detectors
             if bar is not None:
                 bar.close()
             try:
@@ -482,6 +466,30 @@ def _finish(config, report, *, completed: bool, cleanup: bool = False) -> None:
             "`segbatch compact OUTPUT` merges them",
             exc,
         )
+
+
+@contextlib.contextmanager
+def _data_settings() -> Iterator[None]:
+    """Ray Data's settings for a run; block size and detectors are put back afterwards (a library caller's
+    later datasets get its own), progress bars stay off (segbatch's own bar, progress.py, replaces them)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    detectors = context.issue_detectors_config.detectors
+    saved = context.target_max_block_size, list(detectors)
+    context.enable_progress_bars = False
+    # Ray Data gathers a task's output into blocks of up to this many bytes before handing any on: at the
+    # default (128 MiB) a read task would hold ~500,000 listed names before the first image is decoded.
+    # Forward passes travel as single rows (segbatch/stages/decode.py), which no block size splits.
+    context.target_max_block_size = STREAM_BLOCK_BYTES
+    # Ray Data's high-memory detector prints a multi-line warning on the terminal for every run: it compares
+    # a read task's worker (~110 MiB of Python and pyarrow) with its reservation of 0 bytes. Listing rows
+    # are names; that memory is the worker's own, so the warning is noise here.
+    detectors[:] = [d for d in detectors if d.__name__ != "HighMemoryIssueDetector"]
+    try:
+        yield
+    finally:
+        context.target_max_block_size, detectors[:] = saved
 
 
 @contextlib.contextmanager
