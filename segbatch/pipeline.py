@@ -525,15 +525,18 @@ def _recount(config: RunConfig, report: RunReport) -> None:
     count too, so the run record matches the summary."""
     import pyarrow.compute as pc
 
+    ok = rows = 0
     try:
-        rows = summary.read(
+        # Streamed: a run stopped after hours has written thousands of files (summary.FILES_PER_SCAN).
+        for batch in summary.batches(
             config.output, config.storage_options, columns=["status"], filter=pc.field("run_id") == report.run_id
-        )
+        ):
+            rows += batch.num_rows
+            ok += pc.sum(pc.equal(batch["status"], "ok")).as_py() or 0
     except Exception as exc:
         log.warning("could not recount the rows of %s (%s); the record counts what the driver saw", report.run_id, exc)
         return
-    ok = pc.sum(pc.equal(rows["status"], "ok")).as_py() or 0
-    report.ok, report.errors = ok, rows.num_rows - ok
+    report.ok, report.errors = ok, rows - ok
 
 
 def _count_rows(report: RunReport, batch: pa.Table) -> None:

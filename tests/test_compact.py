@@ -105,6 +105,55 @@ def test_compact_merges_small_files_into_one_and_readers_see_every_row_once(tmp_
     assert summary_files(out) == files
 
 
+def test_batches_streams_every_row_once_in_scans_of_a_few_files(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    rows = sorted(synthetic(out, files=7, rows_per_file=5) + synthetic(out, files=3, rows_per_file=5, run_id="r2"))
+    compact.compact(str(out), run_id="r2")  # r2's three files merged into one; r1's seven stay
+    monkeypatch.setattr(summary, "FILES_PER_SCAN", 3)
+    streamed = list(summary.batches(str(out), columns=["uri", "run_id"]))
+    assert sorted((u, r) for b in streamed for u, r in zip(b["uri"].to_pylist(), b["run_id"].to_pylist())) == rows
+    ok_of_r1 = summary.batches(str(out), columns=["status"], filter=pc.field("run_id") == "r1")
+    assert sum(b.num_rows for b in ok_of_r1) == 35
+    assert list(summary.batches(str(tmp_path / "empty"), columns=["uri"])) == []
+
+
+_SCAN_RSS = """
+import os, sys
+import pyarrow.compute as pc
+from segbatch.store import summary
+
+def peak_kib():  # VmHWM: getrusage's maxrss would carry the parent's peak across fork and exec
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+before = peak_kib()
+if sys.argv[2] == "batches":
+    n = sum(b.num_rows for b in summary.batches(sys.argv[1], columns=["status"], filter=pc.field("run_id") == "r1"))
+else:
+    n = summary.read(sys.argv[1], columns=["status"], filter=pc.field("run_id") == "r1").num_rows
+print(n, (peak_kib() - before) // 1024, flush=True)
+os._exit(0)  # pyarrow 26 can abort at interpreter exit after a scan of many files; the numbers are out
+"""
+
+
+@pytest.mark.slow
+def test_batches_memory_does_not_grow_with_the_number_of_files(tmp_path):
+    """A dataset keeps each file's Parquet footer once read: one scan over 2,000 files holds them all
+    (the stopped run's recount in pipeline.py held ~180 MiB at 3,376 files); batches holds a few."""
+    out = tmp_path / "out"
+    synthetic(out, files=2_000, rows_per_file=2)
+
+    def grown_mib(how: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _SCAN_RSS, str(out), how], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        rows, mib = map(int, done.stdout.split())
+        assert rows == 4_000
+        return mib
+
+    whole, streamed = grown_mib("read"), grown_mib("batches")
+    assert whole >= 60, whole  # the cost that streaming removes is there to measure
+    assert streamed <= whole / 3, (streamed, whole)
+
+
 def test_run_compaction_takes_only_that_runs_files_and_limits_file_size(tmp_path, monkeypatch):
     out = tmp_path / "out"
     mine = synthetic(out, files=10, run_id="mine")

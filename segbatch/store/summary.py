@@ -22,6 +22,39 @@ from segbatch.store.contract import CLASSES_METADATA_KEY, SUMMARY_SCHEMA
 
 def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -> pads.Dataset | None:
     """The summary as a pyarrow dataset, or None when OUTPUT has no summary yet."""
+    found = _files(output_url, storage_options)
+    return None if found is None else _open(*found)
+
+
+#: Summary files one :func:`batches` scan opens at once. A pyarrow dataset keeps every fragment's Parquet
+#: footer once it has read the fragment (~50 KiB for the summary's 18 columns), so one dataset over the
+#: 3,376 files of a stopped 10^6-input run held ~180 MiB until the scan ended; 256 files hold ~13 MiB.
+FILES_PER_SCAN = 256
+
+
+def batches(
+    output_url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    columns: Sequence[str],
+    filter: pc.Expression | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """The summary's rows as record batches, in memory that does not grow with the number of files."""
+    found = _files(output_url, storage_options)
+    if found is None:
+        return
+    fs, files = found
+    for start in range(0, len(files), FILES_PER_SCAN):
+        yield from _open(fs, files[start : start + FILES_PER_SCAN]).to_batches(columns=list(columns), filter=filter)
+
+
+def _open(fs, files: list[str]) -> pads.Dataset:
+    # Files from older segbatch versions may lack extension columns; the contract schema fills them null.
+    return pads.dataset(files, schema=SUMMARY_SCHEMA, format="parquet", filesystem=_storage.to_pyarrow_fs(fs))
+
+
+def _files(output_url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, list[str]] | None:
+    """OUTPUT's summary filesystem and the files that readers take, or None when there are none."""
     # A listing from before a run must not hide the files the run wrote (s3fs then even reports them
     # missing): summary_folder drops the cached one.
     opened = compact.summary_folder(output_url, storage_options)
@@ -44,10 +77,7 @@ def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -
         and not posixpath.basename(p).startswith((".", "_"))
         and not (posixpath.dirname(p) == path.rstrip("/") and posixpath.basename(p) in replaced)
     ]
-    if not files:
-        return None
-    # Files from older segbatch versions may lack extension columns; the contract schema fills them null.
-    return pads.dataset(files, schema=SUMMARY_SCHEMA, format="parquet", filesystem=_storage.to_pyarrow_fs(fs))
+    return (fs, files) if files else None
 
 
 def read(
