@@ -3,12 +3,14 @@
     python benchmarks/driver_memory.py --counts 1000 20000 100000
     python benchmarks/driver_memory.py --counts 1000 1000000 --max-seconds 90 [--flat]
     python benchmarks/driver_memory.py --s3 --counts 1000 100000 --max-seconds 60
+    python benchmarks/driver_memory.py --nested --counts 1000 10000000 --max-seconds 45
 
 `--s3`: the inputs are keys in a moto S3 server on 127.0.0.1 (a child process; keys go straight into its
 backend, as in benchmarks/s3_list.py) and the run reads `s3://...`; OUTPUT stays on local disk.
 
 Time to the first row is from the command's start to the first summary file in OUTPUT. Inputs sit in
-folders of 1,000 (`--flat`: all in one folder, which one listing task streams).
+folders of 1,000 (`--flat`: all in one folder, which one listing task streams; `--nested`: folders of 1,000
+inside top-level folders of 100,000).
 
 `--max-seconds S` stops each run after S seconds (as Ctrl-C does) and reports its peak RSS until then (the
 peak while it stops, recounting its rows from the summary files it wrote, in a column of its own) and
@@ -95,6 +97,22 @@ def peak_rss(
     return rss.mib(), time.perf_counter() - start, report, first_row, None
 
 
+def make_inputs(src: str, n: int, layout: str) -> None:
+    """``n`` zero-byte ``.jpg`` files under ``src``: all in ``src`` (flat), in folders of 1,000 (folders), or
+    in folders of 1,000 inside top-level folders of 100,000 (nested: 10^7 inputs are then 100 top-level
+    folders, which the run lists as up to 100 read tasks, not 10^4 folders that one read task walks)."""
+    per_folder = n if layout == "flat" else 1000
+    for start in range(0, n, per_folder):
+        folder = src
+        if layout == "nested":
+            folder = os.path.join(src, f"{start // 100_000:03d}", f"{start // 1000:05d}")
+        elif layout == "folders":
+            folder = os.path.join(src, f"{start // 1000:04d}")
+        os.makedirs(folder, exist_ok=True)
+        for i in range(start, min(n, start + per_folder)):
+            os.close(os.open(os.path.join(folder, f"{i:08d}.jpg"), os.O_CREAT | os.O_WRONLY, 0o644))
+
+
 def _s3_inputs(counts: list[int], flat: bool) -> tuple[object, dict[int, str]]:
     """One moto server holding every count's keys under its own prefix; returns (server process, urls)."""
     import functools
@@ -114,6 +132,9 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1000, 20000, 100000])
     parser.add_argument("--max-seconds", type=float, help="stop each run after this long and report its peak so far")
     parser.add_argument("--flat", action="store_true", help="all inputs in one folder")
+    parser.add_argument(
+        "--nested", action="store_true", help="folders of 1,000 inside top-level folders of 100,000 (for 10^7)"
+    )
     parser.add_argument("--s3", action="store_true", help="inputs are keys on a loopback moto S3 server")
     args = parser.parse_args()
     rows = []
@@ -121,10 +142,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.counts:
             src = urls.get(n) or os.path.join(tmp, f"in{n}")
-            for i in range(0 if args.s3 else n):
-                folder = src if args.flat else os.path.join(src, f"{i // 1000:04d}")
-                os.makedirs(folder, exist_ok=True)
-                open(os.path.join(folder, f"{i:07d}.jpg"), "wb").close()
+            if not args.s3:
+                make_inputs(src, n, "flat" if args.flat else "nested" if args.nested else "folders")
             cmd = [
                 sys.executable,
                 "-m",

@@ -203,14 +203,15 @@ def test_an_input_with_no_image_at_its_top_is_refused_before_anything_starts(tmp
         listing.ListedInputs(Config())
 
 
+@pytest.mark.parametrize("gpus", [0, 1])
 @pytest.mark.parametrize("cpus", [1, 2, 4, 16, 96])
-def test_read_tasks_leave_a_decode_task_room_beside_the_actors(cpus):
-    """All of a run's listing read tasks at once, beside the default inference pool, still leave a decode
-    task its CPUs: otherwise nothing is decoded until the listing has ended."""
+def test_running_read_tasks_leave_a_decode_and_a_write_task_room_beside_the_actors(cpus, gpus):
+    """The read tasks a run lets run at once, beside the default inference pool, still leave a decode task
+    and a write task their CPUs: with room for one only, Ray Data kept decoding the listing's flood of
+    blocks and the model's first outputs waited seconds for a write task."""
     from segbatch import RunConfig
-    from segbatch._internal.resources import size_for_cluster
+    from segbatch._internal.resources import LIST_TASK_CPUS, list_tasks_running, size_for_cluster
 
-    size = size_for_cluster(RunConfig(input="in", output="out"), cpus, 0)
-    read_tasks = max(listing.MIN_MAX_SHARDS, int(cpus * listing.MAX_SHARDS_PER_CPU))
+    size = size_for_cluster(RunConfig(input="in", output="out"), cpus, gpus)
     spare = cpus - size.max_actors * size.cpus_per_actor
-    assert read_tasks * listing.LIST_TASK_CPUS + size.decode_cpus <= spare + 1e-9
+    assert list_tasks_running(cpus) * LIST_TASK_CPUS + 2 * size.decode_cpus <= spare + 1e-9

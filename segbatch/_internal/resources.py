@@ -26,6 +26,28 @@ THREADS_PER_ACTOR = 4  # torch threads per CPU inference actor, about
 CPUS_PER_GPU_ACTOR = 1.0  # a GPU actor's host work (staging, copying masks back) needs one core
 MAX_DECODE_CPUS = 1.0  # a decode/write task never reserves more than one CPU
 
+# CPUs a listing read task reserves (segbatch/stages/listing.py). It mostly waits on storage, and all of a run's read tasks together (up to
+# MAX_SHARDS_PER_CPU per CPU) must leave room for a decode task beside the actors: at 0.05 each, the 7 read
+# tasks of a 2-core run took all 0.25 CPU the actor left, and no image was decoded until listing ended
+# (no first row within 45 s at 10^6 inputs).
+LIST_TASK_CPUS = 0.01
+# Read tasks running at once, per cluster CPU. The reservation above is logical: walking a local tree
+# (scandir, stat, Arrow) keeps a core busy, and 7 read tasks at once on 2 cores left decoding a seventh of
+# the CPU (the first row came at 35 s for 10^6 inputs against 12 s for 10^3). One running task per 4 CPUs
+# still lists ~4,000 names/s each, far ahead of what the CPUs beside it can decode.
+LIST_TASKS_RUNNING_PER_CPU = 0.25
+
+
+def list_tasks_running(cpus: float) -> int:
+    """Listing read tasks a run lets run at once on a cluster of ``cpus`` CPUs."""
+    return max(1, int(cpus * LIST_TASKS_RUNNING_PER_CPU))
+
+
+def listing_cpus(cpus: float) -> float:
+    """CPUs the running listing read tasks of a cluster of ``cpus`` CPUs reserve."""
+    return list_tasks_running(cpus) * LIST_TASK_CPUS
+
+
 # Default --batch-size. CPU: one image per pass. On the 2-core VM, deeplabv3_mobilenet_v3_large at
 # 520x693, channels_last, two threads: 91 ms per image at batch 1, 108 ms at batch 4 (docs/benchmarks.md):
 # a larger batch only adds memory traffic on a CPU, and batch 1 needs no shape probing while listing.
@@ -73,13 +95,13 @@ def plan_pool(cpus: float, gpus: float) -> PoolPlan:
         actors = int(gpus)
         per_actor = min(CPUS_PER_GPU_ACTOR, max(0.25, (cpus - MIN_TASK_CPUS) / actors / 2))
         spare = cpus - actors * per_actor
-        return PoolPlan(actors, per_actor, max(1, math.floor(per_actor)), 1.0, _decode_cpus(spare))
+        return PoolPlan(actors, per_actor, max(1, math.floor(per_actor)), 1.0, _decode_cpus(spare - listing_cpus(cpus)))
     tasks = max(MIN_TASK_CPUS, cpus * TASK_SHARE)
     inference = cpus - tasks
     actors = max(1, round(inference / THREADS_PER_ACTOR))
     per_actor = inference / actors
     threads = max(1, math.ceil(per_actor - 1e-6))
-    return PoolPlan(actors, round(per_actor, 4), threads, 0.0, _decode_cpus(tasks))
+    return PoolPlan(actors, round(per_actor, 4), threads, 0.0, _decode_cpus(tasks - listing_cpus(cpus)))
 
 
 @dataclass(frozen=True)
@@ -135,7 +157,11 @@ def size_for_cluster(
             # Nodes smaller than the planned actor: actors of what one node holds less its share for tasks.
             per_actor = round(per_node, 4)
             min_actors = max_actors = max(1, math.floor(inference / per_node + 1e-9))
-    decode = config.decode_cpus if config.decode_cpus is not None else _decode_cpus(cpus - max_actors * per_actor)
+    # A listed INPUT's read tasks run beside decoding; a manifest's tasks have the CPU kept above.
+    listing = 0.0 if getattr(config, "manifest", None) else listing_cpus(cpus)
+    decode = (
+        config.decode_cpus if config.decode_cpus is not None else _decode_cpus(cpus - max_actors * per_actor - listing)
+    )
     batch = config.batch_size or default_batch_size(
         config.model, config.precision, gpus if gpus_per_actor else 0.0, gpu_bytes
     )
@@ -195,7 +221,12 @@ def check_fits(size: Sizing, cpus: float, gpus: float, node_cpus: float | None =
 
 
 def _decode_cpus(spare: float) -> float:
-    """Per-task reservation: two tasks fit in the spare CPUs (decode of one batch beside the write of another)."""
+    """Per-task reservation: two tasks fit in the ``spare`` CPUs (the decode of one block beside the write of
+    another), which the callers count after the listing's running read tasks (:func:`listing_cpus`). When
+    the read task's 0.01 CPU was left out, one 0.125-CPU task fitted in a 2-core run's 0.25 while listing
+    went on, and Ray Data, handed a flood of listed blocks, kept starting decode tasks: a 10^6-input run
+    wrote its first row ~4 s after the model was ready, where a 10^3-input run, whose listing had ended,
+    wrote it at once."""
     return round(min(MAX_DECODE_CPUS, max(spare / 2, 0.0625)), 4)
 
 

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segbatch._internal import _storage
+from segbatch._internal.resources import LIST_TASK_CPUS, list_tasks_running
 from segbatch.errors import InputError
 from segbatch.stages.inputs import INPUT_KINDS
 from segbatch.store import contract
@@ -58,16 +59,6 @@ MAX_HELD_ROWS = 8192  # names a read task holds per shape while filling batches 
 PROBE_THREADS = 16  # concurrent header reads per read task: object stores answer each in tens of ms
 PROBE_BYTES = 64 * 1024  # bytes read to find an image's size and EXIF orientation (JPEG headers fit)
 REPORT_EVERY = 1.0  # seconds between a read task's count reports
-# CPUs a read task reserves. It mostly waits on storage, and all of a run's read tasks together (up to
-# MAX_SHARDS_PER_CPU per CPU) must leave room for a decode task beside the actors: at 0.05 each, the 7 read
-# tasks of a 2-core run took all 0.25 CPU the actor left, and no image was decoded until listing ended
-# (no first row within 45 s at 10^6 inputs).
-LIST_TASK_CPUS = 0.01
-# Read tasks running at once, per cluster CPU. The reservation above is logical: walking a local tree
-# (scandir, stat, Arrow) keeps a core busy, and 7 read tasks at once on 2 cores left decoding a seventh of
-# the CPU (the first row came at 35 s for 10^6 inputs against 12 s for 10^3). One running task per 4 CPUs
-# still lists ~4,000 names/s each, far ahead of what the CPUs beside it can decode.
-LIST_TASKS_RUNNING_PER_CPU = 0.25
 EXIF_ORIENTATION = 0x0112
 ORIENTATIONS_SWAPPING_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 
@@ -773,7 +764,7 @@ class ListedInputs:
 
         from segbatch._internal import _ray
 
-        running = max(1, min(len(self.shards), int(_ray.cluster_cpus() * LIST_TASKS_RUNNING_PER_CPU)))
+        running = min(len(self.shards), list_tasks_running(_ray.cluster_cpus()))
         return ray.data.read_datasource(
             ListingDatasource(self._settings, self.shards),
             num_cpus=LIST_TASK_CPUS,
