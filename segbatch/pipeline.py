@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 DECODE_TASK_MEMORY = 320 * 1024**2  # bytes; decode workers resize with PIL and never import torch
 MIN_ROWS_FOR_ERROR_RATE = 20  # rows seen before --max-error-rate may stop a run: one early error is no rate
-STREAM_BLOCK_BYTES = 256 * 1024  # see _run_holding_lease: ~1,500 listed names per block
+STREAM_BLOCK_BYTES = 16 * 1024  # see _data_settings: ~100 listed names per block
 COUNTS_EVERY = 1.0  # seconds between the driver's reads of the listing's counts (Ray's key-value store)
 MISSING_EXAMPLES = 5  # inputs an incomplete run names
 
@@ -275,12 +275,14 @@ def _run_holding_lease(
             binding.commit()
             with _stoppable():
                 counted = time.monotonic()
+                _tally.put_written(run_id, 0)  # the listing paces itself by this count (listing.Pace)
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     ok, errors = report.ok, report.errors
                     _count_rows(report, batch)
                     bar.update(report.ok - ok, report.errors - errors)
                     if time.monotonic() - counted >= COUNTS_EVERY:
                         _read_counts(report, run_id, inputs, bar)
+                        _tally.put_written(run_id, report.processed)
                         counted = time.monotonic()
                     lease.check()
                     _check_error_budget(config, report)
@@ -478,9 +480,12 @@ def _data_settings() -> Iterator[None]:
     detectors = context.issue_detectors_config.detectors
     saved = context.target_max_block_size, list(detectors)
     context.enable_progress_bars = False
-    # Ray Data gathers a task's output into blocks of up to this many bytes before handing any on: at the
-    # default (128 MiB) a read task would hold ~500,000 listed names before the first image is decoded.
-    # Forward passes travel as single rows (segbatch/stages/decode.py), which no block size splits.
+    # Ray Data gathers a task's output into blocks of up to this many bytes before handing any on, and a
+    # decode task takes a whole block. At the default (128 MiB) a read task would hold ~500,000 listed
+    # names before the first image is decoded; at 256 KiB one decode task still took ~1,500 images (one
+    # task for a 1,000-image INPUT, however large the cluster), and held back their error rows until it
+    # had read them all: on a loopback S3 server the first row came at 54 s for 10^5 keys against 19 s
+    # for 10^3. Forward passes travel as single rows (segbatch/stages/decode.py), which no size splits.
     context.target_max_block_size = STREAM_BLOCK_BYTES
     # Ray Data's high-memory detector prints a multi-line warning on the terminal for every run: it compares
     # a read task's worker (~110 MiB of Python and pyarrow) with its reservation of 0 bytes. Listing rows

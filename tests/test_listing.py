@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import random
+import time
 from collections import Counter
 
 import numpy as np
@@ -215,3 +216,50 @@ def test_running_read_tasks_leave_a_decode_and_a_write_task_room_beside_the_acto
     size = size_for_cluster(RunConfig(input="in", output="out"), cpus, gpus)
     spare = cpus - size.max_actors * size.cpus_per_actor
     assert list_tasks_running(cpus) * LIST_TASK_CPUS + 2 * size.decode_cpus <= spare + 1e-9
+
+
+def test_a_read_task_waits_while_the_listing_is_max_ahead_rows_ahead_of_the_written_rows(
+    tmp_path, ray_local, monkeypatch
+):
+    """Pace: a read task hands on rows until the run's handed-on rows are more than ``max_ahead`` past the
+    rows the driver has seen written, then waits for the driver's count to move."""
+    import threading
+
+    from segbatch._internal import _tally
+
+    for folder in range(3):
+        (tmp_path / f"{folder}").mkdir()
+        for i in range(1000):
+            (tmp_path / f"{folder}" / f"{i:04d}.jpg").touch()
+    monkeypatch.setattr(listing, "REPORT_EVERY", 0.0)  # report, and look at the pace, after every chunk
+    monkeypatch.setattr(listing, "PACE_SLEEP", 0.05)
+    run_id = "pace-test"
+    settings = listing.ListingSettings(
+        run_id=run_id,
+        input_url=str(tmp_path),
+        storage_options={},
+        extensions=frozenset({"jpg"}),
+        output_url=None,
+        max_ahead=1500,
+    )
+    shard = listing.Shard(0, dirs=tuple(str(tmp_path / f"{f}") for f in range(3)))
+    handed_on: list[int] = []
+    _tally.put_written(run_id, 0)
+    reader = threading.Thread(target=lambda: handed_on.extend(b.num_rows for b in listing.read_shard(settings, shard)))
+    try:
+        reader.start()
+        reader.join(timeout=3)
+        # Two chunks of 1,024 names went out: after the second, 2,048 rows were past the 0 written.
+        assert reader.is_alive() and sum(handed_on) == 2 * listing.LIST_CHUNK_ROWS
+        _tally.put_written(run_id, 1000)  # 1,048 ahead: the last chunk goes out, but for the rows a block
+        time.sleep(1)  # of 32 still lacks, and then the task waits again (1,976 ahead) before its end
+        assert reader.is_alive() and sum(handed_on) == 3000 - 3000 % settings.block_rows
+        _tally.put_written(run_id, 3000)
+        reader.join(timeout=10)
+        assert not reader.is_alive() and sum(handed_on) == 3000
+        assert _tally.totals(run_id).emitted == 3000
+    finally:
+        _tally.put_written(run_id, 10**9)  # never leave the thread waiting
+        reader.join(timeout=10)
+        _tally.clear(run_id)
+    assert _tally.written(run_id) is None

@@ -118,7 +118,7 @@ def test_a_simulated_sixteen_core_cluster(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     size = json.loads(out.stdout.strip().splitlines()[-1])
     assert (size["max_actors"], size["threads"], size["cpus_per_actor"], size["gpus_per_actor"]) == (4, 4, 3.5, 0.0)
-    assert size["decode_cpus"] == 1.0 and size["batch_size"] == 1
+    assert size["decode_cpus"] == 0.98 and size["batch_size"] == 1  # beside 4 read tasks of 0.01
 
 
 # -- issue 22 items 9 and 11: a pool the cluster cannot hold is refused, never waited for ----------------
