@@ -263,3 +263,33 @@ def test_a_read_task_waits_while_the_listing_is_max_ahead_rows_ahead_of_the_writ
         reader.join(timeout=10)
         _tally.clear(run_id)
     assert _tally.written(run_id) is None
+
+
+def test_a_read_task_whose_written_count_stalls_still_hands_on_a_chunk_per_patience(tmp_path, ray_local, monkeypatch):
+    """A written count that never moves (rows held where the bound did not foresee) slows the listing to
+    one chunk per PACE_PATIENCE; it never stops it."""
+    from segbatch._internal import _tally
+
+    for i in range(3000):
+        (tmp_path / f"{i:04d}.jpg").touch()
+    monkeypatch.setattr(listing, "REPORT_EVERY", 0.0)
+    monkeypatch.setattr(listing, "PACE_SLEEP", 0.05)
+    monkeypatch.setattr(listing, "PACE_PATIENCE", 0.5)
+    run_id = "pace-stalled"
+    settings = listing.ListingSettings(
+        run_id=run_id,
+        input_url=str(tmp_path),
+        storage_options={},
+        extensions=frozenset({"jpg"}),
+        output_url=None,
+        max_ahead=100,
+    )
+    shard = listing.Shard(0, files=tuple((str(tmp_path / f"{i:04d}.jpg"), {}) for i in range(3000)))
+    _tally.put_written(run_id, 0)
+    try:
+        started = time.monotonic()
+        assert sum(b.num_rows for b in listing.read_shard(settings, shard)) == 3000
+        # Three chunks of 1,024 names, and the task waited its patience after each.
+        assert 3 * 0.5 <= time.monotonic() - started < 10
+    finally:
+        _tally.clear(run_id)

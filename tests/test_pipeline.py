@@ -276,3 +276,31 @@ def test_a_run_prints_no_ray_data_memory_warning(ray_local, tmp_path, checkpoint
     assert report.ok == 6
     assert "memory per worker" not in caplog.text
     assert list(context.issue_detectors_config.detectors) == before
+
+
+def test_a_listing_paced_to_a_few_rows_ahead_still_labels_every_input(ray_local, tmp_path, checkpoint, monkeypatch):
+    """The read tasks wait while the run's handed-on rows are more than max_ahead past the rows the driver
+    has seen written (listing.Pace); paced to 1,500 rows, a read task's second 1,024-name chunk waits for
+    the run to catch up, and the run ends with every input's row. Zero-byte inputs: error rows, no
+    inference needed."""
+    from segbatch.stages import listing
+
+    for folder in range(3):
+        (tmp_path / "in" / f"{folder}").mkdir(parents=True)
+        for i in range(1100):
+            (tmp_path / "in" / f"{folder}" / f"{i:04d}.jpg").touch()
+    # The bound is computed in the driver and travels to the read tasks in their settings.
+    monkeypatch.setattr(listing, "MIN_AHEAD_ROWS", 1500)
+    monkeypatch.setattr(listing, "AHEAD_ROWS_PER_CPU", 0)
+    report = run(
+        RunConfig(
+            input=str(tmp_path / "in"),
+            output=str(tmp_path / "out"),
+            model=TEST_ARCH,
+            weights=str(checkpoint),
+            progress=False,
+        )
+    )
+    assert (report.listed, report.ok, report.errors) == (3300, 0, 3300)
+    rows = summary_table(tmp_path / "out")
+    assert rows.num_rows == 3300 and len(set(rows["uri"].to_pylist())) == 3300

@@ -63,9 +63,16 @@ REPORT_EVERY = 1.0  # seconds between a read task's count reports
 # driver, per cluster CPU and at least. Without a bound, listing a large INPUT queued every block in Ray
 # Data's buffers, whose references the driver holds (~9 KB each): RSS then grew with the input count.
 # 2,000 per CPU keeps minutes of work queued on CPUs, and ~15 s for 64 CPUs feeding 16 GPUs at 8,000 img/s.
+# The bound must stay well above what Ray Data holds back itself (a read task's rows until its block of
+# STREAM_BLOCK_BYTES is full, ~100-300 names; a write task's bundle of 8): rows held there never reach
+# the driver while their read task waits.
 AHEAD_ROWS_PER_CPU = 2000
 MIN_AHEAD_ROWS = 20_000
 PACE_SLEEP = 0.5  # seconds a read task that is far enough ahead waits before it looks again
+# A read task that has waited this long without the written count moving hands on one more chunk: a
+# stalled count (actors still loading a model, or rows held somewhere the bound did not foresee) slows
+# the listing down, and never stops a run.
+PACE_PATIENCE = 30.0
 EXIF_ORIENTATION = 0x0112
 ORIENTATIONS_SWAPPING_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 
@@ -584,7 +591,9 @@ class Pace:
     """Keeps a run's listing at most ``max_ahead`` rows ahead of what the driver has seen written: the
     read tasks' handed-on rows (Ray's key-value store, segbatch/_internal/_tally.py) against the driver's
     count. A read task that is ahead waits; rows it still holds do not count, so the rows that the run
-    waits for are always on their way. A driver that never says (a run's check, tools) never paces."""
+    waits for are on their way (:data:`MIN_AHEAD_ROWS` says why the bound must be large), and a count
+    that does not move for :data:`PACE_PATIENCE` lets one more chunk go. A driver that never says (a
+    run's check, tools) never paces."""
 
     def __init__(self, run_id: str, max_ahead: int):
         self.run_id, self.max_ahead = run_id, max_ahead
@@ -592,9 +601,14 @@ class Pace:
     def wait(self) -> None:
         from segbatch._internal import _tally
 
+        last, since = None, time.monotonic()
         while True:
             written = _tally.written(self.run_id)
             if written is None or _tally.totals(self.run_id).emitted - written <= self.max_ahead:
+                return
+            if written != last:
+                last, since = written, time.monotonic()
+            elif time.monotonic() - since >= PACE_PATIENCE:
                 return
             time.sleep(PACE_SLEEP)
 
