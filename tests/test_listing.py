@@ -218,6 +218,26 @@ def test_running_read_tasks_leave_a_decode_and_a_write_task_room_beside_the_acto
     assert list_tasks_running(cpus) * LIST_TASK_CPUS + 2 * size.decode_cpus <= spare + 1e-9
 
 
+def _paced(tmp_path, monkeypatch, run_id: str, max_ahead: int) -> tuple[listing.ListingSettings, listing.Shard]:
+    """A read task's settings and shard over 3,000 empty ``.jpg`` files in three folders of ``tmp_path``,
+    paced to ``max_ahead`` rows, reporting (and looking at its pace) after every chunk of 1,024 names."""
+    for folder in range(3):
+        (tmp_path / f"{folder}").mkdir()
+        for i in range(1000):
+            (tmp_path / f"{folder}" / f"{i:04d}.jpg").touch()
+    monkeypatch.setattr(listing, "REPORT_EVERY", 0.0)
+    monkeypatch.setattr(listing, "PACE_SLEEP", 0.05)
+    settings = listing.ListingSettings(
+        run_id=run_id,
+        input_url=str(tmp_path),
+        storage_options={},
+        extensions=frozenset({"jpg"}),
+        output_url=None,
+        max_ahead=max_ahead,
+    )
+    return settings, listing.Shard(0, dirs=tuple(str(tmp_path / f"{f}") for f in range(3)))
+
+
 def test_a_read_task_waits_while_the_listing_is_max_ahead_rows_ahead_of_the_written_rows(
     tmp_path, ray_local, monkeypatch
 ):
@@ -227,22 +247,8 @@ def test_a_read_task_waits_while_the_listing_is_max_ahead_rows_ahead_of_the_writ
 
     from segbatch._internal import _tally
 
-    for folder in range(3):
-        (tmp_path / f"{folder}").mkdir()
-        for i in range(1000):
-            (tmp_path / f"{folder}" / f"{i:04d}.jpg").touch()
-    monkeypatch.setattr(listing, "REPORT_EVERY", 0.0)  # report, and look at the pace, after every chunk
-    monkeypatch.setattr(listing, "PACE_SLEEP", 0.05)
     run_id = "pace-test"
-    settings = listing.ListingSettings(
-        run_id=run_id,
-        input_url=str(tmp_path),
-        storage_options={},
-        extensions=frozenset({"jpg"}),
-        output_url=None,
-        max_ahead=1500,
-    )
-    shard = listing.Shard(0, dirs=tuple(str(tmp_path / f"{f}") for f in range(3)))
+    settings, shard = _paced(tmp_path, monkeypatch, run_id, max_ahead=1500)
     handed_on: list[int] = []
     _tally.put_written(run_id, 0)
     reader = threading.Thread(target=lambda: handed_on.extend(b.num_rows for b in listing.read_shard(settings, shard)))
@@ -270,21 +276,9 @@ def test_a_read_task_whose_written_count_stalls_still_hands_on_a_chunk_per_patie
     one chunk per PACE_PATIENCE; it never stops it."""
     from segbatch._internal import _tally
 
-    for i in range(3000):
-        (tmp_path / f"{i:04d}.jpg").touch()
-    monkeypatch.setattr(listing, "REPORT_EVERY", 0.0)
-    monkeypatch.setattr(listing, "PACE_SLEEP", 0.05)
     monkeypatch.setattr(listing, "PACE_PATIENCE", 0.5)
     run_id = "pace-stalled"
-    settings = listing.ListingSettings(
-        run_id=run_id,
-        input_url=str(tmp_path),
-        storage_options={},
-        extensions=frozenset({"jpg"}),
-        output_url=None,
-        max_ahead=100,
-    )
-    shard = listing.Shard(0, files=tuple((str(tmp_path / f"{i:04d}.jpg"), {}) for i in range(3000)))
+    settings, shard = _paced(tmp_path, monkeypatch, run_id, max_ahead=100)
     _tally.put_written(run_id, 0)
     try:
         started = time.monotonic()
