@@ -26,10 +26,10 @@ THREADS_PER_ACTOR = 4  # torch threads per CPU inference actor, about
 CPUS_PER_GPU_ACTOR = 1.0  # a GPU actor's host work (staging, copying masks back) needs one core
 MAX_DECODE_CPUS = 1.0  # a decode/write task never reserves more than one CPU
 
-# CPUs a listing read task reserves (segbatch/stages/listing.py). It mostly waits on storage, and all of a run's read tasks together (up to
-# MAX_SHARDS_PER_CPU per CPU) must leave room for a decode task beside the actors: at 0.05 each, the 7 read
-# tasks of a 2-core run took all 0.25 CPU the actor left, and no image was decoded until listing ended
-# (no first row within 45 s at 10^6 inputs).
+# CPUs a listing read task reserves (segbatch/stages/listing.py). It mostly waits on storage, and all of a
+# run's read tasks together (up to listing.MAX_SHARDS_PER_CPU per CPU) must leave room for a decode task
+# beside the actors: at 0.05 each, the 7 read tasks of a 2-core run took all 0.25 CPU the actor left, and
+# no image was decoded until listing ended (no first row within 45 s at 10^6 inputs).
 LIST_TASK_CPUS = 0.01
 # Read tasks running at once, per cluster CPU. The reservation above is logical: walking a local tree
 # (scandir, stat, Arrow) keeps a core busy, and 7 read tasks at once on 2 cores left decoding a seventh of
