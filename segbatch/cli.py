@@ -175,11 +175,25 @@ def _unreachable_message(exc: BaseException) -> str:
     )
 
 
+def _use_system_allocator() -> None:
+    """Arrow allocates from the C library's malloc in this process, which a long command owns.
+
+    Arrow's default pool (mimalloc) keeps freed pages for reuse by the thread that freed them: a merge of
+    277,024 summary rows left a driver 37 MiB larger than the same merge on the system pool, which hands
+    them back. The CLI's processes hold little Arrow data at a time, in large buffers, so nothing is lost;
+    Ray's workers keep Arrow's default. A library caller keeps the pool it chose.
+    """
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from segbatch.pipeline import RunInterrupted, install_stop_handlers, run
 
     config = build_config(args)
     install_stop_handlers()
+    _use_system_allocator()
     try:
         report = run(config)
     except RunInterrupted as exc:
@@ -253,6 +267,7 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
     storage_options = dict(args.storage_options or [])
     _require_output_folder(args.output, storage_options)
+    _use_system_allocator()
     # Compaction rewrites summary files: it holds OUTPUT's lease, as a run does, so no run writes meanwhile.
     with _lease.Lease(args.output, storage_options, "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())):
         print(compact(args.output, storage_options))

@@ -26,6 +26,8 @@ would bring the file back beside the merged copy of its rows): ``segbatch compac
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -33,7 +35,7 @@ import posixpath
 import signal
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +48,14 @@ from segbatch.store.contract import CLASSES_METADATA_KEY, SUMMARY_DIR, SUMMARY_S
 log = logging.getLogger(__name__)
 
 # A merged file is sorted by `uri` (so a listing read task reads only the row groups whose `uri` range its
-# chunk of names touches, segbatch/stages/listing.py's DoneIndex), and sorting holds the file's rows in memory:
-MAX_ROWS = 262_144  # rows per merged file (~40-100 MB held while it is sorted)
-MAX_BYTES = 128 * 1024**2  # about this many bytes per merged file, as held in memory before writing
+# chunk of names touches, segbatch/stages/listing.py's DoneIndex). The sort is external (_Merge): memory
+# holds RUN_ROWS rows while a run is sorted, then one record batch per run and one row group.
+MAX_ROWS = 262_144  # rows per merged file: fewer, larger files are fewer footers for every resume lookup
+MAX_BYTES = 128 * 1024**2  # about this many bytes per merged file (Arrow's in-memory size of its rows)
+RUN_ROWS = 16_384  # rows sorted in memory at once, then spilled to local disk as one sorted run
+SPILL_BATCH_ROWS = 1_024  # rows per record batch of a run: what the merge reads from each run at once
+# Runs are read back once, from local disk: a fast codec keeps the spill small without costing the merge.
+_SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 ROW_GROUP_ROWS = 16_384  # rows per row group: a resume lookup reads one or two of them per 1,024 names
 SMALL_MERGED_ROWS = MAX_ROWS // 4  # `segbatch compact` merges merged files smaller than this again
 READ_CHUNK_FILES = 256  # small files fetched at once (concurrently on object stores)
@@ -127,17 +134,29 @@ def _conform(table: pa.Table) -> pa.Table:
 
 @dataclass
 class _Merge:
-    """One merged file being written: a local temporary file, the files it replaces."""
+    """One merged file being written, by an external merge sort whose memory does not grow with the file.
+
+    Small files come in chunks of :data:`READ_CHUNK_FILES`, each combined into one table at once (thousands
+    of small Arrow tables cost ~24 KiB each beyond their rows: 3,313 one-file tables of 25,184 rows held
+    ~100 MiB). Every :data:`RUN_ROWS` rows are sorted by ``uri`` and spilled as a *run* to a local Arrow
+    IPC file; publishing merges the runs, :data:`ROW_GROUP_ROWS` rows at a time, into the Parquet file.
+    """
 
     classes: bytes | None
     local: bool
     folder: str
-    tmp: str = ""
+    tmp: str = ""  # the merged Parquet file being written
     writer: Any = None
+    spill: str = ""  # the sorted runs, on local disk
+    spill_writer: Any = None
+    runs: list[tuple[int, int]] = field(default_factory=list)  # (first record batch, rows) of each run
+    batches: int = 0  # record batches spilled so far
     replaces: list[str] = field(default_factory=list)
     rows: int = 0
-    pending: list[pa.Table] = field(default_factory=list)
-    pending_bytes: int = 0  # bytes held (Arrow's in-memory size)
+    bytes: int = 0  # Arrow's in-memory size of every row added
+    tables: list[pa.Table] = field(default_factory=list)  # small files not yet combined
+    combined: list[pa.Table] = field(default_factory=list)  # chunks combined, not yet spilled
+    held_rows: int = 0  # rows in `combined`
 
     def open(self, fs) -> None:
         metadata = {CLASSES_METADATA_KEY: self.classes} if self.classes is not None else None
@@ -145,32 +164,127 @@ class _Merge:
         if self.local:  # beside its final name: publishing is then one rename
             fs.makedirs(self.folder, exist_ok=True)
             self.tmp = posixpath.join(self.folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}.tmp")
+            # Beside it too, so that the next compaction removes it after a kill (_is_temporary).
+            self.spill = posixpath.join(self.folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}.runs.tmp")
         else:
-            handle, self.tmp = tempfile.mkstemp(prefix="segbatch-merge-", suffix=".parquet")
-            os.close(handle)
+            self.tmp = _local_temporary(".parquet")
+            self.spill = _local_temporary(".arrow")
         self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self.spill_writer = pa.ipc.new_file(self.spill, SUMMARY_SCHEMA, options=_SPILL_OPTIONS)
 
     def add(self, name: str, table: pa.Table) -> None:
         self.replaces.append(name)
         self.rows += table.num_rows
-        self.pending.append(table)
-        self.pending_bytes += table.nbytes
-
-    def flush(self) -> None:
-        """Write the held rows sorted by ``uri``: each row group then covers a narrow ``uri`` range."""
-        if self.pending:
-            table = pa.concat_tables(self.pending).sort_by("uri")
-            self.writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-            self.pending, self.pending_bytes = [], 0
+        self.bytes += table.nbytes
+        self.tables.append(table)
+        if len(self.tables) >= READ_CHUNK_FILES:
+            self._combine()
 
     def full(self) -> bool:
-        return self.rows >= MAX_ROWS or self.pending_bytes >= MAX_BYTES
+        return self.rows >= MAX_ROWS or self.bytes >= MAX_BYTES
+
+    def _combine(self) -> None:
+        if self.tables:
+            table = pa.concat_tables(self.tables).combine_chunks()
+            self.tables = []
+            self.combined.append(table)
+            self.held_rows += table.num_rows
+        if self.held_rows >= RUN_ROWS:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Write the held rows, sorted by ``uri``, as one run of record batches."""
+        if not self.combined:
+            return
+        table = pa.concat_tables(self.combined).sort_by("uri")
+        self.combined, self.held_rows = [], 0
+        self.runs.append((self.batches, table.num_rows))
+        for batch in table.to_batches(max_chunksize=SPILL_BATCH_ROWS):
+            self.spill_writer.write_batch(batch)
+            self.batches += 1
+
+    def write(self) -> None:
+        """Merge the runs into the Parquet file: each row group holds the next ROW_GROUP_ROWS rows in ``uri``
+        order, so row groups cover narrow, disjoint ``uri`` ranges."""
+        self._combine()
+        self._spill()
+        self.spill_writer.close()
+        self.spill_writer = None
+        with pa.OSFile(self.spill, "rb") as source:
+            reader = pa.ipc.open_file(source)
+            for group in _merge_runs(reader, self.runs, ROW_GROUP_ROWS):
+                self.writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
+        os.remove(self.spill)
+        self.spill = ""
+        self.writer.close()
+        self.writer = None
 
     def discard(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.tmp and os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        for writer in (self.writer, self.spill_writer):
+            if writer is not None:
+                writer.close()
+        self.writer = self.spill_writer = None
+        for path in (self.tmp, self.spill):
+            if path and os.path.exists(path):
+                os.remove(path)
+
+
+def _local_temporary(suffix: str) -> str:
+    handle, path = tempfile.mkstemp(prefix="segbatch-merge-", suffix=suffix)
+    os.close(handle)
+    return path
+
+
+def _merge_runs(reader, runs: list[tuple[int, int]], group_rows: int) -> Iterator[pa.Table]:
+    """The rows of sorted runs (record batches of ``reader``) in ``uri`` order, ``group_rows`` at a time.
+
+    A k-way merge of the runs' ``uri`` values decides how many rows each run gives to the next group; those
+    rows are a contiguous slice of each run, read batch by batch, and only the group is sorted in memory.
+    Memory: one record batch per run, and one group.
+    """
+
+    def uris(run: int, first: int, rows: int) -> Iterator[tuple[str, int]]:
+        batch = first
+        while rows > 0:
+            values = reader.get_batch(batch).column("uri").to_pylist()
+            for uri in values:
+                yield uri, run
+            rows -= len(values)
+            batch += 1
+
+    cursors = [_RunCursor(reader, first, rows) for first, rows in runs]
+    order = heapq.merge(*(uris(i, first, rows) for i, (first, rows) in enumerate(runs)))
+    while True:
+        taken = [0] * len(runs)
+        n = 0
+        for _, run in itertools.islice(order, group_rows):
+            taken[run] += 1
+            n += 1
+        if n == 0:
+            return
+        pieces = [cursors[i].take(k) for i, k in enumerate(taken) if k]
+        yield pa.concat_tables(pieces).sort_by("uri")
+
+
+class _RunCursor:
+    """Reads one run's rows in order, any number at a time."""
+
+    def __init__(self, reader, first: int, rows: int):
+        self._reader, self._next, self._left = reader, first, rows
+        self._batch: pa.RecordBatch | None = None
+        self._offset = 0
+
+    def take(self, n: int) -> pa.Table:
+        pieces = []
+        while n > 0:
+            if self._batch is None or self._offset == self._batch.num_rows:
+                self._batch, self._offset = self._reader.get_batch(self._next), 0
+                self._next += 1
+            k = min(n, self._batch.num_rows - self._offset)
+            pieces.append(self._batch.slice(self._offset, k))
+            self._offset += k
+            n -= k
+        return pa.Table.from_batches(pieces, schema=SUMMARY_SCHEMA)
 
 
 def compact(
@@ -267,9 +381,7 @@ def _candidates(fs, folder: str, names: list[str], run_id: str | None) -> list[s
 
 
 def _publish(fs, folder: str, merge: _Merge, report: CompactReport) -> None:
-    merge.flush()
-    merge.writer.close()
-    merge.writer = None
+    merge.write()
     digest = hashlib.sha1("\n".join(sorted(merge.replaces)).encode()).hexdigest()[:16]
     name = f"{MERGED_PREFIX}{digest}.parquet"
     path = posixpath.join(folder, name)
