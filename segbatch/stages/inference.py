@@ -7,6 +7,7 @@ torch's import. (Ray Data names the actors after the class: ``MapBatches(Segment
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,15 @@ log = logging.getLogger(__name__)
 
 
 class Segmenter:
-    """Ray Data map step on an actor pool: one model per actor, loaded once in ``__init__``."""
+    """Ray Data map step on an actor pool: one model per actor, loaded once in ``__init__``.
+
+    Every torch operation of the actor runs on one thread of its own (:attr:`_torch`). Ray calls
+    ``__init__`` on the actor's main thread and ``__call__`` on a Ray Data worker thread, and OpenMP gives
+    each thread that starts parallel work a team of its own: with two teams of torch's threads on a
+    machine they outnumber, libgomp stops its threads spinning between operators, and each operator waits
+    for a woken thread. A forward pass then took 137-140 ms instead of 105-112 ms on 2 cores
+    (docs/benchmarks.md, "One thread for torch").
+    """
 
     def __init__(
         self,
@@ -41,14 +50,19 @@ class Segmenter:
         from segbatch.stages.model import Predictor, assigned_cpus
 
         self.max_batch = max_batch  # most images per forward pass; None: a batch's whole shape group
+        self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segbatch-torch")
         # `predictor`: a stand-in with Predictor's stage/masks/device/min_confidence (benchmarks/data_path.py
         # measures the data path's own ceiling with one that costs nothing, or a fixed time per pass).
-        self.predictor = predictor or Predictor(
-            spec,
-            precision=precision,
-            upsample=upsample,
-            threads=threads or assigned_cpus(),
-            min_confidence=min_confidence,
+        self.predictor = (
+            predictor
+            or self._torch.submit(
+                Predictor,
+                spec,
+                precision=precision,
+                upsample=upsample,
+                threads=threads or assigned_cpus(),
+                min_confidence=min_confidence,
+            ).result()
         )
         self.node_id = ray.get_runtime_context().get_node_id()
         device = self.predictor.device
@@ -101,6 +115,9 @@ class Segmenter:
         """Rows of :data:`segbatch.store.contract.PASS_SCHEMA` (one forward pass each) -> one row per image
         (:data:`segbatch.store.contract.IMAGE_ROW_SCHEMA`): the image's fields, its mask and pixel counts,
         and how many images shared its pass."""
+        return self._torch.submit(self._label, passes).result()
+
+    def _label(self, passes: pa.Table) -> pa.Table:
         from segbatch.stages.model import Labelled
 
         rows = passes.to_pylist()
