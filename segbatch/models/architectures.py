@@ -10,6 +10,9 @@ tests that are parametrised over :func:`available_models` then cover it.
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +23,52 @@ from segbatch.errors import WeightsError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MODELS", "Architecture", "available_models", "get_architecture"]
+__all__ = ["MODELS", "Architecture", "available_models", "get_architecture", "import_torchvision"]
+
+# torchvision.ops.roi_align imports this module of torch's compiler at its top for one helper that runs
+# only when roi_align runs (detection models; no segmentation model calls it).
+_DYNAMO_UTILS = "torch._dynamo.utils"
+
+
+class _DeferredDynamoUtils(types.ModuleType):
+    """Stands in for ``torch._dynamo.utils`` while torchvision is imported: any name asked of it imports
+    the real module (which replaces it) and comes from there. Module attributes (``__file__``, which
+    ``inspect.getmodule`` asks of every module while torch registers torchvision's operators) do not."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if sys.modules.get(_DYNAMO_UTILS) is self:
+            del sys.modules[_DYNAMO_UTILS]
+        return getattr(importlib.import_module(_DYNAMO_UTILS), name)
+
+
+def _is_compile_supported(device_type: Any) -> bool:
+    from torch._dynamo.utils import is_compile_supported
+
+    return is_compile_supported(device_type)
+
+
+def import_torchvision() -> types.ModuleType:
+    """torchvision, imported without importing torch's compiler (``torch._dynamo``) with it.
+
+    torchvision imports ``torch._dynamo.utils`` at module level (in ``torchvision.ops.roi_align``), and
+    that import was 0.9 s of torchvision's 1.0 s on 2 cores: on every inference actor's way to its first
+    mask. While torchvision is imported, a stand-in answers for that module; the one name torchvision
+    takes from it imports the real module when first called, and the stand-in is gone afterwards, so
+    anything that later imports ``torch._dynamo`` (``torch.compile``) gets the real one.
+    """
+    if "torchvision" in sys.modules or _DYNAMO_UTILS in sys.modules:
+        return importlib.import_module("torchvision")
+    stand_in = _DeferredDynamoUtils(_DYNAMO_UTILS)
+    stand_in.is_compile_supported = _is_compile_supported
+    sys.modules[_DYNAMO_UTILS] = stand_in
+    try:
+        return importlib.import_module("torchvision")
+    finally:
+        if sys.modules.get(_DYNAMO_UTILS) is stand_in:
+            del sys.modules[_DYNAMO_UTILS]
+
 
 # What the driver needs of the registered models' DEFAULT weights, known without importing torch: all of
 # torchvision's segmentation weights resize the shorter side to 520 px (bilinear, PIL filter 2) and name
@@ -75,9 +123,7 @@ class Architecture:
     class_names: tuple[str, ...] = VOC_CATEGORIES  # DEFAULT weights' meta["categories"], torch-free
 
     def weights_enum(self):
-        from torchvision.models import get_model_weights
-
-        return get_model_weights(self.name)
+        return import_torchvision().models.get_model_weights(self.name)
 
     def transforms(self):
         """The weights' own preprocessing (resize, normalise). Checkpoints of an architecture share it."""
@@ -95,9 +141,7 @@ class Architecture:
 
     def build(self, num_classes: int | None = None, *, pretrained: bool = False) -> torch.nn.Module:
         """The model without its auxiliary head: pretrained DEFAULT weights, or untrained."""
-        from torchvision.models import get_model_builder
-
-        builder = get_model_builder(self.name)
+        builder = import_torchvision().models.get_model_builder(self.name)
         if pretrained:
             model = builder(weights=self.weights_enum().DEFAULT, progress=False)
         else:

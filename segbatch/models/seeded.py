@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segbatch.models.architectures import get_architecture
+from segbatch.models.architectures import get_architecture, import_torchvision
 
 SEED = 1234  # the seed of make_checkpoint's model and calibration images
 
@@ -28,11 +28,12 @@ def make_checkpoint(
 ) -> Path:
     """Write the state_dict of a seeded, BatchNorm-calibrated, untrained ``arch`` to ``path``."""
     import torch
-    from torchvision.models import get_model_builder
 
     torch.manual_seed(seed)
     aux = {"aux_loss": with_aux} if get_architecture(arch).has_aux else {}
-    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=num_classes, **aux)
+    model = import_torchvision().models.get_model_builder(arch)(
+        weights=None, weights_backbone=None, num_classes=num_classes, **aux
+    )
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the calibration batches
