@@ -287,3 +287,19 @@ def test_a_read_task_whose_written_count_stalls_still_hands_on_a_chunk_per_patie
         assert 3 * 0.5 <= time.monotonic() - started < 10
     finally:
         _tally.clear(run_id)
+
+
+def test_cutter_packs_the_tail_into_full_blocks_so_decode_batches_never_cut_a_run():
+    """Ray Data cuts decode batches at every block_rows rows across blocks: the tail's partial runs are
+    packed into blocks of exactly block_rows where they fit, so no cut falls inside a run (the mixed set's
+    11, 11, 5 and 5 at batch 16 once became 22 + 10 rows, cut 16 | 16: one pass more than needed)."""
+    shapes = [(1, 1)] * 43 + [(2, 2)] * 27 + [(3, 3)] * 5 + [(4, 4)] * 5  # leaves 11, 11, 5, 5 after full runs
+    cutter = listing.ShapeCutter(batch_size=16, block_rows=16)
+    blocks = list(cutter.add(rows(shapes))) + list(cutter.flush())
+    stream = pa.concat_tables(blocks)
+    assert sorted(stream["uri"].to_pylist()) == sorted(rows(shapes)["uri"].to_pylist())  # none lost, none twice
+    # Decode's batches as Ray Data cuts them: every 16 rows of the stream, whatever the blocks.
+    cuts = [stream.slice(i, 16) for i in range(0, stream.num_rows, 16)]
+    passes = sum(-(-n // 16) for cut in cuts for _, n in runs_of(cut))
+    assert passes == sum(-(-n // 16) for n in Counter(shapes).values()) == 7
+    assert [b.num_rows for b in blocks[-2:]] == [16, 16]
