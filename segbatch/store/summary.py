@@ -28,8 +28,9 @@ def dataset(output_url: str, storage_options: Mapping[str, Any] | None = None) -
 
 #: Summary files one :func:`batches` scan opens at once. A pyarrow dataset keeps every fragment's Parquet
 #: footer once it has read the fragment (~50 KiB for the summary's 18 columns), so one dataset over the
-#: 3,376 files of a stopped 10^6-input run held ~180 MiB until the scan ended; 256 files hold ~13 MiB.
-FILES_PER_SCAN = 256
+#: 3,376 files of a stopped 10^6-input run held ~180 MiB until the scan ended. Scans of 256 files grew the
+#: process by 32 MiB over 2,853 small files, scans of 64 by 21 MiB, at no measurable cost in time.
+FILES_PER_SCAN = 64
 
 
 def batches(
