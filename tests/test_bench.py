@@ -49,8 +49,8 @@ def test_limit_runs_stage_c_on_exactly_the_limited_inputs(tmp_path, capsys):
     assert result["images"] == 2 and e2e["images"] == 2
     assert e2e["extra"]["ok"] + e2e["extra"]["errors"] == 2
     assert e2e["img_per_s"] == pytest.approx(2 / e2e["seconds"])
-    steady = e2e["extra"]["steady_img_per_s"]  # from the first of the 2 masks to the last
-    assert steady is None or steady > e2e["img_per_s"]
+    assert e2e["extra"]["steady_img_per_s"] is None  # 2 masks are no steady state
+    assert "(c) from the first mask to the last: not measured" in out
     _check_breakdown(result["breakdown"], 2)
     assert result["breakdown"]["basis"] == "(c) end to end"
     assert "(d) per-stage breakdown" in out and "waiting/overhead" in out
@@ -140,3 +140,10 @@ def test_listing_rate_walks_and_probes_every_image(tmp_path):
         Image.fromarray(photo_like(64 + 8 * i, 48, seed=i)).save(folder / f"{i}.jpg")
     resize = ResizeSpec.from_transforms(get_architecture(TEST_ARCH).transforms())
     assert listing_rate(str(tmp_path / "in"), resize) > 0
+
+
+def test_steady_rate_needs_several_write_tasks_and_seconds_of_masks():
+    assert bench.steady_rate([100.0 + i * 0.001 for i in range(8)]) is None  # one write task's masks
+    assert bench.steady_rate([100.0 + i * 0.001 for i in range(64)]) is None  # many masks, no time between
+    assert bench.steady_rate([100.0 + i / 8 for i in range(128)]) == pytest.approx(8.0)
+    assert bench.steady_rate([]) is None

@@ -218,13 +218,28 @@ def end_to_end(input_url: str, n_images: int, run_args: list[str]) -> Row:
                 "errors": errors,
                 "first_mask_s": first_mask[0] if first_mask else None,
                 # from the first mask to the last: the run's rate once it is going (start-up excluded)
-                "steady_img_per_s": (len(written) - 1) / (written[-1] - written[0])
-                if len(written) > 1 and written[-1] > written[0]
-                else None,
+                "steady_img_per_s": steady_rate(written),
                 "forward_passes": int(passes.group(1)) if passes else None,
                 "images_per_forward_pass": float(passes.group(2)) if passes else None,
             },
         )
+
+
+# Masks are written by tasks of several images each (8 at the CPU default), within milliseconds of each
+# other: a rate from the first mask to the last means something only over several tasks and seconds.
+MIN_STEADY_MASKS = 32
+MIN_STEADY_SECONDS = 2.0
+
+
+def steady_rate(mtimes: list[float]) -> float | None:
+    """Images/s from the first mask written to the last (start-up excluded), or None when too few masks or
+    too short a span to tell a rate from the write tasks' grouping (8 photos of 12 MP once showed 96 img/s)."""
+    if len(mtimes) < MIN_STEADY_MASKS:
+        return None
+    first, last = min(mtimes), max(mtimes)
+    if last - first < MIN_STEADY_SECONDS:
+        return None
+    return (len(mtimes) - 1) / (last - first)
 
 
 def _watch_first_file(folder: str, start: float, proc: subprocess.Popen, found: list[float]) -> None:
@@ -611,6 +626,11 @@ def format_result(result: dict[str, Any]) -> str:
             lines.append(
                 f"(c) from the first mask to the last: {steady:.2f} img/s = {steady / limit.rate:.2f} x the model's "
                 f"own limit ({limit.stage[4:]}: {limit.rate:.2f} img/s)"
+            )
+        elif not steady:
+            lines.append(
+                f"(c) from the first mask to the last: not measured (fewer than {MIN_STEADY_MASKS} masks or "
+                f"{MIN_STEADY_SECONDS:.0f} s between the first and the last)"
             )
         lines.append(
             f"peak RSS: driver {e2e.extra['driver_peak_rss_mib']:.0f} MiB, "
