@@ -20,12 +20,23 @@ from _helpers import TEST_ARCH
 SAMPLES = Path(segbatch.__file__).parent / "samples"
 
 
+def _sample_passes(tmp_path, monkeypatch):
+    """The samples' listing and their forward passes at a small size; the actor's Ray context stubbed."""
+    import ray
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-under-test"))
+    inputs = tmp_path / "in"
+    shutil.copytree(SAMPLES, inputs, ignore=shutil.ignore_patterns("*.md"))
+    listing = list_inputs(str(inputs), {}, ("jpg", "png"))
+    passes = DecodeImages(str(inputs), {}, ResizeSpec((64,), 2), Limits(10**8, 2**29, 16 * 10**6), max_batch=2)(listing)
+    return listing, passes
+
+
 def test_all_torch_work_of_an_actor_runs_on_one_thread_whichever_thread_calls_it(tmp_path, checkpoint, monkeypatch):
     """Ray builds the actor on its main thread and calls it from Ray Data's worker threads. Were torch run
     from both, OpenMP would keep two teams of threads on the cores (docs/benchmarks.md: a forward pass
     137-140 ms instead of 105-112 ms on 2 cores). The model is built, staged and run on the Segmenter's
     own thread: neither the thread that built it nor any caller's."""
-    import ray
 
     from segbatch.stages import inference
 
@@ -45,11 +56,7 @@ def test_all_torch_work_of_an_actor_runs_on_one_thread_whichever_thread_calls_it
             return super().masks(images, sizes)
 
     monkeypatch.setattr(model, "Predictor", Recording)
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-under-test"))
-    inputs = tmp_path / "in"
-    shutil.copytree(SAMPLES, inputs, ignore=shutil.ignore_patterns("*.md"))
-    listing = list_inputs(str(inputs), {}, ("jpg", "png"))
-    passes = DecodeImages(str(inputs), {}, ResizeSpec((64,), 2), Limits(10**8, 2**29, 16 * 10**6), max_batch=2)(listing)
+    listing, passes = _sample_passes(tmp_path, monkeypatch)
 
     segmenter = inference.Segmenter(weights.resolve(TEST_ARCH, str(checkpoint)), threads=1)
     callers = []
@@ -67,15 +74,10 @@ def test_all_torch_work_of_an_actor_runs_on_one_thread_whichever_thread_calls_it
 
 def test_a_failing_pass_still_runs_on_the_actors_thread_and_costs_only_its_rows(tmp_path, checkpoint, monkeypatch):
     """An exception inside the actor's own thread reaches the caller's result as rows, never as a hang."""
-    import ray
 
     from segbatch.stages import inference
 
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-under-test"))
-    inputs = tmp_path / "in"
-    shutil.copytree(SAMPLES, inputs, ignore=shutil.ignore_patterns("*.md"))
-    listing = list_inputs(str(inputs), {}, ("jpg", "png"))
-    passes = DecodeImages(str(inputs), {}, ResizeSpec((64,), 2), Limits(10**8, 2**29, 16 * 10**6), max_batch=2)(listing)
+    listing, passes = _sample_passes(tmp_path, monkeypatch)
     segmenter = inference.Segmenter(weights.resolve(TEST_ARCH, str(checkpoint)), threads=1)
 
     def broken(staged, sizes):
