@@ -31,7 +31,7 @@ class Segmenter:
     each thread that starts parallel work a team of its own: with two teams of torch's threads on a
     machine they outnumber, libgomp stops its threads spinning between operators, and each operator waits
     for a woken thread. A forward pass then took 137-140 ms instead of 105-112 ms on 2 cores
-    (docs/benchmarks.md, "One thread for torch").
+    (docs/benchmarks.md, "Single machine: one thread for torch").
     """
 
     def __init__(
